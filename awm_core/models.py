@@ -1,0 +1,344 @@
+"""Typed artifacts of the synthesis pipeline and the Environment bundle.
+
+Every stage produces one of these models; the Environment bundle holds one scenario's
+whole set and serialises to one JSON document, the unit the catalog stores, the runtime
+loads and ``awm env export`` writes.
+
+Identifiers are stable slugs: a scenario id is ``slugify(name)`` and a task id is
+``"<scenario_id>/<task_idx>"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from awm_core.errors import ArtifactError
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+
+Flavour = Literal["native", "awm1k"]
+Verdict = Literal["complete", "partial", "incomplete"]
+
+
+def slugify(name: str) -> str:
+    """Stable identifier for a free-form name: lowercase, ``[a-z0-9_]``, no repeats.
+
+    Same rule as the AWM-1K dataset's scenario keys, so imported ids match theirs.
+    """
+    slug = re.sub(r"[^a-z0-9_]", "_", name.strip().lower())
+    slug = re.sub(r"_+", "_", slug).strip("_")
+    if not slug:
+        raise ArtifactError("slug", [f"name {name!r} has no letters or digits to make an id from"])
+    return slug
+
+
+def task_id(scenario_id: str, task_idx: int) -> str:
+    return f"{scenario_id}/{task_idx}"
+
+
+def parse_task_id(value: str) -> tuple[str, int]:
+    scenario_id, sep, idx = value.rpartition("/")
+    if not sep or not idx.isdigit() or not SLUG_RE.match(scenario_id):
+        raise ArtifactError("task id", [f"{value!r} is not of the form 'scenario_id/task_idx'"])
+    return scenario_id, int(idx)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Artifact(BaseModel):
+    """Base of every artifact: strict fields and JSON helpers with readable errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return self.model_dump_json(**kwargs)
+
+    @classmethod
+    def from_json(cls: type[A], text: str | bytes) -> A:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise ArtifactError(cls.__name__, describe_validation_error(exc)) from None
+
+    @classmethod
+    def from_data(cls: type[A], data: Any) -> A:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ArtifactError(cls.__name__, describe_validation_error(exc)) from None
+
+
+A = TypeVar("A", bound=Artifact)
+
+
+def describe_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem, each naming the field path, e.g. ``tasks.2.text: field required``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
+        lines.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return lines
+
+
+def _slug_field(value: str) -> str:
+    if not SLUG_RE.match(value):
+        raise ValueError(f"{value!r} is not a slug (lowercase letters, digits and '_')")
+    return value
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+class Scenario(Artifact):
+    id: str = Field(description="slug of the name; the environment id")
+    name: str
+    description: str
+    category: str = "general"
+    extra: dict[str, Any] = Field(default_factory=dict, description="fields kept from imports")
+
+    _check_id = field_validator("id")(classmethod(lambda cls, v: _slug_field(v)))
+
+    @classmethod
+    def new(cls, name: str, description: str, category: str = "general") -> "Scenario":
+        return cls(id=slugify(name), name=name, description=description, category=category)
+
+
+class Task(Artifact):
+    scenario_id: str
+    idx: int = Field(ge=0)
+    text: str = Field(min_length=1)
+
+    @property
+    def id(self) -> str:
+        return task_id(self.scenario_id, self.idx)
+
+
+# --------------------------------------------------------------------------- database
+
+
+class TableSchema(Artifact):
+    name: str
+    ddl: str = Field(description="one CREATE TABLE statement")
+    indexes: list[str] = Field(default_factory=list)
+
+
+class DbSchema(Artifact):
+    tables: list[TableSchema] = Field(min_length=1)
+
+    def statements(self) -> list[tuple[str, str]]:
+        """(table name, statement) in execution order: each table's DDL, then its indexes."""
+        out = []
+        for t in self.tables:
+            out.append((t.name, t.ddl))
+            out.extend((t.name, ix) for ix in t.indexes)
+        return out
+
+
+class TableSeed(Artifact):
+    table_name: str
+    reasoning: str = ""
+    insert_statements: list[str] = Field(default_factory=list)
+
+
+class SeedData(Artifact):
+    tables: list[TableSeed] = Field(default_factory=list)
+
+    def statements(self) -> list[tuple[str, str]]:
+        return [(t.table_name, s) for t in self.tables for s in t.insert_statements]
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class ParamSpec(Artifact):
+    type: str = Field(description="JSON-schema type: string, integer, number, boolean, array, object")
+    description: str = ""
+    required: bool = True
+    example: Any = None
+    enum: list[Any] | None = None
+    items: dict[str, Any] | None = Field(default=None, description="JSON schema of array items")
+    param_type: str | None = Field(default=None, description="AWM-1K: path, query or body")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolSpec(Artifact):
+    name: str = Field(description="tool name; the operation_id in AWM-1K")
+    description: str = ""
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    returns: dict[str, Any] = Field(default_factory=dict, description="response shape, free-form")
+    tables: list[str] = Field(default_factory=list, description="tables the tool reads or writes")
+    group: str = ""
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="AWM-1K endpoint fields (path, method, summary, tags, required_fields, ...)",
+    )
+
+    def example_arguments(self) -> dict[str, Any]:
+        return {k: p.example for k, p in self.parameters.items() if p.example is not None}
+
+    def json_schema(self) -> dict[str, Any]:
+        props: dict[str, Any] = {}
+        for pname, p in self.parameters.items():
+            prop: dict[str, Any] = {"type": p.type}
+            if p.description:
+                prop["description"] = p.description
+            if p.enum is not None:
+                prop["enum"] = p.enum
+            if p.items is not None:
+                prop["items"] = p.items
+            props[pname] = prop
+        required = [k for k, p in self.parameters.items() if p.required]
+        return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+class ApiSpec(Artifact):
+    tools: list[ToolSpec] = Field(min_length=1)
+
+    def tool(self, name: str) -> ToolSpec:
+        for t in self.tools:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[ToolSpec]) -> list[ToolSpec]:
+        seen: set[str] = set()
+        dup = [t.name for t in tools if t.name in seen or seen.add(t.name)]
+        if dup:
+            raise ValueError(f"duplicate tool names: {sorted(set(dup))}")
+        return tools
+
+
+class EnvCode(Artifact):
+    flavour: Flavour = "native"
+    source: str = Field(min_length=1, description="one Python module")
+
+
+# --------------------------------------------------------------------------- verification
+
+
+class Verifier(Artifact):
+    """Checks one task from (initial db, final db, final answer).
+
+    ``native`` style: ``def verify(initial_db, final_db, final_answer) -> dict`` taking read-only
+    ``sqlite3.Connection`` objects and returning ``{"verdict": "complete"|"partial"|"incomplete",
+    "evidence": {...}}``. The AWM-1K styles take database paths:
+    ``awm1k_code`` is ``verify_task_completion(initial_db_path, final_db_path, final_answer=None)``
+    returning ``{"result": "complete"|"others"}``; ``awm1k_sql`` is
+    ``verify_task(initial_db_path, final_db_path)`` returning evidence for an LLM judge.
+    """
+
+    task_idx: int = Field(ge=0)
+    code: str = Field(min_length=1)
+    style: Literal["native", "awm1k_code", "awm1k_sql"] = "native"
+    function_name: str = "verify"
+    success_criteria: str = ""
+    failure_criteria: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict, description="fields kept from imports")
+
+
+class ToolCall(Artifact):
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReferenceSolution(Artifact):
+    task_idx: int = Field(ge=0)
+    calls: list[ToolCall] = Field(default_factory=list)
+    final_answer: str | None = None
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+class ValidationCheck(Artifact):
+    name: str = Field(description="e.g. schema, seed, tool_example, verifier_solution, verifier_noop, replay_determinism")
+    passed: bool
+    task_idx: int | None = None
+    tool: str | None = None
+    detail: str = ""
+
+
+class ValidationReport(Artifact):
+    passed: bool
+    checks: list[ValidationCheck] = Field(default_factory=list)
+    dropped_tasks: dict[int, str] = Field(default_factory=dict, description="task idx -> reason")
+    validated_at: datetime = Field(default_factory=utcnow)
+
+    def failures(self) -> list[ValidationCheck]:
+        return [c for c in self.checks if not c.passed]
+
+
+class StageProvenance(Artifact):
+    attempts: int = 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    errors: list[str] = Field(default_factory=list, description="errors of the failed attempts")
+
+
+class Provenance(Artifact):
+    source: Literal["generated", "awm1k", "handwritten"] = "generated"
+    generator_model: str | None = None
+    prompt_version: str | None = None
+    run_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    stages: dict[str, StageProvenance] = Field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.prompt_tokens + s.completion_tokens for s in self.stages.values())
+
+
+ENV_PARTS = ("scenario", "tasks", "db_schema", "seed_data", "api_spec", "code", "verifiers")
+
+
+class Environment(Artifact):
+    """One scenario's whole set: the unit that is stored, loaded, served and exported."""
+
+    id: str
+    scenario: Scenario
+    tasks: list[Task] = Field(default_factory=list)
+    db_schema: DbSchema | None = None
+    seed_data: SeedData | None = None
+    api_spec: ApiSpec | None = None
+    code: EnvCode | None = None
+    verifiers: list[Verifier] = Field(default_factory=list)
+    solutions: list[ReferenceSolution] = Field(default_factory=list)
+    provenance: Provenance = Field(default_factory=Provenance)
+    validation: ValidationReport | None = None
+    missing: list[str] = Field(default_factory=list, description="parts absent from an import")
+
+    _check_id = field_validator("id")(classmethod(lambda cls, v: _slug_field(v)))
+
+    @property
+    def flavour(self) -> Flavour:
+        return self.code.flavour if self.code else "native"
+
+    def task(self, idx: int) -> Task:
+        for t in self.tasks:
+            if t.idx == idx:
+                return t
+        raise KeyError(task_id(self.id, idx))
+
+    def verifier(self, idx: int) -> Verifier | None:
+        return next((v for v in self.verifiers if v.task_idx == idx), None)
+
+    def solution(self, idx: int) -> ReferenceSolution | None:
+        return next((s for s in self.solutions if s.task_idx == idx), None)
+
+    def digest(self) -> str:
+        """Content hash of everything but provenance and validation (for dedup and caching)."""
+        data = self.model_dump(mode="json", exclude={"provenance", "validation"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def runnable_parts_missing(self) -> list[str]:
+        return [p for p in ("db_schema", "seed_data", "code") if getattr(self, p) is None]

@@ -1,0 +1,51 @@
+"""The ``awm`` command line.
+
+Each command group lives in ``flows/commands/<group>.py`` and exposes ``register(subparsers)``;
+heavy imports (Prefect, torch) happen inside the handlers so ``awm --help`` stays fast.
+A handler returns the process exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from awm_core.errors import AWMError
+
+# Order is the order shown in --help.
+COMMAND_GROUPS = [
+    "generate", "validate", "env", "catalog", "gate", "eval", "train",
+    "import_", "export", "llm", "config", "server", "deploy", "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="awm",
+        description="Agent World Model: synthesise, validate, catalog, serve and train on tool-use environments.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_GROUPS:
+        importlib.import_module(f"flows.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "func", None)
+    if handler is None:  # a group given without its sub-command
+        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except AWMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""awm eval (filled in by the issue that owns it)."""
+from __future__ import annotations
+
+from flows.commands import group
+
+
+def register(sub) -> None:
+    group(sub, "eval", "eval (not available yet)")

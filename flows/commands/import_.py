@@ -1,0 +1,8 @@
+"""awm import (filled in by the issue that owns it)."""
+from __future__ import annotations
+
+from flows.commands import group
+
+
+def register(sub) -> None:
+    group(sub, "import", "import (not available yet)")
