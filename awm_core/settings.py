@@ -54,6 +54,10 @@ class LLMSettings(BaseModel):
     policy: RoleSettings = RoleSettings()
     fixtures_dir: Path = DEFAULT_FIXTURES
     cache: bool = Field(True, description="on-disk response cache under AWM_HOME/llm-cache")
+    offline_latency_s: float = Field(0.0, description="simulated seconds per offline-backend call")
+    record_dir: Path | None = Field(
+        None, description="when set, every http reply is also saved as a fixture file here (replay offline)"
+    )
     max_http_retries: int = 4
     backoff_base_s: float = 1.0
     budget_usd: float = Field(25.0, description="hard cap on estimated spend per run")
