@@ -1,0 +1,485 @@
+"""The versioned catalog: DuckLake through DuckDB (metadata in SQLite or PostgreSQL, data in Parquet).
+
+One publish is one DuckLake transaction and therefore one snapshot: readers see either the
+whole publish or none of it, and a process that dies half way leaves only unreferenced
+Parquet files behind (DuckLake's orphan-file cleanup removes them). Each snapshot carries
+who made it in DuckLake's own commit fields: author ``awm``, the publish message, and
+``made_by`` (flow run id, git commit, settings digest) as JSON in ``commit_extra_info``.
+
+Queries go through a separate read-only attachment, so ``Catalog.sql`` can never write, and
+``snapshot=N`` attaches the catalog as of version N (DuckLake time travel).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import duckdb
+import pyarrow as pa
+
+from awm_core.errors import CatalogError
+from awm_core.models import Environment
+from storage import rows as R
+from storage.schema import ENV_TABLES, SCHEMA_VERSION, TABLES, ddl
+
+ALIAS = "awm"
+AUTHOR = "awm"
+# Test hook: the publishing process SIGKILLs itself after this many write statements, so
+# tests can prove a crash at any point of a publish leaves no partial snapshot behind.
+CRASH_ENV = "AWM_CATALOG_CRASH_AFTER_WRITES"
+
+
+def extension_path(module: str, name: str) -> str:
+    """Path of a DuckDB extension binary shipped in a ``duckdb-extension-*`` wheel."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise CatalogError(f"the {name} DuckDB extension is not installed (pip package "
+                           f"{module.replace('_', '-')}=={duckdb.__version__})") from None
+    path = Path(mod.__file__).parent / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.exists():
+        raise CatalogError(f"{path} is missing: the {name} extension wheel does not match duckdb {duckdb.__version__}")
+    return str(path)
+
+
+def connect(*extensions: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with extensions loaded by path: nothing is ever downloaded."""
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    wheels = {"ducklake": "duckdb_extension_ducklake", "sqlite_scanner": "duckdb_extension_sqlite_scanner",
+              "postgres_scanner": "duckdb_extension_postgres_scanner"}
+    for name in extensions:
+        con.execute(f"LOAD '{extension_path(wheels[name], name)}'")
+    return con
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the metadata and the data live, derived from settings."""
+
+    metadata: str   # the DuckLake connection string after 'ducklake:'
+    data_path: str
+    lock_path: Path  # local file serialising writers of this machine
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Location":
+        cat_dir = Path(settings.catalog_dir)
+        meta = settings.catalog.metadata
+        if meta is None:
+            meta = f"sqlite:{cat_dir / 'metadata.sqlite'}"
+        elif meta.startswith("ducklake:"):
+            meta = meta[len("ducklake:"):]
+        if not meta.startswith(("sqlite:", "postgres:", "duckdb:")):
+            meta = f"sqlite:{Path(meta).expanduser().resolve()}"
+        data = settings.catalog.data_path or str(cat_dir / "data")
+        if "://" not in data:
+            data = str(Path(data).expanduser().resolve())
+            data = data.rstrip("/") + "/"
+        return cls(meta, data, cat_dir / "write.lock")
+
+    @property
+    def backend(self) -> str:
+        return self.metadata.split(":", 1)[0]
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        # sqlite_scanner is always loaded: it also attaches environment databases for inspection.
+        return ("ducklake", "sqlite_scanner") + (("postgres_scanner",) if self.backend == "postgres" else ())
+
+    def exists(self) -> bool | None:
+        """False when an embedded catalog was never created; None when it cannot be told without connecting."""
+        if self.backend == "sqlite":
+            return Path(self.metadata.split(":", 1)[1]).exists()
+        return None
+
+    def attach_sql(self, alias: str, *, read_only: bool, snapshot: int | None = None) -> str:
+        opts = [f"DATA_PATH {_lit(self.data_path)}"] if not read_only else []
+        if read_only:
+            opts.append("READ_ONLY")
+        if snapshot is not None:
+            opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
+        return f"ATTACH {_lit('ducklake:' + self.metadata)} AS {alias} ({', '.join(opts)})"
+
+
+def _lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def made_by(settings: Any, flow_run_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The usual ``made_by`` of a publish: flow run id, git commit of the code, settings digest."""
+    return {"flow_run_id": flow_run_id, "git_commit": git_commit(), "settings_digest": settings.digest(), **extra}
+
+
+class Catalog:
+    """Handle on one DuckLake catalog. Cheap to open; close it (or use ``with``) when done."""
+
+    def __init__(self, location: Location, settings: Any, read_only: bool):
+        self.location = location
+        self.settings = settings
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._rw: duckdb.DuckDBPyConnection | None = None
+        self._ro: duckdb.DuckDBPyConnection | None = None
+        self._snap_aliases: dict[int, str] = {}
+        self._env_files: list[str] = []
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, settings: Any, read_only: bool = False) -> "Catalog":
+        loc = Location.from_settings(settings)
+        cat = cls(loc, settings, read_only)
+        if read_only:
+            if loc.exists() is False:
+                raise CatalogError(f"no catalog yet at {loc.metadata.split(':', 1)[1]} "
+                                   "(publish something first, e.g. `awm import awm1k DIR` or `awm generate`)")
+        else:
+            if loc.backend == "sqlite":
+                Path(loc.metadata.split(":", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            if "://" not in loc.data_path:
+                Path(loc.data_path).mkdir(parents=True, exist_ok=True)
+            loc.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with cat._write_lock():
+                cat._rw = cat._attach(ALIAS, read_only=False)
+                cat._ensure_schema()
+        cat._ro = cat._attach(ALIAS, read_only=True)
+        cat._ro.execute(f"USE {ALIAS}")
+        return cat
+
+    def _attach(self, alias: str, *, read_only: bool, con: duckdb.DuckDBPyConnection | None = None,
+                snapshot: int | None = None) -> duckdb.DuckDBPyConnection:
+        con = con or connect(*self.location.extensions)
+        try:
+            con.execute(self.location.attach_sql(alias, read_only=read_only, snapshot=snapshot))
+        except duckdb.Error as exc:
+            raise CatalogError(f"cannot open the catalog at {self.location.metadata}: {exc}") from None
+        return con
+
+    def _ensure_schema(self) -> None:
+        assert self._rw is not None
+        have = {r[0] for r in self._rw.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [ALIAS]).fetchall()}
+        missing = [t for name, t in TABLES.items() if name not in have]
+        if not missing:
+            return
+        self._rw.execute("BEGIN")
+        try:
+            for table in missing:
+                for stmt in ddl(ALIAS, table):
+                    self._rw.execute(stmt)
+            self._rw.execute(f"CALL {ALIAS}.set_commit_message(?, ?, extra_info => ?)",
+                             [AUTHOR, f"catalog schema v{SCHEMA_VERSION}: create {', '.join(t.name for t in missing)}",
+                              json.dumps({"schema_version": SCHEMA_VERSION})])
+            self._rw.execute("COMMIT")
+        except BaseException:
+            self._rw.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """One writer at a time on this machine (DuckLake's commit-time conflict check covers others)."""
+        with self._lock, open(self.location.lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._lock:
+            for con in (self._rw, self._ro):
+                if con is not None:
+                    con.close()
+            self._rw = self._ro = None
+            self._snap_aliases.clear()
+            for f in self._env_files:
+                with contextlib.suppress(OSError):
+                    os.unlink(f)
+            self._env_files.clear()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def publish(self, made_by: dict[str, Any] | None = None, message: str = "") -> Iterator["Publisher"]:
+        """Everything added inside the block becomes one snapshot, or nothing at all on error."""
+        if self.read_only or self._rw is None:
+            raise CatalogError("this catalog was opened read-only; open it with read_only=False to publish")
+        with self._write_lock():
+            con = self._rw
+            pub = Publisher(con)
+            con.execute("BEGIN")
+            try:
+                yield pub
+                if pub.writes:
+                    con.execute(f"CALL {ALIAS}.set_commit_message(?, ?, extra_info => ?)",
+                                [AUTHOR, message or "publish", json.dumps(made_by or {}, default=str)])
+                    pub._maybe_crash(final=True)
+                con.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+            if pub.writes:
+                pub.snapshot_id = int(con.execute(f"FROM {ALIAS}.last_committed_snapshot()").fetchall()[0][0])
+
+    # ------------------------------------------------------------------ reading
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every snapshot, oldest first: id, time, message, made_by and DuckLake's change summary."""
+        rows = self._query(f"SELECT snapshot_id, snapshot_time, commit_message, commit_extra_info, changes "
+                           f"FROM {ALIAS}.snapshots() ORDER BY snapshot_id")
+        out = []
+        for sid, ts, msg, extra, changes in rows:
+            try:
+                info = json.loads(extra) if extra else {}
+            except json.JSONDecodeError:
+                info = {"raw": extra}
+            out.append({"snapshot_id": int(sid), "time": ts, "message": msg, "made_by": info,
+                        "changes": dict(changes or {})})
+        return out
+
+    def latest_snapshot(self) -> int:
+        return int(self._query(f"FROM {ALIAS}.current_snapshot()")[0][0])
+
+    def _check_snapshot(self, snapshot: int) -> None:
+        latest = self.latest_snapshot()
+        if not isinstance(snapshot, int) or snapshot < 0 or snapshot > latest:
+            raise CatalogError(f"snapshot {snapshot} does not exist (snapshots are 0..{latest})")
+
+    def _query(self, query: str, params: list[Any] | None = None, snapshot: int | None = None,
+               arrow: bool = False) -> Any:
+        """Fetch a query's result fully (rows, or an Arrow table) before switching catalogs back."""
+        with self._lock:
+            con = self._ro
+            if con is None:
+                raise CatalogError("the catalog is closed")
+            alias = ALIAS
+            if snapshot is not None:
+                alias = self._snapshot_alias(snapshot)
+            try:
+                con.execute(f"USE {alias}")
+                result = con.execute(query, params or [])
+                return result.to_arrow_table() if arrow else result.fetchall()
+            except duckdb.Error as exc:
+                raise CatalogError(str(exc)) from None
+            finally:
+                if alias != ALIAS:
+                    con.execute(f"USE {ALIAS}")
+
+    def _snapshot_alias(self, snapshot: int) -> str:
+        if snapshot not in self._snap_aliases:
+            if snapshot != self.latest_snapshot():
+                self._check_snapshot(snapshot)
+            alias = f"{ALIAS}_v{int(snapshot)}"
+            self._attach(alias, read_only=True, con=self._ro, snapshot=snapshot)
+            self._snap_aliases[snapshot] = alias
+        return self._snap_aliases[snapshot]
+
+    def sql(self, query: str, snapshot: int | None = None, params: list[Any] | None = None) -> pa.Table:
+        """Run a read-only query; tables are named without prefix. Returns a pyarrow Table."""
+        with self._lock:
+            return self._query(query, params, snapshot, arrow=True)
+
+    def rows(self, query: str, snapshot: int | None = None, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return self.sql(query, snapshot, params).to_pylist()
+
+    def environment_ids(self, snapshot: int | None = None) -> list[str]:
+        return [r[0] for r in self._query("SELECT env_id FROM environments ORDER BY env_id",
+                                          snapshot=snapshot)]
+
+    def get_environment(self, env_id: str, snapshot: int | None = None) -> Environment:
+        found = self._query("SELECT bundle FROM environments WHERE env_id = ?", [env_id], snapshot)
+        if not found:
+            where = f" at snapshot {snapshot}" if snapshot is not None else ""
+            raise CatalogError(f"no environment {env_id!r} in the catalog{where}")
+        return Environment.from_json(found[0][0])
+
+    def environments(self, snapshot: int | None = None) -> Iterator[Environment]:
+        for (bundle,) in self._query("SELECT bundle FROM environments ORDER BY env_id", snapshot=snapshot):
+            yield Environment.from_json(bundle)
+
+    def gate_passed(self, snapshot: int) -> bool:
+        """True when the newest quality report for ``snapshot`` passed."""
+        found = self._query("SELECT passed FROM quality_reports WHERE snapshot = ? "
+                            "ORDER BY created_at DESC LIMIT 1", [int(snapshot)])
+        return bool(found and found[0][0])
+
+    def latest_gated_snapshot(self) -> int | None:
+        """The newest snapshot whose newest quality report passed (what training uses by default)."""
+        found = self._query(
+            "SELECT snapshot FROM (SELECT snapshot, arg_max(passed, created_at) AS ok FROM quality_reports "
+            "GROUP BY snapshot) WHERE ok ORDER BY snapshot DESC LIMIT 1")
+        return int(found[0][0]) if found else None
+
+    def attach_environment_db(self, env_id: str, alias: str | None = None, snapshot: int | None = None) -> str:
+        """Build an environment's initial SQLite database and attach it (read-only) for SQL inspection."""
+        from awm_core.db import build_database
+
+        env = self.get_environment(env_id, snapshot)
+        if env.db_schema is None:
+            raise CatalogError(f"environment {env_id!r} has no database schema to build")
+        data = build_database(env.db_schema, env.seed_data)
+        fd, path = tempfile.mkstemp(prefix=f"awm-{env_id}-", suffix=".sqlite")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        self._env_files.append(path)
+        alias = alias or env_id
+        with self._lock:
+            try:
+                self._ro.execute(f'ATTACH {_lit(path)} AS "{alias}" (TYPE sqlite, READ_ONLY)')
+            except duckdb.Error as exc:
+                raise CatalogError(f"cannot attach the database of {env_id!r}: {exc}") from None
+        return alias
+
+
+class Publisher:
+    """Adds rows inside one open transaction. Obtained from ``Catalog.publish``."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self._con = con
+        self.writes = 0
+        self.counts: dict[str, int] = {}
+        self.snapshot_id: int | None = None
+        self._crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+
+    def _maybe_crash(self, final: bool = False) -> None:
+        if self._crash_after and (final or self.writes >= self._crash_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _exec(self, sql: str) -> None:
+        try:
+            self._con.execute(sql)
+        except duckdb.Error as exc:
+            raise CatalogError(f"catalog write failed: {exc}") from None
+        self.writes += 1
+        self._maybe_crash()
+
+    def add_rows(self, table_name: str, records: Iterable[Any]) -> int:
+        """Insert rows into a table, honouring its key (replace or skip existing keys)."""
+        table = R.check_table(table_name)
+        data = R.to_arrow(table, records)
+        if data.num_rows == 0:
+            return 0
+        data = _dedupe(data, table.key, keep_last=table.on_conflict == "replace")
+        view = f"_new_{table.name}"
+        self._con.register(view, data)
+        try:
+            match = " AND ".join(f't."{k}" IS NOT DISTINCT FROM n."{k}"' for k in table.key)
+            target = f'{ALIAS}."{table.name}"'
+            if table.on_conflict == "replace":
+                self._exec(f"DELETE FROM {target} t WHERE EXISTS (SELECT 1 FROM {view} n WHERE {match})")
+                self._exec(f"INSERT INTO {target} BY NAME SELECT * FROM {view}")
+            else:
+                self._exec(f"INSERT INTO {target} BY NAME SELECT * FROM {view} n "
+                           f"WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE {match})")
+        finally:
+            self._con.unregister(view)
+        self.counts[table.name] = self.counts.get(table.name, 0) + data.num_rows
+        return data.num_rows
+
+    def add_environments(self, envs: Iterable[Environment]) -> int:
+        """Upsert bundles: a republished environment's rows in every env table are replaced."""
+        envs = list(envs)
+        if not envs:
+            return 0
+        ids = [e.id for e in envs]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise CatalogError(f"environment ids repeated in one publish: {dup}")
+        per_table: dict[str, list[dict[str, Any]]] = {t: [] for t in ENV_TABLES}
+        for env in envs:
+            for t, rs in R.environment_rows(env).items():
+                per_table[t].extend(rs)
+        id_table = pa.table({"env_id": pa.array(ids, pa.string())})
+        self._con.register("_env_ids", id_table)
+        try:
+            for t in ENV_TABLES:
+                # Whole-env replacement: a republished env may have fewer tasks or checks than before.
+                self._exec(f'DELETE FROM {ALIAS}."{t}" WHERE env_id IN (SELECT env_id FROM _env_ids)')
+                data = R.to_arrow(TABLES[t], per_table[t])
+                if data.num_rows:
+                    self._con.register("_env_rows", data)
+                    try:
+                        self._exec(f'INSERT INTO {ALIAS}."{t}" BY NAME SELECT * FROM _env_rows')
+                    finally:
+                        self._con.unregister("_env_rows")
+                self.counts[t] = self.counts.get(t, 0) + data.num_rows
+        finally:
+            self._con.unregister("_env_ids")
+        return len(envs)
+
+    def add_llm_calls(self, records: Iterable[Any]) -> int:
+        return self.add_rows("llm_calls", records)
+
+    def add_generation_run(self, run: Any) -> int:
+        return self.add_rows("generation_runs", [run])
+
+    def add_rollouts(self, rows: Iterable[Any]) -> int:
+        return self.add_rows("rollouts", rows)
+
+    def add_tool_calls(self, rows: Iterable[Any]) -> int:
+        return self.add_rows("tool_calls", rows)
+
+    def add_quality_report(self, report: Any) -> int:
+        return self.add_rows("quality_reports", [report])
+
+    def add_training_metrics(self, rows: Iterable[Any]) -> int:
+        return self.add_rows("training_runs", rows)
+
+    def add_splits(self, rows: Iterable[Any]) -> int:
+        return self.add_rows("splits", rows)
+
+    def add_task_telemetry(self, rows: Iterable[Any]) -> int:
+        return self.add_rows("task_telemetry", rows)
+
+    def add_arrow(self, table_name: str, data: pa.Table) -> int:
+        """Bulk append of an Arrow table with the table's columns (no key check; for bulk loads)."""
+        table = R.check_table(table_name)
+        missing = [c for c in table.column_names if c not in data.column_names]
+        if missing:
+            raise CatalogError(f"{table_name}: arrow table lacks columns {missing}")
+        self._con.register("_bulk", data.select(list(table.column_names)))
+        try:
+            self._exec(f'INSERT INTO {ALIAS}."{table_name}" BY NAME SELECT * FROM _bulk')
+        finally:
+            self._con.unregister("_bulk")
+        self.counts[table_name] = self.counts.get(table_name, 0) + data.num_rows
+        return data.num_rows
+
+
+def _dedupe(data: pa.Table, key: tuple[str, ...], keep_last: bool) -> pa.Table:
+    """Drop rows repeating a key within one batch (the last wins for upserts, the first for logs)."""
+    seen: dict[tuple, int] = {}
+    keys = list(zip(*(data.column(k).to_pylist() for k in key)))
+    for i, k in enumerate(keys):
+        if keep_last or k not in seen:
+            seen[k] = i
+    if len(seen) == len(keys):
+        return data
+    return data.take(sorted(seen.values()))
+
+
+def format_time(ts: datetime | None) -> str:
+    return ts.strftime("%Y-%m-%d %H:%M:%S") if ts else ""
