@@ -1,0 +1,13 @@
+"""LLM access for every role: chat and structured output with accounting, cache and budget.
+
+See docs/architecture.md ("LLM layer") for the contract and docs/llm.md for usage.
+The fixture server and the embedder are imported from their modules
+(``awm_core.llm.fixture_server``, ``awm_core.llm.embed``) so this package stays light.
+"""
+from awm_core.llm.client import LLMClient, LLMResult, Structured, StructuredOutputError
+from awm_core.llm.records import Budget, CallRecord, Ledger, ledger_path, read_ledger
+
+__all__ = [
+    "Budget", "CallRecord", "LLMClient", "LLMResult", "Ledger", "Structured", "StructuredOutputError",
+    "ledger_path", "read_ledger",
+]
