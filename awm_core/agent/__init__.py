@@ -1,0 +1,57 @@
+"""The agent loop, policies, tool-call parsing, verification and rewards, and splits.
+
+The same loop serves evaluation and training::
+
+    from awm_core.agent import run_episode, ReferencePolicy, verify_episode
+    with SandboxPool(settings.sandbox) as pool:
+        env = pool.load(environment)
+        session = env.open_session()
+        episode = run_episode(ReferencePolicy(environment.solution(0)), session, environment.task(0),
+                              env.tools(), interface="direct", max_turns=20, window=3)
+        outcome = verify_episode(pool, environment, 0, episode, settings)   # label, reward, env_error
+
+Training builds its per-step samples with ``visible_messages`` (what step t saw is
+``episode.turns[t].visible``) and the episode's reward.
+"""
+from awm_core.agent.base import Policy, PolicyReply
+from awm_core.agent.episode import Episode, ToolCallRequest, ToolCallResult, Turn
+from awm_core.agent.interfaces import CALL_TOOL, LIST_TOOLS, META_TOOLS, ToolDef, ToolRouter, function_tool
+from awm_core.agent.loop import (
+    DEFAULT_MAX_TURNS,
+    DEFAULT_WINDOW,
+    default_system_prompt,
+    render_tool_result,
+    run_episode,
+    visible_messages,
+)
+from awm_core.agent.parsing import FormatError, format_text_tool_call, parse_native_tool_calls, parse_text_tool_calls
+from awm_core.agent.policies import (
+    Generation,
+    OpenAIChatPolicy,
+    RandomPolicy,
+    ReferencePolicy,
+    TextToolCallPolicy,
+    random_arguments,
+)
+from awm_core.agent.rewards import (
+    LABELS,
+    JudgeDecision,
+    LLMJudge,
+    Outcome,
+    judge_messages,
+    parse_judge_reply,
+    reward_for,
+    trajectory_summary,
+    verify_episode,
+)
+from awm_core.agent.splits import make_splits, select
+
+__all__ = [
+    "CALL_TOOL", "DEFAULT_MAX_TURNS", "DEFAULT_WINDOW", "Episode", "FormatError", "Generation", "JudgeDecision",
+    "LABELS", "LIST_TOOLS", "LLMJudge", "META_TOOLS", "OpenAIChatPolicy", "Outcome", "Policy", "PolicyReply",
+    "RandomPolicy", "ReferencePolicy", "TextToolCallPolicy", "ToolCallRequest", "ToolCallResult", "ToolDef",
+    "ToolRouter", "Turn", "default_system_prompt", "format_text_tool_call", "function_tool", "judge_messages",
+    "make_splits", "parse_judge_reply", "parse_native_tool_calls", "parse_text_tool_calls", "random_arguments",
+    "render_tool_result", "reward_for", "run_episode", "select", "trajectory_summary", "verify_episode",
+    "visible_messages",
+]
