@@ -1,0 +1,265 @@
+"""What every synthesis stage shares: the context it reads, its result, reply parsing,
+and the repair section that carries earlier errors into the next attempt's prompt.
+
+A stage module exposes ``NAME``, ``PROMPT_VERSION``, ``JSON_MODE``,
+``build_messages(ctx, previous_errors)``, ``parse(text, ctx)`` and optionally
+``execute(value, ctx, pool)`` (checks that need the sandbox). ``run_stage`` drives one
+attempt of any of them, so one generic Prefect task can run every stage.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from awm_core.errors import ArtifactError, StageError
+from awm_core.models import (
+    ApiSpec,
+    DbSchema,
+    EnvCode,
+    Environment,
+    ReferenceSolution,
+    Scenario,
+    SeedData,
+    Task,
+    Verifier,
+)
+
+# The one user every task acts as; prompts and checks share this number.
+CURRENT_USER_ID = 1
+
+# Modules environment and verifier code may import (the sandbox enforces its own list too;
+# this one gives the model a precise repair instruction before anything runs).
+ALLOWED_IMPORTS = (
+    "sqlite3", "json", "datetime", "re", "math", "typing", "collections", "itertools",
+    "functools", "decimal", "statistics",
+)
+
+# How much earlier-error text one prompt may carry; beyond it the list is cut with a note.
+MAX_ERROR_LINES = 40
+MAX_ERROR_CHARS = 600
+MAX_ERRORS_TOTAL_CHARS = 12_000
+
+
+class StageContext(BaseModel):
+    """Everything known so far about one environment, plus the knobs a stage reads.
+
+    Plain data only, so it hashes into a cache key and travels to any worker.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scenario: Scenario | None = None
+    tasks: list[Task] = Field(default_factory=list)
+    db_schema: DbSchema | None = None
+    seed_data: SeedData | None = None
+    api_spec: ApiSpec | None = None
+    code: EnvCode | None = None
+    verifiers: list[Verifier] = Field(default_factory=list)
+    task_idx: int | None = None
+    tasks_per_scenario: int = 10
+    target_tools: int = 35
+    model: str = ""
+
+    @property
+    def scenario_id(self) -> str:
+        return self.scenario.id if self.scenario else "_"
+
+    def need(self, *parts: str) -> None:
+        missing = [p for p in parts if getattr(self, p) in (None, [])]
+        if missing:
+            raise ValueError(f"stage context for {self.scenario_id} lacks {', '.join(missing)}")
+
+    def task(self) -> Task:
+        if self.task_idx is None:
+            raise ValueError("this stage needs task_idx in its context")
+        for t in self.tasks:
+            if t.idx == self.task_idx:
+                return t
+        raise ValueError(f"task {self.task_idx} not in the context of {self.scenario_id}")
+
+    def verifier(self) -> Verifier | None:
+        return next((v for v in self.verifiers if v.task_idx == self.task_idx), None)
+
+    def environment(self, **parts: Any) -> Environment:
+        """A (partial) bundle of what is known, with ``parts`` replacing or adding pieces."""
+        data: dict[str, Any] = {
+            "id": self.scenario_id, "scenario": self.scenario, "tasks": self.tasks,
+            "db_schema": self.db_schema, "seed_data": self.seed_data, "api_spec": self.api_spec,
+            "code": self.code, "verifiers": self.verifiers,
+        }
+        data.update(parts)
+        return Environment(**data)
+
+    def with_(self, **parts: Any) -> "StageContext":
+        return self.model_copy(update=parts)
+
+
+class StageResult(BaseModel):
+    """A stage's accepted artifact and the LLM call records of the attempt that made it."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    value: Any
+    records: list[Any] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reply parsing
+
+
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
+
+
+def extract_json(text: str, stage: str) -> Any:
+    """The JSON document of a reply; tolerates one surrounding code fence, nothing else.
+
+    No "repair" of truncated JSON: a cut-off answer must fail and be regenerated.
+    """
+    body = text.strip()
+    fences = _FENCE_RE.findall(body)
+    if fences and not body.startswith(("{", "[")):
+        if len(fences) > 1:
+            raise StageError(stage, [f"the reply has {len(fences)} code blocks; answer with exactly one JSON document"])
+        body = fences[0][1].strip()
+    if not body:
+        raise StageError(stage, ["the reply was empty; answer with the JSON document only"])
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        hint = " (the reply looks cut off: keep it shorter)" if exc.pos >= len(body) - 2 else ""
+        raise StageError(stage, [f"the reply is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}{hint}; "
+                                 "answer with one JSON document and nothing else"]) from None
+
+
+def extract_python(text: str, stage: str) -> str:
+    """The single fenced python block of a reply (a reply with no fence is taken whole)."""
+    blocks = [(lang, body) for lang, body in _FENCE_RE.findall(text)]
+    if not blocks:
+        if "```" in text:
+            raise StageError(stage, ["the reply opens a code block but never closes it (the answer looks cut off); "
+                                     "answer with one complete ```python fenced block"])
+        source = text.strip()
+    elif len(blocks) > 1:
+        raise StageError(stage, [f"the reply has {len(blocks)} code blocks; put the whole module in exactly one ```python block"])
+    else:
+        lang, source = blocks[0]
+        if lang and lang.lower() not in ("python", "py", "python3"):
+            raise StageError(stage, [f"the code block is marked {lang!r}; it must be a ```python block"])
+    if not source.strip():
+        raise StageError(stage, ["the code block is empty"])
+    return source.strip() + "\n"
+
+
+def artifact(model: type, data: Any, stage: str) -> Any:
+    try:
+        return model.from_data(data)
+    except ArtifactError as exc:
+        raise StageError(stage, [f"field {p}" for p in exc.problems]) from None
+
+
+# --------------------------------------------------------------------------- repair feedback
+
+
+def summarise_errors(errors: list[str]) -> list[str]:
+    """Earlier attempts' errors, deduplicated in first-seen order and cut deterministically."""
+    seen: set[str] = set()
+    out: list[str] = []
+    total = 0
+    for err in errors:
+        line = " ".join(str(err).split())
+        if len(line) > MAX_ERROR_CHARS:
+            line = line[: MAX_ERROR_CHARS - 3] + "..."
+        if line in seen:
+            continue
+        seen.add(line)
+        if len(out) >= MAX_ERROR_LINES or total + len(line) > MAX_ERRORS_TOTAL_CHARS:
+            out.append(f"... and {len(set(errors)) - len(out)} more problems not shown")
+            break
+        out.append(line)
+        total += len(line)
+    return out
+
+
+def repair_section(previous_errors: list[str]) -> str:
+    if not previous_errors:
+        return ""
+    items = "\n".join(f"{i}. {e}" for i, e in enumerate(summarise_errors(previous_errors), 1))
+    return (
+        "\n\n## Your previous attempt was rejected\n"
+        "An earlier answer to this request failed these checks (they were run for real). Write a new, complete "
+        "answer that fixes every one of them, and keep everything else that was right:\n"
+        f"{items}\n"
+    )
+
+
+def messages(system: str, user: str, previous_errors: list[str]) -> list[dict]:
+    return [{"role": "system", "content": system.strip()},
+            {"role": "user", "content": user.strip() + repair_section(previous_errors)}]
+
+
+# --------------------------------------------------------------------------- context rendering
+
+
+def render_scenario(ctx: StageContext) -> str:
+    s = ctx.scenario
+    return f"{s.name} ({s.category}): {s.description}" if s else "(no scenario)"
+
+
+def render_tasks(ctx: StageContext) -> str:
+    return "\n".join(f"{t.idx}. {t.text}" for t in ctx.tasks)
+
+
+def render_schema(ctx: StageContext) -> str:
+    lines = []
+    for t in ctx.db_schema.tables:
+        lines.append(t.ddl.strip().rstrip(";") + ";")
+        lines.extend(ix.strip().rstrip(";") + ";" for ix in t.indexes)
+    return "\n".join(lines)
+
+
+def render_seed(ctx: StageContext) -> str:
+    return "\n".join(s.strip().rstrip(";") + ";" for _, s in ctx.seed_data.statements())
+
+
+def render_spec(ctx: StageContext) -> str:
+    """One compact line per tool: name(params) -> returns: description."""
+    lines = []
+    for t in ctx.api_spec.tools:
+        params = ", ".join(
+            f"{n}: {p.type}{'' if p.required else '?'}" + (f" e.g. {json.dumps(p.example)}" if p.example is not None else "")
+            for n, p in t.parameters.items())
+        lines.append(f"- {t.name}({params}) -> {json.dumps(t.returns, separators=(',', ':'))[:300]}: {t.description}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one attempt
+
+
+def stage_name(module: Any, ctx: StageContext) -> str:
+    """The stage's name as the fixtures and ledger know it (``verifier.3`` for per-task stages)."""
+    return f"{module.NAME}.{ctx.task_idx}" if getattr(module, "PER_TASK", False) else module.NAME
+
+
+def run_stage(module: Any, client: Any, ctx: StageContext, *, attempt: int, previous_errors: list[str],
+              pool: Any = None) -> StageResult:
+    """One attempt: prompt, call, parse, execute. A rejected reply raises StageError with
+    the attempt's CallRecords attached as ``records``."""
+    name = stage_name(module, ctx)
+    msgs = module.build_messages(ctx, previous_errors)
+    res = client.chat(msgs, stage=name, scenario_id=ctx.scenario_id, attempt=attempt,
+                      json_mode=getattr(module, "JSON_MODE", False))
+    try:
+        if getattr(res, "finish_reason", None) == "length":
+            raise StageError(name, ["the reply was cut off at the output-token limit; give a more compact answer "
+                                    "(fewer words in descriptions, no comments), complete and well-formed"])
+        value = module.parse(res.content, ctx)
+        if pool is not None and hasattr(module, "execute"):
+            module.execute(value, ctx, pool)
+    except StageError as exc:
+        exc.stage = name
+        exc.scenario_id = ctx.scenario_id
+        exc.records = [res.record]
+        raise
+    return StageResult(value=value, records=[res.record])
