@@ -1,0 +1,542 @@
+"""Parent side of the sandbox: worker processes, environments, sessions, verifiers.
+
+``SandboxPool`` owns a fixed number of worker *slots*. Each loaded environment is assigned
+to one slot (the least busy), so environments are spread over workers and a crash in one
+worker only loses that worker's sessions. Every slot has one request/response channel
+guarded by a lock, which makes the pool safe to use from many threads; calls to different
+workers run in parallel.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from awm_core.errors import SqlExecutionError
+from awm_core.models import Environment
+from awm_core.runtime import protocol
+from awm_core.runtime.types import EnvLoadError, SandboxError, ToolInfo, ToolResult, VerifierOutcome
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class WorkerFailure(Exception):
+    """The worker died, overran its time, broke the protocol, or was restarted."""
+
+
+@dataclass
+class PoolConfig:
+    workers: int = 2
+    memory_mb: int = 1024
+    cpu_s: int = 60
+    call_timeout_s: float = 10.0
+    open_files: int = 64
+    file_size_mb: int = 64
+    max_threads: int = 32
+    max_result_bytes: int = 4 << 20
+    recycle_rss_fraction: float = 0.8
+    startup_timeout_s: float = 60.0
+    network_namespace: bool = True
+    separate_uid: bool = True
+
+
+class _Worker:
+    """One slot: a worker process that is (re)started on demand."""
+
+    def __init__(self, pool: "SandboxPool", slot: int):
+        self.pool = pool
+        self.slot = slot
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.instance = 0          # bumps on every (re)start; sessions remember theirs
+        self.loaded: set[str] = set()
+        self.last_failure = ""
+        self.protections: dict[str, bool] = {}
+        self.scratch: Path | None = None
+        self._w = self._reader = None
+        self.restarts = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self) -> None:
+        cfg = self.pool.config
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"awm-sandbox-{self.slot}-"))
+        os.chmod(self.scratch, 0o700)
+        log = open(self.scratch / "worker.log", "wb")
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        wcfg = {
+            "fd_in": req_r, "fd_out": resp_w, "scratch": str(self.scratch),
+            "memory_mb": cfg.memory_mb, "cpu_s": cfg.cpu_s, "open_files": cfg.open_files,
+            "file_size_mb": cfg.file_size_mb, "max_threads": cfg.max_threads,
+            "max_result_bytes": cfg.max_result_bytes, "netns": cfg.network_namespace,
+            "uid_base": 200_000 if cfg.separate_uid else None,
+        }
+        # Only what Python needs: no API keys or other secrets of this process.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.scratch),
+               "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONPATH": _REPO_ROOT,
+               "PYTHONDONTWRITEBYTECODE": "1", "MALLOC_ARENA_MAX": "2", "TMPDIR": str(self.scratch)}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-s", "-m", "awm_core.runtime.worker", json.dumps(wcfg)],
+                pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=env, cwd=str(self.scratch), start_new_session=True, close_fds=True)
+        finally:
+            os.close(req_r)
+            os.close(resp_w)
+            log.close()
+        self._w = req_w
+        self._reader = protocol.Reader(resp_r, max_header=cfg.max_result_bytes * 2 + (1 << 20))
+        self._r = resp_r
+        self.instance = next(self.pool._instances)
+        self.loaded = set()
+        try:
+            hello, _ = self._reader.read(time.monotonic() + cfg.startup_timeout_s)
+        except (protocol.ChannelClosed, protocol.ChannelTimeout):
+            reason = self._death_reason()
+            self._kill()
+            raise SandboxError(f"sandbox worker did not start: {reason}") from None
+        self.protections = hello.get("protections", {})
+
+    def _death_reason(self) -> str:
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        if code is None:
+            why = "stopped answering"
+        elif code < 0:
+            sig = signal.Signals(-code).name
+            why = {"SIGXCPU": "hit its CPU-time limit", "SIGXFSZ": "hit its file-size limit",
+                   "SIGSEGV": "crashed (segmentation fault)", "SIGKILL": "was killed (SIGKILL)",
+                   "SIGABRT": "aborted"}.get(sig, f"died from {sig}")
+        else:
+            why = f"exited with code {code}"
+        tail = self._log_tail()
+        return f"the sandbox worker {why}" + (f"; its last output: {tail}" if tail else "")
+
+    def _log_tail(self) -> str:
+        try:
+            data = (self.scratch / "worker.log").read_bytes()[-600:]
+        except (OSError, TypeError):
+            return ""
+        return data.decode("utf-8", "replace").strip().replace("\n", " | ")
+
+    def _kill(self, reason: str = "") -> None:
+        if reason:
+            self.last_failure = reason
+            self.restarts += 1
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for fd in (self._w, getattr(self, "_r", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._w = self._r = self._reader = None
+        self.proc = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+        self.loaded = set()
+
+    def close(self) -> None:
+        with self.lock:
+            self._kill()
+
+    def rss_bytes(self) -> int:
+        if self.proc is None:
+            return 0
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    # ------------------------------------------------------------------ requests
+    def request(self, header: dict[str, Any], blobs: list[bytes] = (), *, timeout: float | None = None,
+                env: "EnvHandle | None" = None, instance: int | None = None) -> tuple[dict[str, Any], list[bytes], int]:
+        """Send one request; returns (response, blobs, worker instance).
+
+        ``env``: make sure that environment is loaded in the current worker first.
+        ``instance``: the worker the caller's session lives in; a different one means the
+        session was lost in a restart.
+        """
+        with self.lock:
+            if self.pool._closed:
+                raise SandboxError("the sandbox pool is closed")
+            if instance is not None and instance != self.instance:
+                raise WorkerFailure(f"session lost: its sandbox worker was restarted ({self.last_failure or 'it stopped'})")
+            if self.proc is None or self.proc.poll() is not None:
+                if self.proc is not None:
+                    self._kill(self._death_reason())
+                if instance is not None:
+                    raise WorkerFailure(f"session lost: its sandbox worker was restarted ({self.last_failure})")
+                self._start()
+            if env is not None and env.key not in self.loaded:
+                resp, _, _ = self._exchange(env._load_request(), [env.snapshot],
+                                            self.pool.config.call_timeout_s * 3)
+                if resp.get("recycle"):
+                    self._kill(f"recycled after loading {env.id} failed: {resp.get('errors')}"[:400])
+                env._on_loaded(resp)
+                self.loaded.add(env.key)
+            resp, out, inst = self._exchange(header, blobs, timeout)
+            if resp.get("recycle"):
+                self._kill(f"recycled after: {resp.get('error', '')[:300]}")
+            else:
+                limit = self.pool.config.memory_mb * self.pool.config.recycle_rss_fraction * (1 << 20)
+                rss = self.rss_bytes()
+                if rss > limit:
+                    self._kill(f"recycled: its memory use reached {rss >> 20} MB "
+                               f"(limit {self.pool.config.memory_mb} MB)")
+            return resp, out, inst
+
+    def _exchange(self, header, blobs, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            protocol.write_all(self._w, protocol.encode(header, list(blobs)))
+            resp, out = self._reader.read(deadline)
+        except protocol.ChannelTimeout:
+            msg = f"the call exceeded the {timeout:g}s wall-clock limit; the sandbox worker was killed and replaced"
+            self._kill(msg)
+            raise WorkerFailure(msg) from None
+        except protocol.ChannelClosed as exc:
+            alive = self.proc is not None and self.proc.poll() is None
+            msg = f"the sandbox worker broke the protocol ({exc})" if alive else self._death_reason()
+            self._kill(msg)
+            raise WorkerFailure(msg) from None
+        return resp, out, self.instance
+
+
+class SandboxPool:
+    """Worker processes that run environment code; see the module docstring.
+
+    ``SandboxPool(settings.sandbox)`` or ``SandboxPool(workers=2, memory_mb=..., ...)``;
+    use it as a context manager (or call ``close()``) so the workers stop.
+    """
+
+    def __init__(self, settings: Any = None, **overrides: Any):
+        cfg = PoolConfig()
+        if settings is not None:
+            data = settings.model_dump() if hasattr(settings, "model_dump") else dict(settings)
+            for k, v in data.items():
+                if hasattr(cfg, k):
+                    setattr(cfg, k, v)
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise TypeError(f"unknown SandboxPool option {k!r}")
+            setattr(cfg, k, v)
+        if cfg.workers < 1:
+            raise ValueError("SandboxPool needs at least one worker")
+        self.config = cfg
+        self._instances = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._workers = [_Worker(self, i) for i in range(cfg.workers)]
+        self._lock = threading.Lock()
+        self._handles: dict[str, EnvHandle] = {}
+        self._slot_of: dict[str, int] = {}
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _close_workers, list(self._workers))
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "SandboxPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._finalizer()
+
+    def stats(self) -> dict[str, Any]:
+        """Live facts per worker: pid, RSS, restarts, protections in force."""
+        return {"workers": [{"slot": w.slot, "pid": w.proc.pid if w.proc else None, "rss_mb": w.rss_bytes() / 2**20,
+                             "restarts": w.restarts, "last_failure": w.last_failure,
+                             "protections": w.protections, "environments": sorted(w.loaded)}
+                            for w in self._workers]}
+
+    def _slot_for(self, env_id_key: str) -> _Worker:
+        with self._lock:
+            slot = self._slot_of.get(env_id_key)
+            if slot is None:
+                counts = [0] * len(self._workers)
+                for s in self._slot_of.values():
+                    counts[s] += 1
+                slot = counts.index(min(counts))
+                self._slot_of[env_id_key] = slot
+            return self._workers[slot]
+
+    # ------------------------------------------------------------------ environments
+    def load(self, environment: Environment) -> "EnvHandle":
+        """Build the initial database, import the code in a worker, derive tool schemas.
+
+        Raises ``SqlExecutionError`` for a schema/seed that does not execute and
+        ``EnvLoadError`` (a ``StageError`` of stage ``code``) listing every problem found
+        in the code: import errors, spec tools missing from the code, bad signatures.
+        """
+        key = f"{environment.id}-{environment.digest()[:12]}"
+        with self._lock:
+            if key in self._handles:
+                return self._handles[key]
+        missing = [p for p in ("db_schema", "code") if getattr(environment, p) is None]
+        if missing:
+            raise EnvLoadError(environment.id, [f"the environment has no {p}" for p in missing])
+        worker = self._slot_for(key)
+        resp, blobs, _ = self._request_or_raise(worker, {
+            "op": "build_db", "schema": environment.db_schema.model_dump(mode="json"),
+            "seed": environment.seed_data.model_dump(mode="json") if environment.seed_data else None})
+        if not resp.get("ok"):
+            raise SqlExecutionError(resp.get("stage", "schema"), resp.get("errors") or ["building the database failed"])
+        handle = EnvHandle(self, environment, key, worker, blobs[0])
+        try:
+            worker.request({"op": "ping"}, env=handle, timeout=self.config.call_timeout_s)
+        except WorkerFailure as exc:
+            raise SandboxError(str(exc)) from None
+        with self._lock:
+            return self._handles.setdefault(key, handle)
+
+    def _request_or_raise(self, worker: _Worker, header, blobs=(), timeout=None):
+        try:
+            return worker.request(header, blobs, timeout=timeout or self.config.call_timeout_s * 3)
+        except WorkerFailure as exc:
+            raise SandboxError(str(exc)) from None
+
+    def verify(self, environment: Environment, task_idx: int, *, initial_db: bytes, final_db: bytes,
+               final_answer: str | None = None) -> VerifierOutcome:
+        """Run the task's verifier in the environment's worker; never raises for verifier faults."""
+        v = environment.verifier(task_idx)
+        if v is None:
+            return VerifierOutcome(None, {}, f"environment {environment.id} has no verifier for task {task_idx}", "verifier")
+        worker = self._slot_for(f"{environment.id}-{environment.digest()[:12]}")
+        try:
+            resp, _, _ = worker.request(
+                {"op": "verify", "style": v.style, "function_name": v.function_name, "code": v.code,
+                 "final_answer": final_answer}, [initial_db, final_db], timeout=self.config.call_timeout_s)
+        except WorkerFailure as exc:
+            return VerifierOutcome(None, {}, str(exc), "environment")
+        if not resp.get("ok"):
+            return VerifierOutcome(None, {}, resp.get("error"), resp.get("error_kind") or "verifier")
+        return VerifierOutcome(resp.get("verdict"), resp.get("evidence") or {}, None, None)
+
+    def check_tools(self, environment: Environment) -> list["ToolCheck"]:
+        """Call every spec tool with its example arguments, each in a fresh session."""
+        handle = self.load(environment)
+        specs = environment.api_spec.tools if environment.api_spec else []
+        checks = []
+        names = [t.name for t in specs] or [t.name for t in handle.tools()]
+        examples = {t.name: t.example_arguments() for t in specs}
+        for name in names:
+            args = examples.get(name, {})
+            with handle.open_session() as s:
+                checks.append(ToolCheck(name, args, s.call(name, args)))
+        return checks
+
+
+def _close_workers(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.close()
+
+
+@dataclass
+class ToolCheck:
+    tool: str
+    arguments: dict[str, Any]
+    result: ToolResult
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "ok": self.ok, "arguments": self.arguments,
+                "error": self.result.error, "error_kind": self.result.error_kind}
+
+
+class EnvHandle:
+    """A loaded environment: its tools and a factory for sessions."""
+
+    def __init__(self, pool: SandboxPool, environment: Environment, key: str, worker: _Worker, snapshot: bytes):
+        self.pool = pool
+        self.environment = environment
+        self.id = environment.id
+        self.key = key
+        self.worker = worker
+        self.snapshot = snapshot          # the initial database, as built once
+        self._tools: dict[str, ToolInfo] = {}
+        self._validators: dict[str, Any] = {}
+
+    def _load_request(self) -> dict[str, Any]:
+        env = self.environment
+        spec = None
+        if env.api_spec is not None and env.flavour == "native":
+            spec = {t.name: {k: p.model_dump(include={"type", "description"}) for k, p in t.parameters.items()}
+                    for t in env.api_spec.tools}
+        return {"op": "load", "key": self.key, "env_id": env.id, "flavour": env.flavour,
+                "source": env.code.source, "spec": spec}
+
+    def _on_loaded(self, resp: dict[str, Any]) -> None:
+        if not resp.get("ok"):
+            raise EnvLoadError(self.id, resp.get("errors") or [resp.get("error", "loading failed")])
+        if resp.get("problems"):
+            raise EnvLoadError(self.id, resp["problems"])
+        if not self._tools:
+            self._set_tools(resp["tools"])
+
+    def _set_tools(self, infos: list[dict[str, Any]]) -> None:
+        for info in infos:
+            t = ToolInfo(info["name"], info.get("description", ""), info["input_schema"])
+            self._tools[t.name] = t
+            try:
+                jsonschema.Draft202012Validator.check_schema(t.input_schema)
+                self._validators[t.name] = jsonschema.Draft202012Validator(t.input_schema)
+            except jsonschema.SchemaError:
+                self._validators[t.name] = None  # the server still validates its own inputs
+
+    def tools(self) -> list[ToolInfo]:
+        return list(self._tools.values())
+
+    def tool(self, name: str) -> ToolInfo:
+        return self._tools[name]
+
+    def open_session(self) -> "Session":
+        return Session(self)
+
+    def validate(self, tool: str, args: Any) -> ToolResult | None:
+        """A failure result for an unknown tool or arguments that do not fit its schema."""
+        if tool not in self._tools:
+            names = ", ".join(sorted(self._tools))
+            return ToolResult.failure("unknown_tool", f"unknown tool {str(tool)[:200]!r}; available tools: {names}")
+        if not isinstance(args, dict):
+            return ToolResult.failure("invalid_arguments",
+                                      f"arguments must be a JSON object, got {type(args).__name__}")
+        try:
+            json.dumps(args, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return ToolResult.failure("invalid_arguments", f"arguments are not plain JSON: {exc}")
+        validator = self._validators.get(tool)
+        if validator is None:
+            return None
+        errors = list(validator.iter_errors(args))
+        if not errors:
+            return None
+        return ToolResult.failure("invalid_arguments", "; ".join(_describe(e, self._tools[tool]) for e in errors[:5]))
+
+
+def _describe(err: jsonschema.ValidationError, tool: ToolInfo) -> str:
+    props = tool.input_schema.get("properties", {})
+    if err.validator == "required" and not err.path:
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        return f"missing required argument {missing!r}"
+    if err.validator == "additionalProperties" and not err.path:
+        extra = sorted(set(err.instance) - set(props))
+        return f"unknown argument(s) {', '.join(repr(e[:100]) for e in extra)[:300]} (accepted: {', '.join(props) or 'none'})"
+    where = ".".join(str(p) for p in err.path)
+    msg = err.message if len(err.message) <= 300 else err.message[:150] + " ... " + err.message[-120:]
+    return f"argument {where!r}: {msg}"
+
+
+class Session:
+    """One agent's private database in a worker; ``call`` never raises for tool faults."""
+
+    def __init__(self, handle: EnvHandle):
+        self.handle = handle
+        self.closed = False
+        self.lost: str | None = None
+        self._open()
+
+    def _open(self) -> None:
+        sid = next(self.handle.pool._sids)
+        try:
+            _, _, inst = self.handle.worker.request({"op": "open", "key": self.handle.key, "sid": sid},
+                                                    env=self.handle, timeout=self.handle.pool.config.call_timeout_s)
+        except WorkerFailure as exc:
+            raise SandboxError(f"cannot open a session: {exc}") from None
+        self.sid, self.instance, self.lost = sid, inst, None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, tool: str, args: dict[str, Any] | None = None) -> ToolResult:
+        if self.closed:
+            raise SandboxError("the session is closed")
+        args = {} if args is None else args
+        bad = self.handle.validate(tool, args)
+        if bad is not None:
+            return bad
+        if self.lost:
+            return ToolResult.failure("environment", self.lost)
+        try:
+            resp, _, _ = self.handle.worker.request(
+                {"op": "call", "sid": self.sid, "tool": tool, "args": args},
+                timeout=self.handle.pool.config.call_timeout_s, instance=self.instance)
+        except WorkerFailure as exc:
+            self.lost = f"{exc}; reset() or open a new session to continue"
+            return ToolResult.failure("environment", str(exc))
+        if resp.get("ok"):
+            return ToolResult(True, json.loads(resp["content_json"]), None, None)
+        return ToolResult(False, None, resp.get("error"), resp.get("error_kind") or "environment")
+
+    def reset(self) -> None:
+        """Back to the environment's initial database (a new worker session if it was lost)."""
+        if self.closed:
+            raise SandboxError("the session is closed")
+        if self.lost:
+            self._open()
+            return
+        try:
+            self.handle.worker.request({"op": "reset", "sid": self.sid},
+                                       timeout=self.handle.pool.config.call_timeout_s, instance=self.instance)
+        except WorkerFailure:
+            self._open()
+
+    def snapshot(self) -> bytes:
+        """The session's database now, as SQLite bytes."""
+        if self.closed:
+            raise SandboxError("the session is closed")
+        if self.lost:
+            raise SandboxError(self.lost)
+        try:
+            _, blobs, _ = self.handle.worker.request({"op": "snapshot", "sid": self.sid},
+                                                     timeout=self.handle.pool.config.call_timeout_s,
+                                                     instance=self.instance)
+        except WorkerFailure as exc:
+            self.lost = str(exc)
+            raise SandboxError(str(exc)) from None
+        return blobs[0]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.lost and not self.handle.pool._closed:
+            try:
+                self.handle.worker.request({"op": "close", "sid": self.sid}, timeout=5, instance=self.instance)
+            except (WorkerFailure, SandboxError):
+                pass

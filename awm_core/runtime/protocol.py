@@ -1,0 +1,96 @@
+"""Framing of the request/response channel between the pool and a worker.
+
+A message is a JSON header plus zero or more binary blobs (database snapshots):
+``[u32 header length][header JSON][u64 blob length][blob]...``; the header's ``"blobs"`` key
+says how many blobs follow. JSON (never pickle) travels in both directions because the
+worker runs untrusted code: unpickling its bytes in the parent would hand it the parent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import time
+from typing import Any
+
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+
+
+class ChannelClosed(Exception):
+    """The other end went away or sent something that is not a message."""
+
+
+class ChannelTimeout(Exception):
+    pass
+
+
+def encode(header: dict[str, Any], blobs: list[bytes] = ()) -> bytes:
+    head = dict(header)
+    head["blobs"] = len(blobs)
+    data = json.dumps(head, default=str, ensure_ascii=False).encode()
+    parts = [_U32.pack(len(data)), data]
+    for b in blobs:
+        parts.append(_U64.pack(len(b)))
+        parts.append(bytes(b))
+    return b"".join(parts)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError as exc:
+            raise ChannelClosed("channel closed while writing") from exc
+        view = view[n:]
+
+
+class Reader:
+    """Reads framed messages from a pipe fd, optionally with a deadline.
+
+    Sizes are capped so a hostile worker cannot make the parent allocate without bound.
+    """
+
+    def __init__(self, fd: int, *, max_header: int = 64 << 20, max_blob: int = 1 << 30):
+        self.fd = fd
+        self.max_header = max_header
+        self.max_blob = max_blob
+
+    def _read_exact(self, n: int, deadline: float | None) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelTimeout()
+                ready, _, _ = select.select([self.fd], [], [], left)
+                if not ready:
+                    raise ChannelTimeout()
+            chunk = os.read(self.fd, min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise ChannelClosed("end of stream")
+            buf += chunk
+        return bytes(buf)
+
+    def read(self, deadline: float | None = None) -> tuple[dict[str, Any], list[bytes]]:
+        (hlen,) = _U32.unpack(self._read_exact(4, deadline))
+        if hlen > self.max_header:
+            raise ChannelClosed(f"message header of {hlen} bytes exceeds the limit")
+        try:
+            header = json.loads(self._read_exact(hlen, deadline))
+        except ValueError as exc:
+            raise ChannelClosed(f"message header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ChannelClosed("message header is not an object")
+        blobs = []
+        count = header.get("blobs", 0)
+        if not isinstance(count, int) or not 0 <= count <= 8:
+            raise ChannelClosed("bad blob count")
+        for _ in range(count):
+            (blen,) = _U64.unpack(self._read_exact(8, deadline))
+            if blen > self.max_blob:
+                raise ChannelClosed(f"blob of {blen} bytes exceeds the limit")
+            blobs.append(self._read_exact(blen, deadline))
+        return header, blobs

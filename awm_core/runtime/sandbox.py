@@ -1,0 +1,242 @@
+"""Worker-side confinement: OS limits, a network namespace, a separate uid, an audit hook,
+and restricted builtins for generated modules.
+
+Layers, strongest first:
+
+1. Kernel: the worker runs as its own throw-away uid (when started as root), in its own
+   network namespace with no interfaces (when permitted), under RLIMIT_AS/CPU/NOFILE/
+   FSIZE/NPROC/CORE; the parent kills it when a call overruns its wall-clock limit.
+2. ``sys.addaudithook``: refuses sockets, subprocesses, fork/exec, signals, ctypes,
+   setrlimit, loading SQLite extensions, and file access outside the allowed folders
+   (writes only inside the scratch folder).
+3. Generated modules get a private copy of the builtins whose ``__import__`` only admits
+   an allow-list of modules, with a harmless ``os`` stand-in for the AWM-1K flavour.
+
+Layers 2 and 3 are in-process and can be bypassed by deliberately hostile Python (the
+hostile-code tests do exactly that); they turn the mistakes an LLM makes into clear
+errors, while layer 1 contains the rest.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import resource
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+NATIVE_IMPORTS = frozenset({
+    "sqlite3", "json", "datetime", "re", "math", "typing", "collections", "itertools",
+    "functools", "decimal", "statistics", "uuid", "hashlib", "random", "string", "enum",
+    "dataclasses", "time", "calendar", "copy", "operator", "textwrap", "fractions",
+    "numbers", "zoneinfo", "__future__", "awm_core.errors",
+})
+AWM1K_IMPORTS = NATIVE_IMPORTS | frozenset({
+    "fastapi", "pydantic", "sqlalchemy", "starlette", "os", "typing_extensions", "uvicorn",
+    "annotated_types", "email_validator",
+})
+VERIFIER_IMPORTS = NATIVE_IMPORTS | frozenset({"os"})
+
+REMOVED_BUILTINS = ("exit", "quit", "input", "breakpoint", "help", "copyright", "credits", "license")
+
+_DENY_ALWAYS = (
+    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+    "os.forkpty", "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.", "resource.setrlimit",
+    "resource.prlimit", "socket.", "sqlite3.enable_load_extension", "sqlite3.load_extension",
+    "sys.addaudithook", "urllib.Request", "http.client.connect", "ftplib.", "smtplib.",
+    "poplib.", "imaplib.", "nntplib.", "telnetlib.", "webbrowser.open", "builtins.input",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "os.setuid", "os.setgid",
+    "pty.spawn", "os.startfile", "_posixsubprocess.", "msvcrt.", "winreg.", "mmap.__new__",
+)
+_PATH_EVENTS = {
+    "os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
+    "os.chown": (0,), "os.link": (0, 1), "os.symlink": (0, 1), "os.truncate": (0,), "os.utime": (0,),
+    "shutil.rmtree": (0,), "shutil.move": (0, 1), "shutil.copyfile": (1,), "shutil.copytree": (1,),
+    "os.chdir": (0,), "os.chroot": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
+}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+class SandboxViolation(PermissionError):
+    """Generated code tried something the sandbox refuses (raised from the audit hook)."""
+
+
+class Guard:
+    """Policy state read by the audit hook.
+
+    ``violations`` collects every refusal of the current request so the worker can classify
+    a failed call as the environment's fault even when the generated code swallowed the
+    refusal and raised something else.
+    """
+
+    def __init__(self, scratch: Path, read_roots: list[str], max_threads: int):
+        self.scratch = str(scratch.resolve())
+        self.read_roots = tuple(sorted({os.path.realpath(r) for r in read_roots if r}))
+        self.max_threads = max_threads
+        self.violations: list[str] = []
+        self.enforcing = False
+        self._trusted = False
+        self._main = threading.get_ident()
+
+    @contextlib.contextmanager
+    def trusted(self):
+        """The worker's own privileged steps (moving the CPU limit); main thread only, so a
+        thread left running by generated code cannot use the window."""
+        self._trusted = True
+        try:
+            yield
+        finally:
+            self._trusted = False
+
+    def refuse(self, what: str) -> None:
+        msg = f"sandbox refused {what}"
+        self.violations.append(msg)
+        raise SandboxViolation(msg)
+
+    def _under(self, path: Any, roots: tuple[str, ...]) -> bool:
+        if isinstance(path, int) or path is None:
+            return True  # an fd the process already holds
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        p = os.path.realpath(os.path.join(self.scratch, os.fspath(path)))
+        return any(p == r or p.startswith(r + os.sep) for r in roots)
+
+    def may_write(self, path: Any) -> bool:
+        return self._under(path, (self.scratch,))
+
+    def may_read(self, path: Any) -> bool:
+        return self._under(path, (self.scratch, *self.read_roots))
+
+    def hook(self, event: str, args: tuple) -> None:
+        if not self.enforcing or (self._trusted and threading.get_ident() == self._main):
+            return
+        if event == "open":
+            path, mode, flags = (list(args) + [None, None, 0])[:3]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(
+                isinstance(flags, int) and flags & _WRITE_FLAGS)
+            if writing and not self.may_write(path):
+                self.refuse(f"writing {path!r} (only the scratch folder is writable)")
+            if not writing and not self.may_read(path):
+                self.refuse(f"reading {path!r} (outside the folders the sandbox exposes)")
+            return
+        if event == "sqlite3.connect":
+            db = args[0] if args else ""
+            db = os.fsdecode(db) if isinstance(db, bytes) else str(db)
+            if db.startswith("file:"):
+                db = db[5:].split("?", 1)[0]
+            if db not in ("", ":memory:") and not self.may_write(db):
+                self.refuse(f"opening database {db!r} outside the scratch folder")
+            return
+        if event == "_thread.start_new_thread":
+            if threading.active_count() >= self.max_threads:
+                self.refuse(f"starting more than {self.max_threads} threads")
+            return
+        paths = _PATH_EVENTS.get(event)
+        if paths is not None:
+            for i in paths:
+                if i < len(args) and not self.may_write(args[i]):
+                    self.refuse(f"{event} on {args[i]!r} outside the scratch folder")
+            return
+        for prefix in _DENY_ALWAYS:
+            if event.startswith(prefix):
+                self.refuse(f"{event} (not allowed in environment code)")
+
+
+def default_read_roots() -> list[str]:
+    """Folders generated code (and the libraries it calls) may read: the interpreter's
+    libraries, this package, time-zone data. Not the project folder, so no settings file
+    with keys in it."""
+    import awm_core
+
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             str(Path(awm_core.__file__).resolve().parent), "/usr/share/zoneinfo",
+             "/etc/localtime", "/dev/null", "/dev/urandom", "/etc/mime.types"}
+    for p in sys.path:
+        if p and ("site-packages" in p or "dist-packages" in p or p.startswith(sys.base_prefix)):
+            roots.add(p)
+    return sorted(roots)
+
+
+def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
+    """Set the kernel-level limits; returns which protections are active (for the hello)."""
+    active: dict[str, bool] = {}
+    if cfg.get("netns") and os.geteuid() == 0:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        active["network_namespace"] = libc.unshare(0x40000000) == 0  # CLONE_NEWNET
+    else:
+        active["network_namespace"] = False
+    mb = 1 << 20
+    limits = {
+        resource.RLIMIT_AS: cfg["memory_mb"] * mb,
+        resource.RLIMIT_NOFILE: cfg["open_files"],
+        resource.RLIMIT_FSIZE: cfg["file_size_mb"] * mb,
+        resource.RLIMIT_CORE: 0,
+    }
+    for res, value in limits.items():
+        resource.setrlimit(res, (value, value))
+    used = int(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
+    resource.setrlimit(resource.RLIMIT_CPU, (used + cfg["cpu_s"], used + cfg["cpu_s"] + 5))
+    active["rlimits"] = True
+    active["separate_uid"] = False
+    if cfg.get("uid_base") is not None and os.geteuid() == 0:
+        # A uid of its own (unique while this pid lives): RLIMIT_NPROC then counts only this
+        # worker's threads, the kernel refuses signals to the parent or to other workers, and
+        # files readable only by their owner are out of reach.
+        uid = cfg["uid_base"] + os.getpid()
+        try:
+            os.chown(cfg["scratch"], uid, uid)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        except OSError:
+            pass
+        else:
+            resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_threads"] + 8, cfg["max_threads"] + 8))
+            active["separate_uid"] = True
+    return active
+
+
+class _OsStandIn(types.ModuleType):
+    """What ``import os`` gives AWM-1K code: reading the environment and path helpers only
+    (the dataset's modules use ``os.getenv("DATABASE_PATH")``)."""
+
+    def __init__(self) -> None:
+        super().__init__("os")
+        self.getenv = os.getenv
+        self.environ = dict(os.environ)
+        self.path = types.SimpleNamespace(**{k: getattr(os.path, k) for k in (
+            "join", "basename", "dirname", "splitext", "exists", "isfile", "isdir", "abspath", "normpath")})
+        self.sep = os.sep
+        self.linesep = os.linesep
+        self.urandom = os.urandom
+        self.getpid = os.getpid
+
+
+def make_builtins(allowed: frozenset[str], *, os_standin: bool = False) -> dict[str, Any]:
+    """A private builtins dict for one generated module (tampering stays in that module)."""
+    b = dict(vars(builtins))
+    for name in REMOVED_BUILTINS:
+        b.pop(name, None)
+    real_import = builtins.__import__
+    standin = _OsStandIn() if os_standin else None
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level:
+            raise ImportError("relative imports are not available in environment code")
+        top = name.split(".")[0]
+        if name not in allowed and top not in allowed:
+            raise ImportError(f"import of {name!r} is not allowed in environment code "
+                              f"(allowed: {', '.join(sorted(m for m in allowed if not m.startswith('_')))})")
+        if top == "os" and standin is not None:
+            if name != "os":
+                raise ImportError(f"import of {name!r} is not allowed in environment code")
+            return standin
+        return real_import(name, globals, locals, fromlist, level)
+
+    b["__import__"] = guarded_import
+    return b
