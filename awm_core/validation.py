@@ -1,0 +1,207 @@
+"""Execution validation: run an environment for real before it is published.
+
+Per environment: the schema and seed data execute with zero errors; every spec tool called
+with its example arguments (each in a fresh session) returns no error. Per task: a no-op
+episode must not satisfy the verifier; the reference solution replayed in a fresh session
+must satisfy it; a second replay must end in the same database (``snapshot_digest``).
+
+The same checks are what the code, verifier and solution stages run on each attempt, so a
+stage's rejection and the final report say the same thing in the same words. Generated code
+runs only in the sandbox (``awm_core.runtime.SandboxPool``).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from awm_core.db import build_database, snapshot_digest
+from awm_core.errors import SqlExecutionError, StageError
+from awm_core.models import Environment, ValidationCheck, ValidationReport
+
+DETAIL_CHARS = 700
+
+
+def _short(value: Any, n: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def failed_details(checks: list[ValidationCheck]) -> list[str]:
+    return [c.detail for c in checks if not c.passed]
+
+
+def _base(env: Environment) -> Environment:
+    """The environment without verifiers and solutions: what sessions run on. One sandbox
+    load serves every verifier and solution candidate of the same code."""
+    return env.model_copy(update={"verifiers": [], "solutions": [], "validation": None})
+
+
+def database_checks(env: Environment) -> list[ValidationCheck]:
+    checks = []
+    if env.db_schema is None:
+        return [ValidationCheck(name="schema", passed=False, detail="the environment has no database schema")]
+    try:
+        build_database(env.db_schema)
+        checks.append(ValidationCheck(name="schema", passed=True, detail=f"{len(env.db_schema.tables)} tables"))
+    except SqlExecutionError as exc:
+        return [ValidationCheck(name="schema", passed=False, detail=e[:DETAIL_CHARS]) for e in exc.errors]
+    try:
+        build_database(env.db_schema, env.seed_data)
+        n = len(env.seed_data.statements()) if env.seed_data else 0
+        checks.append(ValidationCheck(name="seed", passed=True, detail=f"{n} statements"))
+    except SqlExecutionError as exc:
+        checks += [ValidationCheck(name="seed", passed=False, detail=e[:DETAIL_CHARS]) for e in exc.errors]
+    return checks
+
+
+def load_errors(pool, env: Environment) -> list[ValidationCheck]:
+    """Checks that fail when the code cannot be loaded (import error, missing tools, ...)."""
+    from awm_core.runtime import EnvLoadError, SandboxError
+
+    try:
+        pool.load(_base(env))
+    except SqlExecutionError as exc:
+        return [ValidationCheck(name="seed" if exc.stage == "seed_data" else "schema", passed=False,
+                                detail=e[:DETAIL_CHARS]) for e in exc.errors]
+    except EnvLoadError as exc:
+        return [ValidationCheck(name="code_load", passed=False, detail=e[:DETAIL_CHARS]) for e in exc.errors]
+    except SandboxError as exc:
+        return [ValidationCheck(name="code_load", passed=False, detail=f"the sandbox could not load the code: {exc}")]
+    return []
+
+
+def tool_checks(pool, env: Environment) -> list[ValidationCheck]:
+    """Every spec tool with its example arguments, each in a fresh session."""
+    problems = load_errors(pool, env)
+    if problems:
+        return problems
+    checks = []
+    for tc in pool.check_tools(_base(env)):
+        if tc.ok:
+            checks.append(ValidationCheck(name="tool_example", tool=tc.tool, passed=True))
+        else:
+            checks.append(ValidationCheck(
+                name="tool_example", tool=tc.tool, passed=False,
+                detail=(f"tool {tc.tool} called with its spec example arguments {_short(tc.arguments)} on the "
+                        f"seeded database failed ({tc.result.error_kind}): {tc.result.error}")[:DETAIL_CHARS]))
+    return checks
+
+
+def noop_check(pool, env: Environment, task_idx: int) -> ValidationCheck:
+    """The verifier on a no-op episode (final == initial, no answer) must run and not say complete."""
+    handle = pool.load(_base(env))
+    out = pool.verify(env, task_idx, initial_db=handle.snapshot, final_db=handle.snapshot, final_answer=None)
+    if out.verdict is None and out.error:
+        return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
+                               detail=f"the verifier raised on a no-op episode (final db == initial db, final_answer "
+                                      f"None): {out.error}"[:DETAIL_CHARS])
+    if out.verdict == "complete":
+        return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
+                               detail=("the verifier returned \"complete\" for a no-op episode (final db identical to "
+                                       "the initial db, final_answer None), so it checks something that is already "
+                                       "true before the task is done; check for the change or the answer the task "
+                                       f"asks for. Its evidence: {_short(out.evidence, 300)}")[:DETAIL_CHARS])
+    return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=True, detail=f"verdict {out.verdict}")
+
+
+def _replay(handle, solution) -> tuple[bytes | None, list[str], str | None]:
+    """Replay in a fresh session: (final db, per-call summaries, failure or None)."""
+    trace = []
+    with handle.open_session() as s:
+        for i, call in enumerate(solution.calls):
+            r = s.call(call.tool, call.arguments)
+            if not r.ok:
+                return None, trace, (f"call {i} {call.tool}({_short(call.arguments, 150)}) failed "
+                                     f"({r.error_kind}): {r.error}")
+            trace.append(f"[{i}] {call.tool} -> {_short(r.content, 160)}")
+        return s.snapshot(), trace, None
+
+
+def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
+    """Replay the reference solution: every call succeeds, the verifier says complete, and a
+    second replay ends in the same database."""
+    solution = env.solution(task_idx)
+    if solution is None:
+        return [ValidationCheck(name="verifier_solution", task_idx=task_idx, passed=False,
+                                detail=f"task {task_idx} has no reference solution")]
+    handle = pool.load(_base(env))
+    final, trace, failure = _replay(handle, solution)
+    if failure:
+        return [ValidationCheck(name="solution_replay", task_idx=task_idx, passed=False,
+                                detail=f"replaying the reference solution on the seeded database: {failure}"[:DETAIL_CHARS])]
+    out = pool.verify(env, task_idx, initial_db=handle.snapshot, final_db=final, final_answer=solution.final_answer)
+    checks = []
+    if out.verdict != "complete":
+        what = f"raised: {out.error}" if out.verdict is None else f"returned \"{out.verdict}\""
+        checks.append(ValidationCheck(
+            name="verifier_solution", task_idx=task_idx, passed=False,
+            detail=(f"after replaying the reference solution (calls: {'; '.join(trace) or 'none'}; final_answer "
+                    f"{_short(solution.final_answer, 120) if solution.final_answer else None}) the task's verifier "
+                    f"{what}; evidence: {_short(out.evidence, 300)}. Either the calls do not do what the task "
+                    "asks, or the final answer lacks the value asked for.")[:DETAIL_CHARS * 2]))
+    else:
+        checks.append(ValidationCheck(name="verifier_solution", task_idx=task_idx, passed=True))
+    again, _, failure = _replay(handle, solution)
+    if failure or snapshot_digest(again) != snapshot_digest(final):
+        checks.append(ValidationCheck(
+            name="replay_determinism", task_idx=task_idx, passed=False,
+            detail=("replaying the reference solution twice from the same initial database gave different final "
+                    "databases" + (f" ({failure})" if failure else "") + "; tools must not read the clock or use "
+                    "randomness (use the app_clock table or a parameter)")))
+    else:
+        checks.append(ValidationCheck(name="replay_determinism", task_idx=task_idx, passed=True))
+    return checks
+
+
+def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = True) -> list[ValidationCheck]:
+    if env.verifier(task_idx) is None:
+        return [ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
+                                detail=f"task {task_idx} has no verifier")]
+    checks = [noop_check(pool, env, task_idx)]
+    if with_solution:
+        checks += solution_checks(pool, env, task_idx)
+    return checks
+
+
+def validate_environment(pool, env: Environment, *, min_valid_tasks: int = 1,
+                         with_solutions: bool = True) -> ValidationReport:
+    """Every check, recorded; tasks that fail any of theirs are listed in ``dropped_tasks``.
+
+    ``passed`` only if the environment-level checks all pass and at least ``min_valid_tasks``
+    tasks pass all of theirs.
+    """
+    checks = database_checks(env)
+    env_ok = all(c.passed for c in checks)
+    if env_ok:
+        checks += tool_checks(pool, env)
+        env_ok = all(c.passed for c in checks)
+    dropped: dict[int, str] = {}
+    for task in env.tasks:
+        if not env_ok:
+            dropped[task.idx] = "environment failed validation"
+            continue
+        tc = task_checks(pool, env, task.idx, with_solution=with_solutions)
+        checks += tc
+        bad = [c for c in tc if not c.passed]
+        if bad:
+            dropped[task.idx] = f"{bad[0].name}: {bad[0].detail}"[:DETAIL_CHARS]
+    valid = len(env.tasks) - len(dropped)
+    passed = env_ok and valid >= min_valid_tasks
+    if env_ok and not passed:
+        checks.append(ValidationCheck(name="min_valid_tasks", passed=False,
+                                      detail=f"{valid} valid tasks, fewer than the {min_valid_tasks} required"))
+    return ValidationReport(passed=passed, checks=checks, dropped_tasks=dropped)
+
+
+def publishable(env: Environment, report: ValidationReport) -> Environment:
+    """The bundle to publish: dropped tasks (and their verifiers/solutions) removed, report attached."""
+    if not report.passed:
+        raise StageError("validation", [c.detail for c in report.failures()][:20] or ["validation failed"],
+                         scenario_id=env.id)
+    keep = {t.idx for t in env.tasks} - set(report.dropped_tasks)
+    return env.model_copy(update={
+        "tasks": [t for t in env.tasks if t.idx in keep],
+        "verifiers": [v for v in env.verifiers if v.task_idx in keep],
+        "solutions": [s for s in env.solutions if s.task_idx in keep],
+        "validation": report,
+    })

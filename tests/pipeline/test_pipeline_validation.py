@@ -1,0 +1,106 @@
+"""Execution validation in the sandbox: planted bad verifiers and solutions are caught, and
+the stage that made them is told why."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from awm_core.errors import StageError
+from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
+from awm_core.stages import code, solution, verifier
+from awm_core.stages.base import StageContext
+from awm_core.validation import publishable, validate_environment
+
+from test_pipeline_stages import CODE, SCHEMA, SEED, SPEC, TASK_TEXTS, VERIFIER
+
+NOOP_PASSING = '''```python
+def verify(initial_db, final_db, final_answer):
+    n = final_db.execute("SELECT count(*) FROM notes WHERE title = 'Groceries'").fetchall()[0][0]
+    return {"verdict": "complete" if n == 1 else "incomplete", "evidence": {"groceries": n}}
+```'''
+UNSATISFIABLE = '''```python
+def verify(initial_db, final_db, final_answer):
+    n = final_db.execute("SELECT count(*) FROM notes WHERE title = 'Trip' AND body = 'never'").fetchall()[0][0]
+    return {"verdict": "complete" if n == 1 else "incomplete", "evidence": {"matching": n}}
+```'''
+GOOD_SOLUTION = ReferenceSolution(task_idx=0, calls=[ToolCall(tool="create_note", arguments={"title": "Trip"})])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from awm_core.runtime import SandboxPool
+
+    with SandboxPool(workers=1) as p:
+        yield p
+
+
+@pytest.fixture
+def ctx() -> StageContext:
+    sc = Scenario.new("Note Pad", "Personal notes", "productivity")
+    c = StageContext(
+        scenario=sc, tasks=[Task(scenario_id=sc.id, idx=i, text=t) for i, t in enumerate(TASK_TEXTS[:3])],
+        db_schema=DbSchema.from_data(SCHEMA), seed_data=SeedData.from_data(SEED), api_spec=ApiSpec.from_data(SPEC),
+        task_idx=0)
+    return c.with_(code=code.parse(CODE, c))
+
+
+def test_code_stage_runs_every_tool_example(ctx, pool):
+    code.execute(ctx.code, ctx, pool)  # all examples succeed
+    broken = CODE.replace("SELECT id, title FROM notes", "SELECT id, titel FROM notes")
+    with pytest.raises(StageError) as exc:
+        code.execute(code.parse(broken, ctx), ctx, pool)
+    assert exc.value.errors == [e for e in exc.value.errors if "list_notes" in e]
+    assert "no such column: titel" in exc.value.errors[0]
+    assert "no such column: titel" in code.build_messages(ctx, exc.value.errors)[-1]["content"]
+
+
+def test_planted_noop_passing_verifier_is_caught(ctx, pool):
+    v = verifier.parse(NOOP_PASSING, ctx)
+    with pytest.raises(StageError) as exc:
+        verifier.execute(v, ctx, pool)
+    assert "\"complete\" for a no-op episode" in exc.value.errors[0]
+    assert "groceries" in exc.value.errors[0]  # the verifier's own evidence travels to the repair prompt
+    verifier.execute(verifier.parse(VERIFIER, ctx), ctx, pool)
+
+
+def test_planted_unsatisfiable_verifier_and_wrong_solution_are_caught(ctx, pool):
+    unsat = ctx.with_(verifiers=[verifier.parse(UNSATISFIABLE, ctx)])
+    verifier.execute(unsat.verifiers[0], ctx, pool)  # passes the no-op check: only the solution can expose it
+    with pytest.raises(StageError) as exc:
+        solution.execute(GOOD_SOLUTION, unsat, pool)
+    assert "returned \"incomplete\"" in exc.value.errors[0] and "create_note" in exc.value.errors[0]
+    good = ctx.with_(verifiers=[verifier.parse(VERIFIER, ctx)])
+    solution.execute(GOOD_SOLUTION, good, pool)
+    wrong = ReferenceSolution(task_idx=0, calls=[ToolCall(tool="delete_note", arguments={"note_id": 42})])
+    with pytest.raises(StageError, match="call 0 delete_note.*failed \\(tool\\): no note 42"):
+        solution.execute(wrong, good, pool)
+
+
+def test_validate_environment_drops_bad_tasks_and_enforces_minimum(ctx, pool):
+    env = ctx.environment(
+        verifiers=[verifier.parse(VERIFIER, ctx),
+                   verifier.parse(NOOP_PASSING, ctx.with_(task_idx=1)),
+                   verifier.parse(UNSATISFIABLE, ctx.with_(task_idx=2))],
+        solutions=[GOOD_SOLUTION, GOOD_SOLUTION.model_copy(update={"task_idx": 1}),
+                   GOOD_SOLUTION.model_copy(update={"task_idx": 2})])
+    report = validate_environment(pool, env, min_valid_tasks=1)
+    assert report.passed and sorted(report.dropped_tasks) == [1, 2]
+    assert report.dropped_tasks[1].startswith("verifier_noop") and report.dropped_tasks[2].startswith("verifier_solution")
+    names = {(c.name, c.task_idx): c.passed for c in report.checks}
+    assert names[("replay_determinism", 0)] and names[("tool_example", None)]
+    out = publishable(env, report)
+    assert [t.idx for t in out.tasks] == [0] and [v.task_idx for v in out.verifiers] == [0] and out.validation is report
+    strict = validate_environment(pool, env, min_valid_tasks=2)
+    assert not strict.passed and strict.failures()[-1].name == "min_valid_tasks"
+    with pytest.raises(StageError):
+        publishable(env, strict)
+
+
+def test_broken_seed_fails_environment_checks(ctx, pool):
+    seed = json.loads(json.dumps(SEED))
+    seed["tables"][1]["insert_statements"].append("INSERT INTO notes (id, user_id, title) VALUES (5, 99, 'x')")
+    env = ctx.environment(seed_data=SeedData.from_data(seed))
+    report = validate_environment(pool, env)
+    assert not report.passed and report.failures()[0].name == "seed"
+    assert set(report.dropped_tasks) == {0, 1, 2}
