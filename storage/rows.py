@@ -105,8 +105,11 @@ def _bad(value: Any, sql_type: str) -> bool:
         return True
 
 
-def category_of(env: Environment) -> str:
-    return env.scenario.category
+def flavour_of(env: Environment) -> str:
+    """An import without code still belongs to its dataset's flavour (the model defaults to native)."""
+    if env.code is not None:
+        return env.code.flavour
+    return "awm1k" if env.provenance.source == "awm1k" else "native"
 
 
 def environment_rows(env: Environment) -> dict[str, list[dict[str, Any]]]:
@@ -128,7 +131,7 @@ def environment_rows(env: Environment) -> dict[str, list[dict[str, Any]]]:
         } for t in env.tasks],
         "environments": [{
             "env_id": env.id, "name": env.scenario.name, "category": env.scenario.category,
-            "flavour": env.flavour, "source": prov.source, "digest": env.digest(),
+            "flavour": flavour_of(env), "source": prov.source, "digest": env.digest(),
             "tool_count": len(env.api_spec.tools) if env.api_spec else 0,
             "task_count": len(env.tasks), "verifier_count": len(env.verifiers),
             "table_count": len(env.db_schema.tables) if env.db_schema else 0,

@@ -1,0 +1,1 @@
+"""Interoperability with published environment datasets (AgentWorldModel-1K)."""
