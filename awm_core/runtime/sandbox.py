@@ -217,7 +217,7 @@ class _OsStandIn(types.ModuleType):
         self.getpid = os.getpid
 
 
-def make_builtins(allowed: frozenset[str], *, os_standin: bool = False) -> dict[str, Any]:
+def make_builtins(allowed: frozenset[str], *, os_standin: bool = False, guard: "Guard | None" = None) -> dict[str, Any]:
     """A private builtins dict for one generated module (tampering stays in that module)."""
     b = dict(vars(builtins))
     for name in REMOVED_BUILTINS:
@@ -230,6 +230,8 @@ def make_builtins(allowed: frozenset[str], *, os_standin: bool = False) -> dict[
             raise ImportError("relative imports are not available in environment code")
         top = name.split(".")[0]
         if name not in allowed and top not in allowed:
+            if guard is not None:
+                guard.violations.append(f"sandbox refused importing {name!r}")
             raise ImportError(f"import of {name!r} is not allowed in environment code "
                               f"(allowed: {', '.join(sorted(m for m in allowed if not m.startswith('_')))})")
         if top == "os" and standin is not None:

@@ -84,11 +84,12 @@ class _Env:
 
 
 class _NativeEnv(_Env):
-    def __init__(self, key: str, snapshot: bytes, source: str, spec: dict[str, dict] | None, env_id: str):
+    def __init__(self, key: str, snapshot: bytes, source: str, spec: dict[str, dict] | None, env_id: str,
+                 guard: sandbox.Guard):
         super().__init__(key, snapshot)
         self.problems: list[str] = []
         mod = types.ModuleType(f"awm_env_{env_id}")
-        mod.__dict__["__builtins__"] = sandbox.make_builtins(sandbox.NATIVE_IMPORTS)
+        mod.__dict__["__builtins__"] = sandbox.make_builtins(sandbox.NATIVE_IMPORTS, guard=guard)
         mod.__dict__["ToolError"] = ToolError
         sys.modules[mod.__name__] = mod
         exec(compile(source, f"<environment {env_id}>", "exec"), mod.__dict__)
@@ -136,13 +137,14 @@ class _Awm1kEnv(_Env):
 
     flavour = "awm1k"
 
-    def __init__(self, key: str, snapshot: bytes, source: str, env_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, key: str, snapshot: bytes, source: str, env_id: str, loop: asyncio.AbstractEventLoop,
+                 guard: sandbox.Guard):
         super().__init__(key, snapshot)
         self.problems = []
         self.loop = loop
         os.environ["DATABASE_PATH"] = "sqlite://"
         mod = types.ModuleType(f"awm_env_{env_id}")
-        mod.__dict__["__builtins__"] = sandbox.make_builtins(sandbox.AWM1K_IMPORTS, os_standin=True)
+        mod.__dict__["__builtins__"] = sandbox.make_builtins(sandbox.AWM1K_IMPORTS, os_standin=True, guard=guard)
         sys.modules[mod.__name__] = mod
         exec(compile(source, f"<environment {env_id}>", "exec"), mod.__dict__)
         self.globals = mod.__dict__
@@ -260,8 +262,8 @@ async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tu
     return status, ctype, b"".join(chunks)
 
 
-def _make_verifier_module(code: str, name: str) -> dict[str, Any]:
-    ns: dict[str, Any] = {"__name__": name, "__builtins__": sandbox.make_builtins(sandbox.VERIFIER_IMPORTS)}
+def _make_verifier_module(code: str, name: str, guard: sandbox.Guard) -> dict[str, Any]:
+    ns: dict[str, Any] = {"__name__": name, "__builtins__": sandbox.make_builtins(sandbox.VERIFIER_IMPORTS, os_standin=True, guard=guard)}
     ns["sqlite3"] = sqlite3
     ns["json"] = json
     exec(compile(code, f"<{name}>", "exec"), ns)
@@ -319,9 +321,9 @@ class Worker:
             return {"ok": True, "tools": env.infos, "problems": getattr(env, "problems", [])}, []
         try:
             if req["flavour"] == "awm1k":
-                env = _Awm1kEnv(key, blobs[0], req["source"], req["env_id"], self.loop)
+                env = _Awm1kEnv(key, blobs[0], req["source"], req["env_id"], self.loop, self.guard)
             else:
-                env = _NativeEnv(key, blobs[0], req["source"], req.get("spec"), req["env_id"])
+                env = _NativeEnv(key, blobs[0], req["source"], req.get("spec"), req["env_id"], self.guard)
         except SyntaxError as exc:
             return {"ok": False, "errors": [f"syntax error at line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()}"]}, []
         except BaseException as exc:  # the module's top level raised: report, keep serving
@@ -400,7 +402,7 @@ class Worker:
         initial, final = blobs
         self.verify_counter += 1
         try:
-            ns = _make_verifier_module(req["code"], f"verifier_{self.verify_counter}")
+            ns = _make_verifier_module(req["code"], f"verifier_{self.verify_counter}", self.guard)
             fn = ns.get(fname)
             if not callable(fn):
                 return self._vfail("verifier", f"the verifier code defines no function {fname!r}")
