@@ -29,12 +29,16 @@ class OpenAIChatPolicy:
     """Chat completions with native tool calls through the ``openai`` package.
 
     ``extra_body`` goes to the server as is (vLLM: ``{"chat_template_kwargs": {"enable_thinking": False}}``).
-    Pass ``client`` to reuse an ``openai.OpenAI`` instance (connection pool shared by threads).
+    ``headers`` are extra HTTP headers per request: a dict, or ``headers(messages) -> dict`` (for a
+    gateway that routes or traces by header). Pass ``client`` to reuse an ``openai.OpenAI``
+    instance (connection pool shared by threads).
     """
 
     def __init__(self, base_url: str | None, model: str, api_key: str | None = None, *,
                  temperature: float = 1.0, max_tokens: int | None = 2048, timeout_s: float = 120.0,
-                 max_retries: int = 2, extra_body: dict[str, Any] | None = None, client: Any = None):
+                 max_retries: int = 2, extra_body: dict[str, Any] | None = None,
+                 headers: dict[str, str] | Callable[[list[dict[str, Any]]], dict[str, str]] | None = None,
+                 client: Any = None):
         if not model:
             raise ValueError("OpenAIChatPolicy needs a model name")
         if client is None:
@@ -47,6 +51,7 @@ class OpenAIChatPolicy:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.extra_body = extra_body
+        self.headers = headers
 
     def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> PolicyReply:
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
@@ -56,6 +61,8 @@ class OpenAIChatPolicy:
             kwargs["max_tokens"] = self.max_tokens
         if self.extra_body:
             kwargs["extra_body"] = self.extra_body
+        if self.headers:
+            kwargs["extra_headers"] = self.headers(messages) if callable(self.headers) else self.headers
         resp = self.client.chat.completions.create(**kwargs)
         msg = resp.choices[0].message
         calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}

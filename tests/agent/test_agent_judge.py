@@ -72,3 +72,34 @@ def test_judge_prompt_carries_code_evidence_criteria_and_trajectory(pool):
     assert '"groceries_notes": 1' in user and "verdict: complete" in user
     assert 'create_note({"title": "Groceries", "body": "milk, eggs"}) -> {"id": 4' in user
     assert "## Final answer\nDone." in user and "classification" in msgs[0]["content"]
+
+
+def test_openai_policy_with_native_tool_calls_over_http(tmp_path, pool):
+    """OpenAIChatPolicy against an OpenAI-compatible server (the fixture server replays turn by turn)."""
+    from awm_core.agent import OpenAIChatPolicy
+
+    env = notes_environment()
+    path = tmp_path / env.id / "policy.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"stage": "policy", "scenario": env.id, "attempts": [
+        {"content": "", "tool_calls": [{"id": "c1", "function": {"name": "list_notes", "arguments": {}}}],
+         "prompt_tokens": 300, "completion_tokens": 12},
+        {"content": "Adding it.", "tool_calls": [{"id": "c2", "function": {
+            "name": "create_note", "arguments": {"title": "Groceries", "body": "milk, eggs"}}}],
+         "prompt_tokens": 420, "completion_tokens": 20},
+        {"content": "Your note is saved.", "prompt_tokens": 500, "completion_tokens": 6}]}))
+
+    def headers(messages):  # the fixture server keys replies by turn
+        turn = 1 + sum(m["role"] == "assistant" for m in messages)
+        return {"X-AWM-Stage": "policy", "X-AWM-Scenario": env.id, "X-AWM-Attempt": str(turn)}
+
+    handle = pool.load(env)
+    with FixtureServer(tmp_path) as srv:
+        policy = OpenAIChatPolicy(srv.base_url, "policy-model", "k", headers=headers, max_retries=0)
+        with handle.open_session() as s:
+            ep = run_episode(policy, s, env.task(0), handle.tools(), window=None)
+    assert ep.final_answer == "Your note is saved." and len(ep.turns) == 3
+    assert ep.turns[1].assistant["tool_calls"][0]["function"]["name"] == "create_note"
+    assert ep.turns[1].assistant["content"] == "Adding it." and ep.turns[1].tool_messages[0]["tool_call_id"] == "c2"
+    assert (ep.prompt_tokens, ep.completion_tokens) == (1220, 38)
+    assert verify_episode(pool, env, 0, ep, load_settings()).reward == 1.0
