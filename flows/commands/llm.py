@@ -1,6 +1,7 @@
 """awm llm: tools around the LLM layer (the local OpenAI-compatible fixture server)."""
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def serve_fixtures(args) -> int:
     except OSError as exc:
         raise LLMError(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}") from None
     faults = f", faults {','.join(server.faults)} at rate {args.fault_rate:g} (seed {args.seed})" if args.fault_rate else ""
+    # Stop cleanly on Ctrl-C even when started in the background (where SIGINT arrives ignored),
+    # and on SIGTERM from a process manager.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     print(f"serving fixtures from {fixtures} at {server.base_url}{faults}; Ctrl-C to stop", flush=True)
     try:
         server.serve_forever()
@@ -51,3 +56,7 @@ def serve_fixtures(args) -> int:
     served = len(server.requests)
     print(f"stopped after {served} request{'s' if served != 1 else ''}", file=sys.stderr, flush=True)
     return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
