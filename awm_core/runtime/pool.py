@@ -224,7 +224,12 @@ class _Worker:
             self._kill(msg)
             raise WorkerFailure(msg) from None
         except protocol.ChannelClosed as exc:
-            alive = self.proc is not None and self.proc.poll() is None
+            alive = False
+            if self.proc is not None:
+                try:  # the pipe closes a moment before the process is reaped
+                    self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    alive = True
             msg = f"the sandbox worker broke the protocol ({exc})" if alive else self._death_reason()
             self._kill(msg)
             raise WorkerFailure(msg) from None

@@ -372,6 +372,9 @@ class Worker:
         except ENV_LIMIT_ERRORS as exc:
             return self._failure("environment", f"the environment code hit a limit: {_exc_text(exc)}", recycle=True)
         except Exception as exc:
+            if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+                return self._failure("environment", f"the environment code hit the thread limit: {_exc_text(exc)}",
+                                     recycle=True)
             tb = traceback.extract_tb(exc.__traceback__)
             where = next((f" (line {f.lineno} of the environment code)" for f in reversed(tb)
                           if f.filename.startswith("<environment")), "")
