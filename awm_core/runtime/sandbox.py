@@ -180,7 +180,10 @@ def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
     for res, value in limits.items():
         resource.setrlimit(res, (value, value))
     used = int(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
-    resource.setrlimit(resource.RLIMIT_CPU, (used + cfg["cpu_s"], used + cfg["cpu_s"] + 5))
+    # The soft limit is moved forward before every request (SIGXCPU ends the worker when
+    # one request burns its budget); the hard limit stays open so the worker can do that
+    # after giving up root.
+    resource.setrlimit(resource.RLIMIT_CPU, (used + cfg["cpu_s"], resource.RLIM_INFINITY))
     active["rlimits"] = True
     active["separate_uid"] = False
     if cfg.get("uid_base") is not None and os.geteuid() == 0:

@@ -144,3 +144,15 @@ def test_pool_restarts_workers_and_reports_why(pool, hostile):
     after = {w["slot"]: w for w in pool.stats()["workers"]}
     slot = hostile.worker.slot
     assert after[slot]["restarts"] > before[slot] and "exited with code 3" in after[slot]["last_failure"]
+
+
+def test_cpu_time_limit_backs_up_the_wall_clock(healthy):
+    """With the wall clock generous, RLIMIT_CPU ends a spinning worker (SIGXCPU)."""
+    with SandboxPool(workers=1, call_timeout_s=30, cpu_s=1) as p:
+        h = p.load(hostile_environment("spinner", "while True:\n    pass"))
+        with h.open_session() as s:
+            r = s.call("evil", {})
+            assert r.error_kind == "environment" and "CPU-time limit" in r.error, r
+            s.reset()
+            assert s.call("list_notes", {}).ok
+    _healthy_still_serves(healthy)
