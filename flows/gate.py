@@ -1,0 +1,282 @@
+"""Quality gate: a Great Expectations suite over one catalog snapshot.
+
+What it checks (thresholds from ``settings.gate``):
+
+- keys are not null and unique in every keyed table;
+- every gated environment has tools, tasks, and a verifier for each kept task;
+- the share of gated environments whose validation passed, and the share of kept tasks whose
+  task-level checks all passed, are at least ``min_env_pass_rate`` / ``min_task_pass_rate``;
+- no kept task whose reference solution failed its verifier (``verifier_solution`` check);
+- no kept task whose verifier accepted a no-op run (a failed ``verifier_noop`` check);
+- rollout rewards lie within the configured reward range and labels are known;
+- LLM token counts are between 0 and ``max_tokens_per_call`` and costs are not negative.
+
+Scope: an environment is *gated* when it was generated (or written by hand) or carries a
+validation report. Imported AgentWorldModel-1K environments without one are listed as
+unvalidated in the report instead of failing it; their keys are still checked.
+
+The report is published into ``quality_reports`` (its own snapshot) and, inside the flow, as
+Prefect artifacts (markdown summary + a table of expectations).
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger
+
+from awm_core.errors import AWMError
+from awm_core.models import utcnow
+from awm_core.settings import Settings, get_settings
+from storage.catalog import Catalog, made_by
+
+LABELS = ["completed", "partial", "agent_error", "environment_error", "format_error"]
+
+KEYS = {  # table -> key columns checked for nulls and uniqueness
+    "scenarios": ["env_id"], "environments": ["env_id"], "tasks": ["env_id", "task_idx"],
+    "verifiers": ["env_id", "task_idx", "style"], "reference_solutions": ["env_id", "task_idx"],
+    "validation_results": ["env_id", "check_idx"], "llm_calls": ["call_id"], "rollouts": ["rollout_id"],
+}
+
+
+class GateFailed(AWMError):
+    """The quality gate found defects in a snapshot (the report is stored all the same)."""
+
+
+@dataclass
+class GateReport:
+    report_id: str
+    snapshot: int
+    passed: bool
+    statistics: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    unvalidated: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {"report_id": self.report_id, "snapshot": self.snapshot, "passed": self.passed,
+                "statistics": self.statistics, "results": self.results, "created_at": utcnow()}
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if not r["success"]]
+
+    def markdown(self) -> str:
+        s = self.statistics
+        lines = [f"# Quality gate: snapshot {self.snapshot} {'PASSED' if self.passed else 'FAILED'}", "",
+                 f"{s['successful']}/{s['evaluated']} expectations met. Gated environments: {s['gated_envs']}; "
+                 f"environment pass rate {_pct(s['env_pass_rate'])} (min {_pct(s['min_env_pass_rate'])}), "
+                 f"task pass rate {_pct(s['task_pass_rate'])} (min {_pct(s['min_task_pass_rate'])})."]
+        if self.unvalidated:
+            lines += ["", f"Unvalidated imports (not gated): {', '.join(self.unvalidated[:50])}"
+                          + (" ..." if len(self.unvalidated) > 50 else "")]
+        fails = self.failures()
+        if fails:
+            lines += ["", "## Failed expectations", "", "| table | expectation | column | unexpected | examples |",
+                      "|---|---|---|---:|---|"]
+            lines += [f"| {r['table']} | {r['expectation']} | {r['column']} | {r['unexpected_count']} | "
+                      f"{', '.join(map(str, r['examples'][:8]))} |" for r in fails]
+        return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def load_frames(cat: Catalog, snapshot: int) -> dict[str, pd.DataFrame]:
+    q = {
+        "environments": "SELECT env_id, source, tool_count, task_count, validation_passed FROM environments",
+        "scenarios": "SELECT env_id FROM scenarios",
+        "tasks": "SELECT env_id, task_idx, task_id, has_verifier, dropped_reason FROM tasks",
+        "verifiers": "SELECT env_id, task_idx, style FROM verifiers",
+        "reference_solutions": "SELECT env_id, task_idx FROM reference_solutions",
+        "validation_results": "SELECT env_id, check_idx, name, passed, task_idx FROM validation_results",
+        "llm_calls": "SELECT call_id, prompt_tokens, completion_tokens, cost_usd FROM llm_calls",
+        "rollouts": "SELECT rollout_id, reward, label, env_error FROM rollouts",
+    }
+    return {name: cat.sql(sql, snapshot=snapshot).to_pandas() for name, sql in q.items()}
+
+
+def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[str, pd.DataFrame], dict[str, Any], list[str]]:
+    """Per-environment and per-task views the expectations run on, plus the pass rates."""
+    envs = frames["environments"]
+    gated_mask = (envs["source"] != "awm1k") | envs["validation_passed"].notna()
+    gated = envs[gated_mask]
+    unvalidated = sorted(envs.loc[~gated_mask, "env_id"].tolist())
+    gated_ids = set(gated["env_id"])
+
+    tasks = frames["tasks"]
+    tasks = tasks[tasks["env_id"].isin(gated_ids)]
+    kept = tasks[tasks["dropped_reason"].isna()].copy()
+    checks = frames["validation_results"]
+    checks = checks[checks["env_id"].isin(gated_ids) & checks["task_idx"].notna()].copy()
+    checks["task_idx"] = checks["task_idx"].astype("int64")
+
+    def failed_keys(name: str | None) -> set[tuple[str, int]]:
+        c = checks if name is None else checks[checks["name"] == name]
+        c = c[~c["passed"].astype(bool)]
+        return set(zip(c["env_id"], c["task_idx"]))
+
+    key = list(zip(kept["env_id"], kept["task_idx"].astype("int64")))
+    sol_failed, noop_failed, any_failed = failed_keys("verifier_solution"), failed_keys("verifier_noop"), failed_keys(None)
+    ver = frames["verifiers"]
+    has_ver = set(zip(ver["env_id"], ver["task_idx"].astype("int64")))
+    kept["solution_failed_task"] = [tid if k in sol_failed else None for tid, k in zip(kept["task_id"], key)]
+    kept["noop_passing_verifier"] = [tid if k in noop_failed else None for tid, k in zip(kept["task_id"], key)]
+    kept["task_without_verifier"] = [tid if k not in has_ver else None for tid, k in zip(kept["task_id"], key)]
+
+    kept_per_env = kept.groupby("env_id").size()
+    per_env = gated[["env_id", "tool_count", "task_count"]].copy()
+    per_env["kept_tasks"] = [int(kept_per_env.get(e, 0)) for e in per_env["env_id"]]
+    per_env["env_without_tools"] = [e if n < 1 else None for e, n in zip(per_env["env_id"], per_env["tool_count"])]
+    per_env["env_without_tasks"] = [e if n < 1 else None for e, n in zip(per_env["env_id"], per_env["kept_tasks"])]
+
+    env_rate = float(gated["validation_passed"].fillna(False).astype(bool).mean()) if len(gated) else None
+    # A task counts as passing when validation kept it and none of its task-level checks failed.
+    passing = sum(1 for k in key if k not in any_failed)
+    task_rate = passing / len(tasks) if len(tasks) else None
+    rates = pd.DataFrame({"env_pass_rate": [env_rate], "task_pass_rate": [task_rate]})
+    stats = {"gated_envs": len(gated), "unvalidated_imports": len(unvalidated), "kept_tasks": len(kept),
+             "env_pass_rate": env_rate, "task_pass_rate": task_rate,
+             "min_env_pass_rate": settings.gate.min_env_pass_rate,
+             "min_task_pass_rate": settings.gate.min_task_pass_rate}
+    return {"gated_environments": per_env, "gated_tasks": kept, "pass_rates": rates}, stats, unvalidated
+
+
+def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[Any]]:
+    import great_expectations.expectations as gxe
+
+    r = settings.rewards
+    lo, hi = min(r.model_dump().values()), max(r.model_dump().values())
+    suites: dict[str, list[Any]] = {}
+    for table, cols in KEYS.items():
+        exps = [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in cols]
+        exps.append(gxe.ExpectColumnValuesToBeUnique(column=cols[0]) if len(cols) == 1
+                    else gxe.ExpectCompoundColumnsToBeUnique(column_list=cols))
+        suites[table] = exps
+    suites["gated_environments"] = [gxe.ExpectColumnValuesToBeNull(column="env_without_tools"),
+                                    gxe.ExpectColumnValuesToBeNull(column="env_without_tasks")]
+    suites["gated_tasks"] = [gxe.ExpectColumnValuesToBeNull(column="task_without_verifier"),
+                             gxe.ExpectColumnValuesToBeNull(column="solution_failed_task"),
+                             gxe.ExpectColumnValuesToBeNull(column="noop_passing_verifier")]
+    rates = []
+    if stats["env_pass_rate"] is not None:
+        rates.append(gxe.ExpectColumnValuesToBeBetween(column="env_pass_rate",
+                                                       min_value=settings.gate.min_env_pass_rate, max_value=1.0))
+    if stats["task_pass_rate"] is not None:
+        rates.append(gxe.ExpectColumnValuesToBeBetween(column="task_pass_rate",
+                                                       min_value=settings.gate.min_task_pass_rate, max_value=1.0))
+    suites["pass_rates"] = rates
+    suites["rollouts"] += [gxe.ExpectColumnValuesToBeBetween(column="reward", min_value=lo, max_value=hi),
+                           gxe.ExpectColumnValuesToBeInSet(column="label", value_set=LABELS),
+                           gxe.ExpectColumnValuesToNotBeNull(column="env_error")]
+    top = settings.gate.max_tokens_per_call
+    suites["llm_calls"] += [gxe.ExpectColumnValuesToBeBetween(column="prompt_tokens", min_value=0, max_value=top),
+                            gxe.ExpectColumnValuesToBeBetween(column="completion_tokens", min_value=0, max_value=top),
+                            gxe.ExpectColumnValuesToBeBetween(column="cost_usd", min_value=0)]
+    return suites
+
+
+def run_expectations(frames: dict[str, pd.DataFrame], suites: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    source = ctx.data_sources.add_pandas("catalog")
+    results = []
+    for name, exps in suites.items():
+        if not exps:
+            continue
+        batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("snapshot")
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"gate-{name}", expectations=exps))
+        res = batch_def.get_batch(batch_parameters={"dataframe": frames[name]}).validate(suite)
+        for r in res.results:
+            kw = r.expectation_config.kwargs
+            results.append({
+                "table": name, "expectation": r.expectation_config.type,
+                "column": kw.get("column") or ",".join(kw.get("column_list", [])),
+                "success": bool(r.success),
+                "unexpected_count": int(r.result.get("unexpected_count") or 0),
+                "examples": [_plain(v) for v in (r.result.get("partial_unexpected_list") or [])[:20]],
+                "observed": _plain(r.result.get("observed_value")),
+                "bounds": {k: kw[k] for k in ("min_value", "max_value") if k in kw},
+            })
+    return results
+
+
+def _plain(v: Any) -> Any:
+    if v is None or isinstance(v, (str, int, bool)):
+        return v
+    if isinstance(v, float):
+        return None if v != v else v
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+def evaluate_snapshot(cat: Catalog, snapshot: int | None = None, settings: Settings | None = None) -> GateReport:
+    """Run the suite on one snapshot (default: the latest) and return the report (not stored)."""
+    settings = settings or cat.settings or get_settings()
+    snapshot = cat.latest_snapshot() if snapshot is None else int(snapshot)
+    frames = load_frames(cat, snapshot)
+    derived, stats, unvalidated = derive(frames, settings)
+    frames.update(derived)
+    results = run_expectations(frames, build_suites(settings, stats))
+    ok = sum(r["success"] for r in results)
+    stats.update({"snapshot": snapshot, "evaluated": len(results), "successful": ok,
+                  "unsuccessful": len(results) - ok, "unvalidated": unvalidated[:200]})
+    return GateReport(uuid.uuid4().hex, snapshot, ok == len(results), stats, results, unvalidated)
+
+
+def store_report(cat: Catalog, report: GateReport, flow_run_id: str | None = None) -> int | None:
+    """Publish the report into quality_reports as its own snapshot."""
+    with cat.publish(made_by=made_by(cat.settings, flow_run_id, gate_for_snapshot=report.snapshot),
+                     message=f"quality gate for snapshot {report.snapshot}: "
+                             f"{'passed' if report.passed else 'failed'}") as pub:
+        pub.add_quality_report(report.row())
+    return pub.snapshot_id
+
+
+def run_gate(snapshot: int | None = None, settings: Settings | None = None,
+             flow_run_id: str | None = None) -> GateReport:
+    """Evaluate and store: the plain-function form of the flow."""
+    settings = settings or get_settings()
+    with Catalog.open(settings) as cat:
+        report = evaluate_snapshot(cat, snapshot, settings)
+        store_report(cat, report, flow_run_id)
+    return report
+
+
+# ------------------------------------------------------------------------------ flow
+
+
+@flow(name="quality-gate")
+def gate(snapshot: int | None = None) -> dict[str, Any]:
+    """Validate a catalog snapshot; the run fails (GateFailed) when any expectation is not met."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    report = run_gate(snapshot, flow_run_id=str(flow_run.id) if flow_run.id else None)
+    create_markdown_artifact(key="quality-gate", markdown=report.markdown(),
+                             description=f"quality gate for snapshot {report.snapshot}")
+    create_table_artifact(key="quality-gate-expectations", table=[
+        {"table": r["table"], "expectation": r["expectation"], "column": r["column"], "success": r["success"],
+         "unexpected": r["unexpected_count"], "examples": json.dumps(r["examples"][:5], default=str)}
+        for r in report.results], description="every expectation of the gate")
+    summary = {"snapshot": report.snapshot, "passed": report.passed, "report_id": report.report_id,
+               "statistics": {k: v for k, v in report.statistics.items() if k != "unvalidated"}}
+    if not report.passed:
+        for r in report.failures():
+            log.error("gate: %s %s(%s) unexpected=%s e.g. %s", r["table"], r["expectation"], r["column"],
+                      r["unexpected_count"], r["examples"][:5])
+        raise GateFailed(f"snapshot {report.snapshot} failed {len(report.failures())} expectation(s): "
+                         + "; ".join(f"{r['table']}.{r['column']} {r['expectation']}" for r in report.failures()[:10]))
+    log.info("gate passed for snapshot %s (%s expectations)", report.snapshot, report.statistics["evaluated"])
+    return summary
