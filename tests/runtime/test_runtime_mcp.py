@@ -1,0 +1,128 @@
+"""The MCP server with the official SDK client: in-process and over streamable HTTP."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import mcp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runtime_envs import awm1k_environment, notes_environment  # noqa: E402
+
+from awm_core.runtime import SandboxPool  # noqa: E402
+from awm_core.runtime.mcp_server import EnvMCPServer, http_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(workers=2, call_timeout_s=20) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def notes_server(pool):
+    srv = EnvMCPServer(pool, [notes_environment(env_id="mcp_notes")])
+    yield srv
+    srv.close()
+
+
+def _titles(result) -> list[str]:
+    return [n["title"] for n in json.loads(result.content[0].text)]
+
+
+def test_lists_env_tools_with_exact_schemas_and_meta_tools(notes_server):
+    async def main():
+        async with mcp.Client(notes_server.server, mode="legacy") as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            assert {"list_tools", "call_tool", "create_note", "list_notes"} <= set(tools)
+            assert tools["create_note"].input_schema["required"] == ["title"]
+            listing = json.loads((await c.call_tool("list_tools", {})).content[0].text)
+            assert {t["name"] for t in listing} == {"create_note", "list_notes", "get_note", "delete_note", "buggy_count"}
+    anyio.run(main)
+
+
+def test_each_connection_gets_its_own_database(notes_server):
+    async def main():
+        async with mcp.Client(notes_server.server, mode="legacy") as a, \
+                mcp.Client(notes_server.server, mode="legacy") as b:
+            r = await a.call_tool("create_note", {"title": "from a"})
+            assert not r.is_error and json.loads(r.content[0].text)["title"] == "from a"
+            assert "from a" in _titles(await a.call_tool("list_notes", {}))
+            assert "from a" not in _titles(await b.call_tool("list_notes", {}))
+            via_meta = await a.call_tool("call_tool", {"tool_name": "mcp_tool_list_notes", "arguments": '{"limit": 1}'})
+            assert _titles(via_meta) == ["from a"]
+            bad = await a.call_tool("create_note", {"title": 7})
+            assert bad.is_error and "invalid_arguments" in bad.content[0].text
+            unknown = await a.call_tool("call_tool", {"tool_name": "nope", "arguments": {}})
+            assert unknown.is_error and "unknown_tool" in unknown.content[0].text
+    anyio.run(main)
+
+
+def test_stateless_clients_pick_their_session_with_meta(notes_server):
+    async def main():
+        async with mcp.Client(notes_server.server) as c:
+            await c.call_tool("create_note", {"title": "k1 note"}, meta={"awm/session": "k1"})
+            assert "k1 note" in _titles(await c.call_tool("list_notes", {}, meta={"awm/session": "k1"}))
+            assert "k1 note" not in _titles(await c.call_tool("list_notes", {}, meta={"awm/session": "k2"}))
+    anyio.run(main)
+
+
+def test_several_environments_are_prefixed(pool, awm1k_samples):
+    srv = EnvMCPServer(pool, [notes_environment(env_id="mcp_notes2"), awm1k_environment(awm1k_samples)])
+
+    async def main():
+        async with mcp.Client(srv.server, mode="legacy") as c:
+            names = {t.name for t in (await c.list_tools()).tools}
+            assert "mcp_notes2.create_note" in names and "content_platform_1.search_channels" in names
+            r = await c.call_tool("content_platform_1.search_channels", {"query": "Kurzgesagt"})
+            assert not r.is_error and json.loads(r.content[0].text)["channels"][0]["id"] == 1
+    try:
+        anyio.run(main)
+    finally:
+        srv.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_streamable_http(pool, awm1k_samples):
+    import uvicorn
+
+    srv = EnvMCPServer(pool, [awm1k_environment(awm1k_samples)])
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(http_app(srv), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    async def main():
+        async with mcp.Client(url, mode="legacy") as a, mcp.Client(url, mode="legacy") as b:
+            assert len((await a.list_tools()).tools) == 34 + 2
+            r = await a.call_tool("subscribe_to_channel", {"channel_id": 1})
+            assert not r.is_error, r.content[0].text
+            subs_a = json.loads((await a.call_tool("list_user_subscriptions", {})).content[0].text)
+            subs_b = json.loads((await b.call_tool("list_user_subscriptions", {})).content[0].text)
+            assert 1 in {s["channel_id"] for s in subs_a["subscriptions"]}
+            assert 1 not in {s["channel_id"] for s in subs_b["subscriptions"]}
+        async with mcp.Client(url) as modern:
+            r = await modern.call_tool("search_channels", {"query": "Kurz"}, meta={"awm/session": "m1"})
+            assert not r.is_error
+    try:
+        anyio.run(main)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        srv.close()
+    assert not thread.is_alive()
