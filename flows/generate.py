@@ -1,0 +1,410 @@
+"""The nightly ``generate`` flow: scenarios → seven stages per scenario → execution
+validation → one catalog snapshot, with a summary artifact in the Prefect UI.
+
+Fan-out is Prefect's task runner (threads by default, ``concurrency`` workers); every stage
+is a cached, retried task (``tasks.generation``), so a rerun after a crash redoes only the
+stages that had not finished, and publishing is an upsert keyed by environment id, so the
+catalog never holds the same environment twice.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from awm_core.errors import AWMError
+from awm_core.models import Scenario, slugify
+from awm_core.settings import Settings, get_settings
+from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
+from tasks import generation as G
+
+STATUS_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------- settings and run folder
+
+
+def effective_settings(base: Settings | None = None, *, generator_model: str | None = None,
+                       fixtures_dir: str | Path | None = None, offline_latency_s: float | None = None,
+                       budget_usd: float | None = None) -> Settings:
+    s = (base or get_settings()).model_copy(deep=True)
+    if generator_model:
+        s.llm.generator.model = generator_model
+    if fixtures_dir is not None:
+        s.llm.fixtures_dir = Path(fixtures_dir)
+    if offline_latency_s is not None:
+        s.llm.offline_latency_s = offline_latency_s
+    if budget_usd is not None:
+        s.llm.budget_usd = budget_usd
+    return s
+
+
+def _write_state(run_dir: Path, **fields: Any) -> None:
+    path = run_dir / STATUS_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphaned_runs(settings: Settings, current: str) -> list[tuple[str, dict[str, Any]]]:
+    """Earlier runs whose process died before publishing: their ledgers still belong in llm_calls."""
+    out = []
+    if not settings.runs_dir.exists():
+        return out
+    for d in sorted(settings.runs_dir.iterdir()):
+        state_path = d / STATUS_FILE
+        if d.name == current or not state_path.exists():
+            continue
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("status") == "running" and not _pid_alive(state.get("pid")):
+            out.append((d.name, state))
+    return out
+
+
+def ledger_records(run_dir: Path) -> list[Any]:
+    """The run's ledger with each rejected reply's errors in ``error``."""
+    from awm_core.llm import read_ledger
+
+    records = read_ledger(run_dir / "llm_calls.jsonl")
+    rejected: dict[str, list[str]] = {}
+    rej_path = run_dir / "rejections.jsonl"
+    if rej_path.exists():
+        for line in rej_path.read_text(encoding="utf-8").splitlines():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run
+            rejected[item["call_id"]] = item["errors"]
+    for r in records:
+        if r.error is None and r.call_id in rejected:
+            r.error = "reply rejected: " + "; ".join(rejected[r.call_id])[:2000]
+    return records
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def resolve_named(names: list[str], seed_list: str | None) -> list[Scenario]:
+    """Scenarios given by name or id: looked up in the seed list (so they carry a description)."""
+    seeds = {slugify(c.name): c for c in scenario_stage.load_seeds(seed_list)}
+    out, unknown = [], []
+    for n in names:
+        c = seeds.get(slugify(n))
+        if c is None:
+            unknown.append(n)
+        else:
+            out.append(Scenario(id=slugify(c.name), name=c.name, description=c.description, category=c.category,
+                                extra={"source": "seed"}))
+    if unknown:
+        raise AWMError(f"scenarios not in the seed list: {', '.join(unknown)} "
+                       f"(known ids include: {', '.join(list(seeds)[:8])}, ...)")
+    return out
+
+
+def existing_scenarios(settings: Settings) -> list[Scenario]:
+    """Scenarios already in the catalog: new ones must not duplicate them."""
+    from storage.catalog import Catalog
+
+    try:
+        cat = Catalog.open(settings, read_only=True)
+    except AWMError:
+        return []
+    try:
+        rows = cat.rows("SELECT env_id, name, description, category FROM scenarios")
+    except AWMError:
+        rows = []
+    finally:
+        cat.close()
+    return [Scenario(id=r["env_id"], name=r["name"], description=r["description"] or "",
+                     category=r["category"] or "general") for r in rows]
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+@flow(name="generate", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
+def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int | None = None,
+             generator_model: str | None = None, concurrency: int | None = None, budget_usd: float | None = None,
+             seed_list: str | None = None, fixtures_dir: str | None = None, skip_existing: bool = True,
+             offline_latency_s: float | None = None, progress: bool = False, publish: bool = True) -> dict[str, Any]:
+    """Synthesise, validate and publish environments.
+
+    scenarios: how many to make (expanded from the seed list by the model), or a list of
+    seed-list names/ids to make exactly those. Defaults come from ``settings.generation``.
+    """
+    from prefect.runtime import flow_run
+
+    from awm_core.llm import Budget, LLMClient
+    from awm_core.runtime import SandboxPool
+
+    logger = get_run_logger()
+    started_at = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    settings = effective_settings(generator_model=generator_model, fixtures_dir=fixtures_dir,
+                                  offline_latency_s=offline_latency_s, budget_usd=budget_usd)
+    gen = settings.generation
+    n = gen.scenarios if scenarios is None else scenarios
+    k = tasks_per_scenario or gen.tasks_per_scenario
+    seed_list = seed_list or (str(gen.seed_list) if gen.seed_list else None)
+    flow_run_id = str(flow_run.id) if flow_run.id else None
+    run_id = f"gen-{started_at:%Y%m%dT%H%M%S}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+    run_dir = settings.runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = {"scenarios": n, "tasks_per_scenario": k, "generator_model": settings.llm.generator.model,
+              "concurrency": concurrency, "budget_usd": settings.llm.budget_usd, "seed_list": seed_list,
+              "fixtures_dir": str(settings.llm.fixtures_dir) if settings.llm.generator.backend == "offline" else None,
+              "skip_existing": skip_existing}
+    _write_state(run_dir, status="running", pid=os.getpid(), started_at=started_at.isoformat(),
+                 flow_run_id=flow_run_id, params=params)
+
+    budget = Budget(cap_usd=settings.llm.budget_usd)
+    client = LLMClient.for_role(settings, "generator", budget=budget, ledger=run_dir / "llm_calls.jsonl", run_id=run_id)
+    say = (lambda line: print(line, flush=True)) if progress else (lambda line: logger.info(line))
+    pool = SandboxPool(settings.sandbox)
+    run_key = run_id
+    G.register(run_key, G.RunResources(settings=settings, client=client, pool=pool, run_id=run_id, run_dir=run_dir,
+                                       embed=_embedder(settings), progress=say))
+    model = settings.llm.generator.model
+    outcomes: list[G.EnvOutcome] = []
+    scenario_info: dict[str, Any] = {"dropped": [], "candidates": 0, "records": []}
+    status, message = "completed", ""
+    try:
+        existing = existing_scenarios(settings) if skip_existing else []
+        if isinstance(n, list):
+            chosen = resolve_named(n, seed_list)
+            dup = [s.id for s in chosen if s.id in {e.id for e in existing}]
+            if dup:
+                say(f"  skipping scenarios already in the catalog: {', '.join(dup)}")
+                scenario_info["dropped"] = [{"name": d, "reason": "already in the catalog"} for d in dup]
+            chosen = [s for s in chosen if s.id not in dup]
+        else:
+            say(f"scenarios: expanding the seed list to {n} scenarios")
+            sel = G.select_scenarios_task(
+                seed_list, int(n), existing, gen.dedup_threshold, gen.category_cap, model,
+                scenario_stage.PROMPT_VERSION, run_key)
+            chosen, scenario_info = sel["scenarios"], sel
+        say(f"generating {len(chosen)} environment(s): {', '.join(s.id for s in chosen)}")
+        futures = [G.build_environment_task.with_options(task_run_name=f"build[{s.id}]",
+                                                         tags=["awm-build", f"scenario:{s.id}"])
+                   .submit(s, k, gen.target_tools, model, gen.min_valid_tasks, run_key) for s in chosen]
+        for s, fut in zip(chosen, futures):
+            try:
+                outcomes.append(fut.result())
+            except Exception as exc:  # a bug or sandbox failure in one scenario must not lose the others
+                logger.error("building %s failed: %s", s.id, exc)
+                outcomes.append(G.EnvOutcome(s.id, "dropped", f"internal error: {type(exc).__name__}: {exc}"[:500]))
+    except G.StageFailed as exc:  # only the run-wide scenario stage gets here
+        status = "budget_exceeded" if exc.budget else "failed"
+        message = f"{exc.stage} stage: {exc.errors[-1] if exc.errors else exc}"[:500]
+    finally:
+        G.unregister(run_key)
+        pool.close()
+
+    if any(o.status == "budget_exceeded" for o in outcomes):
+        status = "budget_exceeded"
+        message = message or next(o.reason for o in outcomes if o.status == "budget_exceeded")
+    published = [o for o in outcomes if o.status == "published"]
+    if status == "completed" and len(published) < len(outcomes):
+        status = "partial" if published else "failed"
+    records = ledger_records(run_dir)
+    tokens = sum(r.prompt_tokens + r.completion_tokens for r in records)
+    cost = sum(r.cost_usd for r in records)
+    drop_reasons = {o.scenario_id: f"{o.status}: {o.reason}" for o in outcomes if o.status != "published"}
+    drop_reasons.update({d["name"]: f"scenario stage: {d['reason']}" for d in scenario_info.get("dropped", [])})
+    summary = {
+        "run_id": run_id, "flow_run_id": flow_run_id, "status": status, "message": message,
+        "published": [o.scenario_id for o in published],
+        "dropped": {o.scenario_id: o.reason for o in outcomes if o.status != "published"},
+        "scenario_drops": scenario_info.get("dropped", []),
+        "repairs": _repairs(outcomes), "llm_calls": len(records), "tokens": tokens, "cost_usd": round(cost, 6),
+        "seconds": round(time.perf_counter() - t0, 2), "snapshot": None,
+        "tasks": {o.scenario_id: (len(o.environment.tasks) if o.environment and o.status == "published" else 0)
+                  for o in outcomes},
+        "dropped_tasks": {o.scenario_id: o.report.dropped_tasks for o in outcomes if o.report and o.report.dropped_tasks},
+    }
+    if publish:
+        summary["snapshot"] = _publish(settings, run_id, flow_run_id, started_at, params, summary, published,
+                                       records, drop_reasons, tokens, cost)
+        _write_state(run_dir, status="published", snapshot=summary["snapshot"])
+    else:
+        _write_state(run_dir, status="finished")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _artifacts(summary, outcomes)
+    if status == "budget_exceeded":
+        logger.warning("run stopped: %s; %d validated environment(s) published", message, len(published))
+    return summary
+
+
+def _embedder(settings: Settings):
+    holder: dict[str, Any] = {}
+
+    def embed(texts: list[str]):
+        if "e" not in holder:  # loading the model costs seconds: only when the scenario stage needs it
+            from awm_core.llm.embed import Embedder
+
+            holder["e"] = Embedder.for_settings(settings)
+        return holder["e"].embed(texts)
+
+    return embed
+
+
+def _repairs(outcomes: list[G.EnvOutcome]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in outcomes:
+        for k, v in o.repairs.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _publish(settings, run_id, flow_run_id, started_at, params, summary, published, records, drop_reasons,
+             tokens, cost) -> int | None:
+    from storage.catalog import Catalog, made_by
+
+    orphans = orphaned_runs(settings, run_id)
+    cat = Catalog.open(settings)
+    try:
+        with cat.publish(made_by=made_by(settings, flow_run_id, run_id=run_id),
+                         message=f"generate run {run_id}: {len(published)} environment(s), status {summary['status']}") as pub:
+            pub.add_environments([o.environment for o in published])
+            pub.add_llm_calls(records)
+            for orphan_id, state in orphans:
+                orphan_records = ledger_records(settings.runs_dir / orphan_id)
+                pub.add_llm_calls(orphan_records)
+                pub.add_generation_run({
+                    "run_id": orphan_id, "flow_run_id": state.get("flow_run_id"), "status": "failed",
+                    "started_at": state.get("started_at"), "finished_at": None, "params": state.get("params"),
+                    "envs_published": 0, "envs_dropped": 0, "drop_reasons": {},
+                    "tokens": sum(r.prompt_tokens + r.completion_tokens for r in orphan_records),
+                    "cost_usd": sum(r.cost_usd for r in orphan_records),
+                    "message": f"the run's process died before publishing; its LLM calls were published by {run_id}"})
+            pub.add_generation_run({
+                "run_id": run_id, "flow_run_id": flow_run_id, "status": summary["status"], "started_at": started_at,
+                "finished_at": datetime.now(timezone.utc), "params": params, "envs_published": len(published),
+                "envs_dropped": len(drop_reasons), "drop_reasons": drop_reasons, "tokens": tokens,
+                "cost_usd": cost, "message": summary["message"] or _one_line(summary)})
+        for orphan_id, _ in orphans:
+            _write_state(settings.runs_dir / orphan_id, status="crashed", published_by=run_id)
+        return pub.snapshot_id
+    finally:
+        cat.close()
+
+
+def _one_line(summary: dict[str, Any]) -> str:
+    return (f"{len(summary['published'])} published, {len(summary['dropped'])} dropped, "
+            f"{summary['llm_calls']} LLM calls, ${summary['cost_usd']:.4f}")
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def summary_markdown(summary: dict[str, Any], outcomes: list[G.EnvOutcome], image: str | None = None) -> str:
+    lines = [f"# Generate run `{summary['run_id']}`", "",
+             f"**Status:** {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""),
+             f"**Snapshot:** {summary['snapshot']}  ", f"**Time:** {summary['seconds']} s  ",
+             f"**LLM calls:** {summary['llm_calls']}, {summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}", "",
+             "| environment | status | tasks | repairs | tokens | cost ($) | seconds | reason |",
+             "|---|---|---:|---|---:|---:|---:|---|"]
+    for o in outcomes:
+        toks = sum(p.prompt_tokens + p.completion_tokens for p in o.stages.values())
+        cost = sum(p.cost_usd for p in o.stages.values())
+        ntasks = len(o.environment.tasks) if o.environment and o.status == "published" else 0
+        rep = ", ".join(f"{k} +{v}" for k, v in sorted(o.repairs.items())) or "-"
+        lines.append(f"| {o.scenario_id} | {o.status} | {ntasks} | {rep} | {toks:,} | {cost:.4f} | "
+                     f"{o.seconds:.1f} | {o.reason[:120].replace('|', '/') or '-'} |")
+    if summary["scenario_drops"]:
+        lines += ["", "**Scenario candidates dropped:** " + "; ".join(
+            f"{d['name']} ({d['reason']})" for d in summary["scenario_drops"])]
+    if summary["dropped_tasks"]:
+        lines += ["", "**Tasks dropped:**"] + [f"- {sid}/{idx}: {why[:200]}" for sid, d in summary["dropped_tasks"].items()
+                                               for idx, why in d.items()]
+    lines += ["", "**Repairs per stage:** " + (", ".join(f"{k}: {v}" for k, v in sorted(summary["repairs"].items()))
+                                               or "none")]
+    if image:
+        lines += ["", f"![attempts per stage](data:image/png;base64,{image})"]
+    return "\n".join(lines)
+
+
+def _attempts_png(outcomes: list[G.EnvOutcome]) -> str | None:
+    """Bar chart of attempts per stage kind (first tries vs repairs), as base64 PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    kinds = ["tasks", "schema", "seed_data", "spec", "code", "verifier", "solution"]
+    first = {k: 0 for k in kinds}
+    extra = {k: 0 for k in kinds}
+    for o in outcomes:
+        for name, p in o.stages.items():
+            k = name.split(".")[0]
+            if k in first:
+                first[k] += 1
+                extra[k] += max(0, p.attempts - 1)
+    fig, ax = plt.subplots(figsize=(6, 2.6), dpi=80)
+    ax.bar(kinds, [first[k] for k in kinds], label="first attempts")
+    ax.bar(kinds, [extra[k] for k in kinds], bottom=[first[k] for k in kinds], label="repairs")
+    ax.set_ylabel("attempts")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _artifacts(summary: dict[str, Any], outcomes: list[G.EnvOutcome]) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    try:
+        create_markdown_artifact(key="generate-summary", markdown=summary_markdown(summary, outcomes, _attempts_png(outcomes)),
+                                 description=f"generate run {summary['run_id']}")
+        create_table_artifact(key="generate-environments", description="one row per scenario", table=[
+            {"environment": o.scenario_id, "status": o.status, "reason": o.reason[:200],
+             "tasks": len(o.environment.tasks) if o.environment and o.status == "published" else 0,
+             "repairs": json.dumps(o.repairs), "seconds": round(o.seconds, 2),
+             "tokens": sum(p.prompt_tokens + p.completion_tokens for p in o.stages.values()),
+             "cost_usd": round(sum(p.cost_usd for p in o.stages.values()), 6)} for o in outcomes])
+    except Exception as exc:  # artifacts are a convenience: never fail a run that published
+        get_run_logger().warning("could not create the summary artifacts: %s", exc)
+
+
+def run_generate(*, concurrency: int | None = None, task_runner=None, **params: Any) -> dict[str, Any]:
+    """Run the flow with ``concurrency`` worker threads (or any Prefect task runner, e.g.
+    a ``prefect_dask.DaskTaskRunner`` whose workers are threads of this process)."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    settings = get_settings()
+    c = concurrency or settings.generation.concurrency
+    runner = task_runner or ThreadPoolTaskRunner(max_workers=c)
+    # Cached stage results live under AWM_HOME, next to the catalog they feed.
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(G.results_dir(settings))}):
+        return generate.with_options(task_runner=runner)(concurrency=c, **params)

@@ -1,0 +1,389 @@
+"""Prefect tasks of the generate flow: one generic stage task (repair = Prefect retries),
+the scenario selection, per-environment assembly and validation.
+
+Repair loop: a stage attempt that fails raises; Prefect retries the task
+(``settings.generation.stage_retries`` times). Each failed attempt's errors and LLM call
+records are remembered under the task-run id, and the next attempt's prompt carries all
+earlier errors (summarised by ``awm_core.stages.base.summarise_errors``). The attempt number
+the LLM sees is ``attempt_offset + prefect.runtime.task_run.run_count``, so a stage that is
+run again later (a verifier regenerated after its solution kept failing) goes on counting.
+
+Things that cannot be hashed (LLM client, sandbox pool, budget) live in a run-scoped
+``RunResources`` registered under the run key; tasks receive only the key, which is left
+out of cache keys. Stage results are cached on (stage, context, prompt version, model,
+earlier errors) plus the task's source, persisted under AWM_HOME, so a rerun after a crash
+redoes only unfinished stages.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.runtime import task_run as runtime_task_run
+
+from awm_core.errors import AWMError, BudgetExceeded, LLMError, StageError
+from awm_core.models import (
+    Environment, Provenance, ReferenceSolution, Scenario, StageProvenance, ValidationReport, Verifier,
+)
+from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
+from awm_core.stages.base import stage_name, summarise_errors
+from awm_core.validation import publishable, validate_environment
+
+# --------------------------------------------------------------------------- run resources
+
+
+@dataclass
+class RunResources:
+    """Per-run, non-hashable helpers shared by every task of one flow run."""
+
+    settings: Any
+    client: Any
+    pool: Any
+    run_id: str
+    run_dir: Path
+    embed: Callable[[list[str]], Any] | None = None
+    progress: Callable[[str], None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
+
+    def note_rejection(self, records: list[Any], errors: list[str]) -> None:
+        """Which LLM calls gave rejected replies, and why: merged into llm_calls.error on publish."""
+        lines = [json.dumps({"call_id": getattr(r, "call_id", None), "errors": errors[:10]}) + "\n"
+                 for r in records if getattr(r, "call_id", None)]
+        if lines:
+            with self.lock, open(self.run_dir / "rejections.jsonl", "a", encoding="utf-8") as fh:
+                fh.writelines(lines)
+
+
+_RESOURCES: dict[str, RunResources] = {}
+
+
+def register(key: str, resources: RunResources) -> None:
+    _RESOURCES[key] = resources
+
+
+def unregister(key: str) -> None:
+    _RESOURCES.pop(key, None)
+
+
+def resources(key: str) -> RunResources:
+    try:
+        return _RESOURCES[key]
+    except KeyError:
+        raise AWMError(f"run resources {key!r} are not registered in this process (tasks of the generate "
+                       "flow must run in the flow's process: use a thread-based task runner)") from None
+
+
+# --------------------------------------------------------------------------- results and failures
+
+
+@dataclass
+class StageOutput:
+    """What a stage task returns (and caches): the artifact and the history of the attempts."""
+
+    stage: str
+    value: Any
+    attempts: int
+    errors: list[str]
+    records: list[Any]
+
+
+class StageFailed(AWMError):
+    """A stage ran out of attempts. Picklable (Prefect may persist the failure)."""
+
+    def __init__(self, stage: str, scenario_id: str, errors: list[str], records: list[Any] | None = None,
+                 attempts: int = 0, budget: bool = False):
+        self.stage, self.scenario_id, self.errors = stage, scenario_id, list(errors)
+        self.records = list(records or [])
+        self.attempts = attempts
+        self.budget = budget
+        last = "; ".join(summarise_errors(self.errors)[-3:])
+        super().__init__(f"{stage}[{scenario_id}] failed after {attempts} attempt(s): {last}")
+
+    def __reduce__(self):
+        return (StageFailed, (self.stage, self.scenario_id, self.errors, self.records, self.attempts, self.budget))
+
+
+# Keyed by task-run id: what earlier attempts of that run said, and their call records.
+_ERRORS: dict[str, list[str]] = defaultdict(list)
+_RECORDS: dict[str, list[Any]] = defaultdict(list)
+_RETRYABLE: dict[str, bool] = {}
+
+
+def _retry_condition(task, task_run, state) -> bool:
+    """Retry a rejected reply or a transient LLM failure; never retry a spent budget."""
+    return _RETRYABLE.pop(str(task_run.id), True)
+
+
+def _cache_policy():
+    return (INPUTS - "run_key") + TASK_SOURCE
+
+
+def stage_task_options(settings: Any, stage: str, scenario_id: str, *, retries: int | None = None) -> dict[str, Any]:
+    return dict(
+        name=f"stage-{stage.split('.')[0]}",
+        task_run_name=f"{stage}[{scenario_id}]",
+        tags=["awm-stage", f"stage:{stage.split('.')[0]}", f"scenario:{scenario_id}"],
+        retries=settings.generation.stage_retries if retries is None else retries,
+    )
+
+
+def results_dir(settings: Any) -> Path:
+    """Where cached stage results are persisted (``run_generate`` points Prefect there)."""
+    return settings.home_dir / "prefect-results"
+
+
+@task(retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition, cache_policy=_cache_policy(),
+      persist_result=True)
+def run_stage_task(stage: str, ctx: StageContext, prompt_version: str, model: str, run_key: str,
+                   extra_errors: list[str], attempt_offset: int) -> StageOutput:
+    """One attempt of one stage; Prefect's retries make the repair loop."""
+    res = resources(run_key)
+    module = STAGES[stage]
+    run_id = str(runtime_task_run.id)
+    attempt = attempt_offset + runtime_task_run.run_count
+    previous = list(extra_errors) + _ERRORS[run_id]
+    name = stage_name(module, ctx)
+    try:
+        result = module.run(res.client, ctx, attempt=attempt, previous_errors=previous, pool=res.pool)
+    except StageError as exc:
+        records = getattr(exc, "records", [])
+        res.note_rejection(records, exc.errors)
+        _ERRORS[run_id].extend(exc.errors)
+        _RECORDS[run_id].extend(records)
+        _RETRYABLE[run_id] = True
+        res.say(f"  {name}[{ctx.scenario_id}] attempt {attempt} rejected: {summarise_errors(exc.errors)[0][:160]}")
+        raise StageFailed(name, ctx.scenario_id, _ERRORS[run_id], _RECORDS[run_id], attempt) from None
+    except BudgetExceeded as exc:
+        _RETRYABLE[run_id] = False
+        raise StageFailed(name, ctx.scenario_id, [str(exc)], _RECORDS[run_id], attempt, budget=True) from None
+    except LLMError as exc:
+        # The endpoint failed after its own transport retries; the stage may still retry.
+        _ERRORS[run_id].append(f"the model endpoint failed: {exc}")
+        rec = getattr(exc, "record", None)
+        _RECORDS[run_id].extend([rec] if rec is not None else [])
+        _RETRYABLE[run_id] = True
+        res.say(f"  {name}[{ctx.scenario_id}] attempt {attempt} LLM error: {str(exc)[:160]}")
+        raise StageFailed(name, ctx.scenario_id, _ERRORS[run_id], _RECORDS[run_id], attempt) from None
+    errors = _ERRORS.pop(run_id, [])
+    records = _RECORDS.pop(run_id, []) + list(result.records)
+    repaired = f" (repaired, attempt {attempt})" if attempt > 1 else ""
+    res.say(f"  {name}[{ctx.scenario_id}] ok{repaired}")
+    return StageOutput(stage=name, value=result.value, attempts=attempt, errors=list(extra_errors) + errors,
+                       records=records)
+
+
+def call_stage(settings: Any, run_key: str, stage: str, ctx: StageContext, *, extra_errors: list[str] = (),
+               attempt_offset: int = 0) -> StageOutput:
+    """Run a stage task with its per-call name, tags and retries; raises StageFailed."""
+    name = stage_name(STAGES[stage], ctx)
+    t = run_stage_task.with_options(**stage_task_options(settings, name, ctx.scenario_id))
+    return t(stage, ctx, STAGES[stage].PROMPT_VERSION, ctx.model, run_key, list(extra_errors), attempt_offset)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@task(name="select-scenarios", retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition,
+      cache_policy=_cache_policy(), persist_result=True)
+def select_scenarios_task(seed_list: str | None, n: int, existing: list[Scenario], threshold: float,
+                          category_cap: int, model: str, prompt_version: str, run_key: str) -> dict[str, Any]:
+    """Expand the seed list with the model, keep stateful, deduplicated, balanced scenarios."""
+    res = resources(run_key)
+    run_id = str(runtime_task_run.id)
+    attempt = runtime_task_run.run_count
+    seeds = scenario_stage.load_seeds(seed_list)
+    records: list[Any] = list(_RECORDS[run_id])
+    candidates: list[scenario_stage.Candidate] = []
+    rounds = 0
+    selection = None
+    # More rounds only while they bring new scenarios: the model is asked again with what it
+    # already proposed listed as taken.
+    while rounds < max(1, -(-n // 10)) + 2:
+        try:
+            new, recs = scenario_stage.run(res.client, seeds, max(n - (len(selection.scenarios) if selection else 0), 1) + 2,
+                                           attempt=attempt, previous_errors=_ERRORS[run_id],
+                                           avoid=[c.name for c in candidates] + [s.name for s in existing],
+                                           offset=rounds * scenario_stage.EXAMPLES_SHOWN)
+        except StageError as exc:
+            res.note_rejection(getattr(exc, "records", []), exc.errors)
+            _ERRORS[run_id].extend(exc.errors)
+            _RECORDS[run_id].extend(getattr(exc, "records", []))
+            _RETRYABLE[run_id] = True
+            raise StageFailed("scenario", "_", _ERRORS[run_id], _RECORDS[run_id], attempt) from None
+        except BudgetExceeded as exc:
+            _RETRYABLE[run_id] = False
+            raise StageFailed("scenario", "_", [str(exc)], records, attempt, budget=True) from None
+        records += recs
+        rounds += 1
+        before = len(selection.scenarios) if selection else 0
+        known = {c.name.lower() for c in candidates}
+        candidates += [c for c in new if c.name.lower() not in known]
+        selection = scenario_stage.select(candidates, n, res.embed, threshold=threshold, category_cap=category_cap,
+                                          already=existing)
+        if len(selection.scenarios) >= n or len(selection.scenarios) == before:
+            break
+    _ERRORS.pop(run_id, None)
+    _RECORDS.pop(run_id, None)
+    res.say(f"  scenario[_] {len(selection.scenarios)} selected from {len(candidates)} candidates, "
+            f"{len(selection.dropped)} dropped")
+    return {"scenarios": selection.scenarios, "dropped": selection.dropped, "candidates": len(candidates),
+            "records": records, "attempts": attempt}
+
+
+# --------------------------------------------------------------------------- one environment
+
+
+@dataclass
+class EnvOutcome:
+    scenario_id: str
+    status: str                      # published | dropped | budget_exceeded
+    reason: str = ""
+    environment: Environment | None = None
+    report: ValidationReport | None = None
+    stages: dict[str, StageProvenance] = field(default_factory=dict)
+    records: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def repairs(self) -> dict[str, int]:
+        """Extra attempts per stage kind (verifier.3 counts under verifier)."""
+        out: dict[str, int] = {}
+        for name, p in self.stages.items():
+            if p.attempts > 1:
+                kind = name.split(".")[0]
+                out[kind] = out.get(kind, 0) + p.attempts - 1
+        return out
+
+
+def _provenance(out: StageOutput, into: dict[str, StageProvenance]) -> None:
+    prev = into.get(out.stage)
+    recs = out.records
+    p = StageProvenance(attempts=out.attempts,
+                        prompt_tokens=sum(r.prompt_tokens for r in recs),
+                        completion_tokens=sum(r.completion_tokens for r in recs),
+                        cost_usd=sum(r.cost_usd for r in recs), errors=summarise_errors(out.errors))
+    if prev is not None:  # a stage run again later: add up
+        p = StageProvenance(attempts=out.attempts, prompt_tokens=prev.prompt_tokens + p.prompt_tokens,
+                            completion_tokens=prev.completion_tokens + p.completion_tokens,
+                            cost_usd=prev.cost_usd + p.cost_usd, errors=summarise_errors(prev.errors + p.errors))
+    into[out.stage] = p
+
+
+def _failed_provenance(exc: StageFailed, into: dict[str, StageProvenance]) -> None:
+    _provenance(StageOutput(exc.stage, None, exc.attempts, exc.errors, exc.records), into)
+
+
+CTX_FIELD = {"tasks": "tasks", "schema": "db_schema", "seed_data": "seed_data", "spec": "api_spec", "code": "code"}
+
+
+@task(name="build-environment", cache_policy=NO_CACHE)
+def build_environment_task(scenario: Scenario, tasks_per_scenario: int, target_tools: int, model: str,
+                           min_valid_tasks: int, run_key: str) -> EnvOutcome:
+    """All stages for one scenario, then execution validation. Never raises for a bad
+    scenario: the outcome says what was dropped and why."""
+    res = resources(run_key)
+    settings = res.settings
+    started = time.perf_counter()
+    stages: dict[str, StageProvenance] = {}
+    records: list[Any] = []
+    ctx = StageContext(scenario=scenario, tasks_per_scenario=tasks_per_scenario, target_tools=target_tools, model=model)
+
+    def outcome(status: str, reason: str, env=None, report=None) -> EnvOutcome:
+        return EnvOutcome(scenario.id, status, reason, env, report, stages, records, time.perf_counter() - started)
+
+    def stage(name: str, c: StageContext, **kw) -> StageOutput:
+        try:
+            out = call_stage(settings, run_key, name, c, **kw)
+        except StageFailed as exc:
+            _failed_provenance(exc, stages)
+            records.extend(exc.records)
+            raise
+        _provenance(out, stages)
+        records.extend(out.records)
+        return out
+
+    try:
+        for name in ENV_STAGES:
+            out = stage(name, ctx)
+            ctx = ctx.with_(**{CTX_FIELD[name]: out.value})
+        verifiers: list[Verifier] = []
+        solutions: list[ReferenceSolution] = []
+        dropped: dict[int, str] = {}
+        for t in ctx.tasks:
+            tctx = ctx.with_(task_idx=t.idx)
+            try:
+                v = stage("verifier", tctx)
+            except StageFailed as exc:
+                if exc.budget:
+                    raise
+                dropped[t.idx] = f"verifier failed after {exc.attempts} attempts: {summarise_errors(exc.errors)[-1]}"
+                continue
+            try:
+                s = stage("solution", tctx.with_(verifiers=[v.value]))
+            except StageFailed as exc:
+                if exc.budget:
+                    raise
+                # The solution kept failing against this verifier: maybe the verifier is wrong.
+                # Regenerate it with the evidence, then the solution once more.
+                hint = ["a reference solution for this task was judged not complete by your previous verifier; "
+                        "if the solution below is a correct way to do the task, the verifier is too strict "
+                        "or checks the wrong thing: " + summarise_errors(exc.errors)[-1]]
+                try:
+                    v = stage("verifier", tctx, extra_errors=hint, attempt_offset=v.attempts)
+                    s = stage("solution", tctx.with_(verifiers=[v.value]), attempt_offset=exc.attempts)
+                except StageFailed as exc2:
+                    if exc2.budget:
+                        raise
+                    dropped[t.idx] = f"{exc2.stage} failed after {exc2.attempts} attempts: {summarise_errors(exc2.errors)[-1]}"
+                    continue
+            verifiers.append(v.value)
+            solutions.append(s.value)
+    except StageFailed as exc:
+        if exc.budget:
+            return outcome("budget_exceeded", str(exc.errors[0]))
+        return outcome("dropped", f"{exc.stage} failed after {exc.attempts} attempts: {summarise_errors(exc.errors)[-1]}")
+
+    env = ctx.environment(verifiers=verifiers, solutions=solutions, provenance=Provenance(
+        source="generated", generator_model=model, prompt_version=PROMPT_VERSION, run_id=res.run_id, stages=stages))
+    report = validate_task(env, min_valid_tasks, run_key)
+    for idx, why in dropped.items():  # tasks dropped before validation still count as dropped
+        report.dropped_tasks.setdefault(idx, why)
+    valid = len(env.tasks) - len(report.dropped_tasks)
+    report.passed = report.passed and valid >= min_valid_tasks
+    if not report.passed:
+        fails = [c.detail for c in report.failures()] or [f"{valid} valid tasks < {min_valid_tasks}"]
+        reason = f"validation failed: {fails[0][:300]}" if valid else "no task passed validation"
+        if valid < min_valid_tasks:
+            reason = f"only {valid} valid tasks (minimum {min_valid_tasks}); first problem: {fails[0][:300]}"
+        res.say(f"  {scenario.id}: dropped ({reason[:160]})")
+        return outcome("dropped", reason, env.model_copy(update={"validation": report}), report)
+    env = publishable(env, report)
+    res.say(f"  {scenario.id}: validated, {valid}/{len(ctx.tasks)} tasks")
+    return outcome("published", "", env, report)
+
+
+def validate_task(env: Environment, min_valid_tasks: int, run_key: str) -> ValidationReport:
+    t = _validate.with_options(task_run_name=f"validate[{env.id}]", tags=["awm-validate", f"scenario:{env.id}"])
+    return t(env, min_valid_tasks, run_key)
+
+
+@task(name="validate-environment", cache_policy=_cache_policy(), persist_result=True)
+def _validate(env: Environment, min_valid_tasks: int, run_key: str) -> ValidationReport:
+    """Every execution check of the assembled bundle, in the sandbox."""
+    res = resources(run_key)
+    # Tasks without a verifier/solution were dropped by their stages; check only the rest here.
+    keep = {v.task_idx for v in env.verifiers} & {s.task_idx for s in env.solutions}
+    subset = env.model_copy(update={"tasks": [t for t in env.tasks if t.idx in keep]})
+    report = validate_environment(res.pool, subset, min_valid_tasks=min_valid_tasks)
+    return report
