@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger
 from awm_core.errors import AWMError
 from awm_core.models import utcnow
 from awm_core.settings import Settings, get_settings
+from flows.events import GATE_PASSED, emit_snapshot_event
 from storage.catalog import Catalog, made_by
 
 LABELS = ["completed", "partial", "agent_error", "environment_error", "format_error"]
@@ -279,4 +280,6 @@ def gate(snapshot: int | None = None) -> dict[str, Any]:
         raise GateFailed(f"snapshot {report.snapshot} failed {len(report.failures())} expectation(s): "
                          + "; ".join(f"{r['table']}.{r['column']} {r['expectation']}" for r in report.failures()[:10]))
     log.info("gate passed for snapshot %s (%s expectations)", report.snapshot, report.statistics["evaluated"])
+    # Lets the optional train-after-gate automation start training on this snapshot.
+    emit_snapshot_event(GATE_PASSED, report.snapshot, report_id=report.report_id)
     return summary

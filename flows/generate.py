@@ -25,6 +25,7 @@ from awm_core.errors import AWMError
 from awm_core.models import Scenario, slugify
 from awm_core.settings import Settings, get_settings
 from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
+from flows.events import GENERATE_PUBLISHED, emit_snapshot_event
 from tasks import generation as G
 
 STATUS_FILE = "state.json"
@@ -256,6 +257,9 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
         _write_state(run_dir, status="finished")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _artifacts(summary, outcomes)
+    if summary["snapshot"] is not None and published:  # chains the gate deployment (deployments/prefect.yaml)
+        emit_snapshot_event(GENERATE_PUBLISHED, summary["snapshot"], run_id=run_id, status=status,
+                            published=len(published))
     if status == "budget_exceeded":
         logger.warning("run stopped: %s; %d validated environment(s) published", message, len(published))
     return summary
