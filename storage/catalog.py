@@ -175,18 +175,27 @@ class Catalog:
 
     def _ensure_schema(self) -> None:
         assert self._rw is not None
-        have = {r[0] for r in self._rw.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [ALIAS]).fetchall()}
+        have: dict[str, set[str]] = {}
+        for table_name, column_name in self._rw.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [ALIAS]).fetchall():
+            have.setdefault(table_name, set()).add(column_name)
         missing = [t for name, t in TABLES.items() if name not in have]
-        if not missing:
+        # Schema evolution: columns added to a table definition after the catalog was created.
+        added = [(t, c) for name, t in TABLES.items() if name in have for c in t.columns if c.name not in have[name]]
+        if not missing and not added:
             return
         self._rw.execute("BEGIN")
         try:
             for table in missing:
                 for stmt in ddl(ALIAS, table):
                     self._rw.execute(stmt)
+            for table, col in added:  # new columns stay nullable: old rows have no value for them
+                self._rw.execute(f'ALTER TABLE {ALIAS}."{table.name}" ADD COLUMN "{col.name}" {col.type}')
+                self._rw.execute(f'COMMENT ON COLUMN {ALIAS}."{table.name}"."{col.name}" IS {_lit(col.comment)}')
+            what = ([f"create {', '.join(t.name for t in missing)}"] if missing else []) + \
+                   ([f"add {', '.join(f'{t.name}.{c.name}' for t, c in added)}"] if added else [])
             self._rw.execute(f"CALL {ALIAS}.set_commit_message(?, ?, extra_info => ?)",
-                             [AUTHOR, f"catalog schema v{SCHEMA_VERSION}: create {', '.join(t.name for t in missing)}",
+                             [AUTHOR, f"catalog schema v{SCHEMA_VERSION}: {'; '.join(what)}",
                               json.dumps({"schema_version": SCHEMA_VERSION})])
             self._rw.execute("COMMIT")
         except BaseException:

@@ -212,3 +212,35 @@ def test_two_readers_during_a_write_see_all_or_nothing(cat, tmp_path):
         assert {n for _, _, n in seen} <= {0, 1000}, seen
         assert any(started and not done and n == 0 for started, done, n in seen), "no read during the write"
         assert seen[-1][2] == 1000
+
+
+def test_every_table_is_documented_and_its_example_query_runs(cat):
+    from storage.schema import TABLES
+
+    comments = cat.rows("SELECT table_name, comment FROM duckdb_tables() WHERE database_name = 'awm'")
+    assert {r["table_name"] for r in comments} == set(TABLES)
+    assert all(r["comment"] for r in comments)
+    cols = cat.rows("SELECT table_name, column_name, comment FROM duckdb_columns() WHERE database_name = 'awm'")
+    assert len(cols) == sum(len(t.columns) for t in TABLES.values())
+    assert [c for c in cols if not c["comment"]] == []
+    with cat.publish(message="one env") as pub:
+        pub.add_environments([clean_env("note_box")])
+    for t in TABLES.values():
+        cat.sql(t.example)  # raises CatalogError naming the problem if the documented query broke
+
+
+def test_columns_added_to_a_table_definition_are_added_to_an_existing_catalog(cat, monkeypatch):
+    import dataclasses
+
+    from storage import schema
+
+    settings = cat.settings
+    cat.close()
+    t = schema.TABLES["splits"]
+    grown = dataclasses.replace(t, columns=t.columns + (schema.C("note", "VARCHAR", "why the split was made"),))
+    monkeypatch.setitem(schema.TABLES, "splits", grown)
+    with Catalog.open(settings) as again:
+        assert again.snapshots()[-1]["message"].endswith("add splits.note")
+        with again.publish(message="split") as pub:
+            pub.add_splits([{"snapshot": 1, "env_id": "a", "task_idx": 0, "split": "train", "note": "by env"}])
+        assert again.rows("SELECT note FROM splits") == [{"note": "by env"}]
