@@ -1,8 +1,120 @@
-"""awm eval (filled in by the issue that owns it)."""
+"""awm eval: run a policy on a snapshot's tasks (the evaluate flow), or store a train/val split.
+
+    awm eval --policy reference [--snapshot N] [--split val] [--episodes-per-task 1] ...
+    awm eval splits [--snapshot N] [--by environment|task] [--seed 0] [--ratio 0.8]
+"""
 from __future__ import annotations
 
-from flows.commands import group
+import json
+import sys
+
+
+def _window(value: str) -> int | None:
+    if value.lower() in ("none", "all", "full"):
+        return None
+    n = int(value)
+    if n < 0:
+        raise ValueError("window must be >= 0")
+    return n
 
 
 def register(sub) -> None:
-    group(sub, "eval", "eval (not available yet)")
+    p = sub.add_parser(
+        "eval", help="evaluate a policy on a catalog snapshot (rollouts into the catalog)",
+        description="Run the evaluate flow: episodes of POLICY on the tasks of a split of a catalog snapshot, over "
+                    "one sandbox pool; rollouts are published to the catalog as one snapshot, with a summary "
+                    "(Prefect artifacts: report, table, reward plot). `awm eval splits` stores a train/val split.")
+    p.add_argument("--policy", default="reference", choices=["reference", "random", "openai", "openai-text"],
+                   help="reference: replay reference solutions; random: random schema-valid calls; openai: an "
+                        "OpenAI-compatible endpoint with native tool calls; openai-text: the same endpoint without "
+                        "tools, the model writes <tool_call> blocks (default: reference)")
+    p.add_argument("--snapshot", type=int, default=None,
+                   help="catalog snapshot of the environments (default: the one that last published environments)")
+    p.add_argument("--split", default="val", choices=["all", "train", "val"],
+                   help="which tasks (default: val; a split is made and stored if the snapshot has none)")
+    p.add_argument("--split-by", default="environment", choices=["environment", "task"],
+                   help="how a missing split is made (default: environment)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a new split and of the random policy")
+    p.add_argument("--base-url", default=None, help="endpoint of openai policies (default: llm.policy.base_url)")
+    p.add_argument("--model", default=None, help="model of openai policies (default: llm.policy.model)")
+    p.add_argument("--episodes-per-task", type=int, default=1, help="episodes per task (default: 1)")
+    p.add_argument("--concurrency", type=int, default=8, help="episodes running at once (default: 8)")
+    p.add_argument("--window", type=_window, default=3,
+                   help="history window: turns the policy sees besides the task (default: 3; 'none' keeps all)")
+    p.add_argument("--interface", default="direct", choices=["direct", "meta"],
+                   help="direct: the environment's tools; meta: list_tools + call_tool (default: direct)")
+    p.add_argument("--max-turns", type=int, default=20, help="policy replies per episode (default: 20)")
+    p.add_argument("--judge", action="store_true", help="classify episodes with the LLM judge (role 'judge')")
+    p.add_argument("--env", dest="env_ids", action="append", default=None, metavar="ENV_ID",
+                   help="only this environment (repeatable)")
+    p.add_argument("--max-tasks-per-env", type=int, default=None, help="at most this many tasks per environment")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_eval)
+
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    s = actions.add_parser("splits", help="make a reproducible train/val split and store it in the catalog",
+                           description="Split the snapshot's tasks into train and val (hash of ids and seed, so the "
+                                       "same seed always gives the same split) and publish it to the splits table.")
+    s.add_argument("--snapshot", type=int, default=None, help="snapshot to split (default: last environments publish)")
+    s.add_argument("--by", default="environment", choices=["environment", "task"],
+                   help="environment: whole environments go to one side; task: split each environment's tasks")
+    s.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    s.add_argument("--ratio", type=float, default=0.8, help="share of train (default: 0.8)")
+    s.set_defaults(func=run_splits)
+
+
+class _ProgressLine:
+    """One self-rewriting line on stderr: episodes done / total and the running mean reward."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_printed = -1
+
+    def __call__(self, state) -> None:
+        mean = "-" if state["mean_reward"] is None else f"{state['mean_reward']:.3f}"
+        text = (f"episodes {state['done']}/{state['total']}  mean reward {mean}  completed {state['completed']}"
+                + (f"  failed {state['failed']}" if state["failed"] else ""))
+        if self.tty:
+            self.stream.write("\r" + text.ljust(70))
+            if state["done"] == state["total"]:
+                self.stream.write("\n")
+        else:  # a log file: a line per tenth of the way
+            step = max(1, state["total"] // 10)
+            if state["done"] == state["total"] or state["done"] // step != self.last_printed:
+                self.last_printed = state["done"] // step
+                self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def run_eval(args) -> int:
+    from flows.evaluate import add_progress_listener, evaluate, remove_progress_listener, summary_markdown, EvalConfig
+
+    params = dict(snapshot=args.snapshot, split=args.split, policy=args.policy, base_url=args.base_url,
+                  model=args.model, episodes_per_task=args.episodes_per_task, concurrency=args.concurrency,
+                  window=args.window, interface=args.interface, max_turns=args.max_turns, judge=args.judge,
+                  env_ids=args.env_ids, split_by=args.split_by, seed=args.seed,
+                  max_tasks_per_env=args.max_tasks_per_env)
+    config = EvalConfig(**params)
+    config.check()  # fail on bad values before a flow run is created
+    progress = _ProgressLine()
+    add_progress_listener(progress)
+    try:
+        summary = evaluate(**params)
+    finally:
+        remove_progress_listener(progress)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        print(summary_markdown(summary, config))
+    return 0
+
+
+def run_splits(args) -> int:
+    from flows.evaluate import publish_splits
+
+    out = publish_splits(snapshot=args.snapshot, by=args.by, seed=args.seed, ratio=args.ratio)
+    print(f"snapshot {out['snapshot']}: {out['train']} train and {out['val']} val task(s) "
+          f"({out['environments']['train']} / {out['environments']['val']} environment(s)), by {out['by']}, "
+          f"seed {out['seed']}; stored in snapshot {out['published_snapshot']}")
+    return 0

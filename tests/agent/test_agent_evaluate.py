@@ -1,0 +1,121 @@
+"""The evaluate flow: rollouts in the catalog (queried with SQL), splits, summary and artifacts."""
+import json
+
+import pytest
+
+from agent_bundles import notes_environment
+from awm_core.errors import AWMError
+from awm_core.settings import get_settings
+from flows.evaluate import EvalConfig, reward_plot_png, run_evaluation, summarize, summary_markdown
+from storage.catalog import Catalog
+
+
+@pytest.fixture
+def published(awm_home):
+    settings = get_settings()
+    envs = [notes_environment("notes_a"), notes_environment("notes_b"), notes_environment("notes_c")]
+    with Catalog.open(settings) as cat:
+        with cat.publish(message="test environments") as pub:
+            pub.add_environments(envs)
+    return settings, envs, pub.snapshot_id
+
+
+def test_reference_and_random_runs_write_rollouts_sql_can_read(published):
+    settings, envs, snap = published
+    ref = run_evaluation(EvalConfig(policy="reference", split="all", concurrency=4, episodes_per_task=2),
+                         settings=settings, run_id="ref-run")
+    rnd = run_evaluation(EvalConfig(policy="random", split="all", interface="meta", concurrency=4),
+                         settings=settings, run_id="rnd-run")
+    assert ref.snapshot == rnd.snapshot == snap and rnd.published_snapshot > ref.published_snapshot > snap
+    with Catalog.open(settings, read_only=True) as cat:
+        got = cat.rows("SELECT run_id, count(*) AS n, avg(reward) AS mean, min(reward) AS lo, "
+                       "count(DISTINCT env_id) AS envs, bool_or(env_error) AS env_err FROM rollouts "
+                       "GROUP BY run_id ORDER BY run_id")
+        calls = cat.rows("SELECT tool, count(*) AS n FROM tool_calls WHERE rollout_id LIKE 'ref-run/%' "
+                         "GROUP BY tool ORDER BY tool")
+        one = cat.rows("SELECT * FROM rollouts WHERE rollout_id = 'ref-run/notes_b/1/1'")[0]
+    assert got[0] == {"run_id": "ref-run", "n": 18, "mean": 1.0, "lo": 1.0, "envs": 3, "env_err": False}
+    assert got[1]["run_id"] == "rnd-run" and got[1]["n"] == 9 and got[1]["mean"] < 0.5 and not got[1]["env_err"]
+    # Reference solutions: task 0 creates, task 1 lists then deletes, task 2 lists; twice per task, three envs.
+    assert calls == [{"tool": "create_note", "n": 6}, {"tool": "delete_note", "n": 6}, {"tool": "list_notes", "n": 12}]
+    assert (one["label"], one["turns"], one["tool_calls"], one["policy"], one["model"]) == (
+        "completed", 3, 2, "reference", "reference-solution")
+    assert one["initial_digest"] != one["final_digest"] and one["snapshot"] == snap
+    assert [m["role"] for m in json.loads(one["messages_json"])] == ["system", "user", "assistant", "tool",
+                                                                     "assistant", "tool", "assistant"]
+    # Every episode also streamed to the run's JSONL file as it finished.
+    lines = (settings.runs_dir / "ref-run" / "rollouts.jsonl").read_text().splitlines()
+    assert len(lines) == 18 and json.loads(lines[0])["termination"] == "final_answer"
+    summary = summarize(ref, {e.id: e for e in envs})
+    assert summary["overall"]["completion_rate"] == 1.0 and summary["overall"]["mean_turns"] == pytest.approx(7 / 3, abs=0.01)
+    assert [s["env_id"] for s in summary["by_scenario"]] == ["notes_a", "notes_b", "notes_c"]
+    assert summary["by_category"] == [{"category": "productivity", "episodes": 18, "mean_reward": 1.0,
+                                       "completion_rate": 1.0, "partial_rate": 0.0, "env_error_rate": 0.0,
+                                       "format_error_rate": 0.0, "mean_turns": 2.33}]
+    md = summary_markdown(summary, EvalConfig(), "data:image/png;base64,xx")
+    assert "| notes_a | productivity | 6 | 1.000 | 100.0% |" in md and "![reward distribution](data:" in md
+    assert reward_plot_png(rnd.rows)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_split_is_made_once_and_reused(published):
+    settings, envs, snap = published
+    val = run_evaluation(EvalConfig(policy="reference", split="val", split_by="task"), settings=settings)
+    train = run_evaluation(EvalConfig(policy="reference", split="train", split_by="task"), settings=settings)
+    with Catalog.open(settings, read_only=True) as cat:
+        splits = cat.rows("SELECT env_id, task_idx, split FROM splits WHERE snapshot = ? ORDER BY ALL", params=[snap])
+    assert len(splits) == 9 and {r["split"] for r in splits} == {"train", "val"}
+    assert sorted((r["env_id"], r["task_idx"]) for r in val.rows) == sorted(
+        (s["env_id"], s["task_idx"]) for s in splits if s["split"] == "val")
+    assert {r["split"] for r in train.rows} == {"train"} and len(train.rows) + len(val.rows) == 9
+    assert val.new_split_rows and not train.new_split_rows
+
+
+def test_bad_parameters_and_missing_endpoint_are_clear_errors(published):
+    settings, _, _ = published
+    with pytest.raises(AWMError, match="policy must be one of"):
+        run_evaluation(EvalConfig(policy="gpt"), settings=settings)
+    with pytest.raises(AWMError, match="window must be >= 0"):
+        run_evaluation(EvalConfig(window=-2), settings=settings)
+    with pytest.raises(AWMError, match="not in snapshot"):
+        run_evaluation(EvalConfig(env_ids=["nope"]), settings=settings)
+    with pytest.raises(AWMError, match="needs an endpoint"):
+        run_evaluation(EvalConfig(policy="openai", split="all"), settings=settings)
+
+
+@pytest.mark.slow
+def test_awm_eval_runs_the_flow_and_publishes_artifacts(published, prefect_server, capsys):
+    """`awm eval` on a real Prefect server: rollouts in the catalog, splits stored, artifacts in the API."""
+    import asyncio
+
+    from flows.cli import main
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    settings, envs, snap = published
+    assert main(["eval", "splits", "--by", "task", "--seed", "1"]) == 0
+    assert f"snapshot {snap}: 6 train and 3 val task(s)" in capsys.readouterr().out
+    assert main(["eval", "--policy", "reference", "--split", "val", "--concurrency", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["overall"]["episodes"] == 3 and summary["overall"]["mean_reward"] == 1.0
+    assert "episodes 3/3  mean reward 1.000" in captured.err
+    with Catalog.open(settings, read_only=True) as cat:
+        rows = cat.rows("SELECT r.env_id, r.task_idx, r.reward, r.split FROM rollouts r JOIN splits s "
+                        "ON s.snapshot = r.snapshot AND s.env_id = r.env_id AND s.task_idx = r.task_idx "
+                        "WHERE r.run_id = ? AND s.split = 'val' ORDER BY ALL", params=[summary["run_id"]])
+    assert len(rows) == 3 and {r["reward"] for r in rows} == {1.0} and {r["split"] for r in rows} == {"val"}
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+                "evaluation-summary", "evaluation-by-scenario", "evaluation-reward-distribution",
+                "evaluation-progress"])))
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    assert set(found) == {"evaluation-summary", "evaluation-by-scenario", "evaluation-reward-distribution",
+                          "evaluation-progress"}
+    assert found["evaluation-reward-distribution"].type == "image"
+    assert found["evaluation-reward-distribution"].data.startswith("data:image/png;base64,iVBOR")
+    assert "![reward distribution](data:image/png;base64," in found["evaluation-summary"].data
+    assert found["evaluation-progress"].data == 100.0
+    assert (settings.runs_dir / summary["run_id"] / "reward_distribution.png").read_bytes()[:4] == b"\x89PNG"
