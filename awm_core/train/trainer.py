@@ -1,0 +1,319 @@
+"""GRPO on multi-turn tool-use episodes with TRL's ``GRPOTrainer``.
+
+Each dataset row is a task; TRL repeats it ``group_size`` times and hands the prompts to its
+``rollout_func`` hook (``EpisodeRollout``), which runs every repeat as a full episode in a fresh
+sandbox session and returns the verifier's reward. TRL then computes the group-relative
+advantages (environment-error episodes carry reward None: they are left out of the group
+baseline and get advantage 0). ``AWMGRPOTrainer`` finally replaces TRL's one-sequence-per-
+episode batch with the episodes' training samples (``awm_core.train.samples``): with a window
+``w`` one sample per step conditioned on the context the agent loop showed, each carrying its
+episode's advantage; tool results are masked out of the loss, and environment-error episodes
+are masked out completely.
+
+``run_training(config, environments, tasks, run_dir, settings)`` is what ``accelerate launch``
+runs (through ``awm_core.train.launch``): per-step metrics go to ``run_dir/metrics.jsonl``,
+episodes to ``run_dir/rollouts.rank<k>.jsonl``, checkpoints to the checkpoint folder, and the
+final model and tokenizer to ``<checkpoint folder>/final``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from awm_core.errors import AWMError, SettingsError
+from awm_core.train.config import TrainConfig
+from awm_core.train.rollout import EpisodeRollout, EpisodeRunner, episode_reward, hf_generate_fn
+
+FINAL = "final"
+
+
+class AWMGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose rollouts are episodes and whose samples are the episodes' steps."""
+
+    def __init__(self, *args: Any, awm_rollout: EpisodeRollout, **kwargs: Any):
+        self.awm_rollout = awm_rollout
+        super().__init__(*args, rollout_func=awm_rollout, reward_funcs=[episode_reward], **kwargs)
+        self.awm_last: dict[str, Any] = {}
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self.awm_rollout.begin([(x["env_id"], int(x["task_idx"])) for x in inputs])
+        out = super()._generate_and_score_completions(inputs)
+        batch = self.awm_rollout.last
+        if batch is None:
+            raise AWMError("the rollout produced no episodes")
+        t0 = time.perf_counter()
+        out = self._expand_to_samples(out, batch)
+        self._record_rollout_metrics(batch, out, time.perf_counter() - t0)
+        return out
+
+    # ------------------------------------------------------------------ samples
+    def _expand_to_samples(self, out: dict[str, Any], batch: Any) -> dict[str, Any]:
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        advantages = out["advantages"].tolist()
+        rows: list[tuple[list[int], list[int], list[int], float]] = []
+        for adv, r in zip(advantages, batch.results, strict=True):
+            for s in r.samples:
+                if r.outcome.env_error:  # not the agent's fault: no gradient, no KL, no token count
+                    rows.append((s.prompt_ids, s.completion_ids, [0] * len(s.mask), 0.0))
+                else:
+                    rows.append((s.prompt_ids, s.completion_ids, s.mask, float(adv)))
+        # TRL cuts the batch into steps_per_generation equal chunks and drops any remainder:
+        # pad with fully masked one-token rows so every real sample is kept.
+        chunks = self.args.steps_per_generation
+        while not rows or len(rows) % chunks:
+            rows.append(([pad_id], [pad_id], [0], 0.0))
+
+        def left(seqs: list[list[int]], value: int) -> torch.Tensor:
+            width = max(len(s) for s in seqs)
+            return torch.tensor([[value] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+
+        def right(seqs: list[list[int]], value: int) -> torch.Tensor:
+            width = max(len(s) for s in seqs)
+            return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+        prompt_ids = left([r[0] for r in rows], pad_id).to(device)
+        prompt_mask = left([[1] * len(r[0]) for r in rows], 0).to(device)
+        completion_ids = right([r[1] for r in rows], pad_id).to(device)
+        completion_mask = right([[1] * len(r[1]) for r in rows], 0).to(device)
+        tool_mask = right([r[2] for r in rows], 0).to(device)
+        new: dict[str, Any] = {
+            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids, "completion_mask": completion_mask, "tool_mask": tool_mask,
+            "advantages": torch.tensor([r[3] for r in rows], dtype=torch.float32, device=device),
+            "num_items_in_batch": self.accelerator.gather((completion_mask * tool_mask).sum()).sum(),
+        }
+        if "old_per_token_logps" in out or "ref_per_token_logps" in out:
+            ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attn = torch.cat([prompt_mask, completion_mask], dim=1)
+            keep = completion_ids.size(1)
+            bs = self.args.per_device_train_batch_size
+            with torch.no_grad():
+                if "old_per_token_logps" in out:
+                    new["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                        self.model, ids, attn, keep, batch_size=bs)[0]
+                if "ref_per_token_logps" in out:
+                    if self.ref_model is None:
+                        raise SettingsError("beta > 0 with an adapter-only reference model is not supported")
+                    new["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                        self.ref_model, ids, attn, keep, batch_size=bs)[0]
+        self.awm_last = {"samples": len(rows), "policy_tokens": int(tool_mask.sum()),
+                         "train_tokens": int(prompt_mask.sum() + completion_mask.sum())}
+        return new
+
+    # ------------------------------------------------------------------ metrics
+    def _record_rollout_metrics(self, batch: Any, out: dict[str, Any], expand_s: float) -> None:
+        labels = [r.outcome.label for r in batch.results]
+        local = torch.tensor([
+            len(batch.results), labels.count("completed"), labels.count("format_error"),
+            sum(r.outcome.env_error for r in batch.results), batch.completion_tokens, batch.prompt_tokens,
+            self.awm_last["train_tokens"], self.awm_last["policy_tokens"], self.awm_last["samples"],
+            batch.rollout_s, batch.gen_s, batch.env_s, batch.verify_s,
+        ], dtype=torch.float64, device=self.accelerator.device)
+        all_ranks = self.accelerator.gather(local.unsqueeze(0)).view(-1, local.numel())
+        sums, slowest = all_ranks.sum(dim=0).tolist(), all_ranks.max(dim=0).values.tolist()
+        n = max(1.0, sums[0])
+        rewards = [r.reward for r in batch.results]
+        m = self._metrics["train"]
+        m["awm/episodes"].append(sums[0])
+        m["awm/completion_rate"].append(sums[1] / n)
+        m["awm/format_error_rate"].append(sums[2] / n)
+        m["awm/env_error_rate"].append(sums[3] / n)
+        m["awm/rollout_tokens"].append(sums[4])
+        m["awm/rollout_prompt_tokens"].append(sums[5])
+        m["awm/train_tokens"].append(sums[6])
+        m["awm/policy_tokens"].append(sums[7])
+        m["awm/samples"].append(sums[8])
+        # Ranks roll out in parallel: the slowest one sets the pace.
+        m["awm/rollout_s"].append(slowest[9])
+        m["awm/generate_s"].append(slowest[10])
+        m["awm/env_s"].append(slowest[11])
+        m["awm/verify_s"].append(slowest[12])
+        m["awm/local_reward_mean"].append(
+            sum(x for x in rewards if x is not None) / max(1, sum(x is not None for x in rewards)))
+        self.awm_rollout_rows = [r.row(step=self.state.global_step + 1, rank=self.accelerator.process_index,
+                                       messages=r.episode.messages) for r in batch.results]
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes one JSON line per logged step (rank 0) and each rank's episodes, and prints progress."""
+
+    def __init__(self, run_dir: Path, trainer_ref: list, total_steps: int):
+        self.run_dir = run_dir
+        self.trainer_ref = trainer_ref
+        self.total = total_steps
+        self._t0 = None
+        self._step_s = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._t0 is not None:
+            self._step_s = time.perf_counter() - self._t0
+        trainer = self.trainer_ref[0]
+        rows = getattr(trainer, "awm_rollout_rows", None)
+        if rows:
+            rank = trainer.accelerator.process_index
+            with open(self.run_dir / f"rollouts.rank{rank}.jsonl", "a") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            trainer.awm_rollout_rows = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs or "loss" not in logs and "reward" not in logs:
+            return
+        rec = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
+        if self._step_s is not None:
+            rec["step_s"] = self._step_s
+            rollout = rec.get("awm/rollout_s") or 0.0
+            rec["update_s"] = max(0.0, self._step_s - rollout)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        print(progress_line(rec, self.total), flush=True)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+def progress_line(rec: dict[str, Any], total: int) -> str:
+    def f(key: str, fmt: str = "{:.3f}") -> str:
+        v = rec.get(key)
+        return "n/a" if v is None else fmt.format(v)
+
+    return (f"step {rec.get('step')}/{total} reward {f('reward')}±{f('reward_std')} "
+            f"completed {f('awm/completion_rate', '{:.0%}')} format-errors {f('awm/format_error_rate', '{:.0%}')} "
+            f"env-errors {f('awm/env_error_rate', '{:.0%}')} loss {f('loss', '{:.4f}')} "
+            f"rollout {f('awm/rollout_s', '{:.1f}')}s update {f('update_s', '{:.1f}')}s "
+            f"tokens {f('awm/rollout_tokens', '{:.0f}')}")
+
+
+def build_dataset(tasks: Sequence[tuple[str, int, str]], tasks_per_step: int, seed: int = 0):
+    """One row per task (repeated so one step has enough distinct rows); TRL repeats each per group."""
+    import random
+
+    from datasets import Dataset
+
+    if not tasks:
+        raise AWMError("no tasks to train on")
+    rows = [{"prompt": [{"role": "user", "content": text}], "env_id": env_id, "task_idx": int(idx)}
+            for env_id, idx, text in tasks]
+    rng = random.Random(seed)
+    out = list(rows)
+    while len(out) < tasks_per_step or len(out) % tasks_per_step:
+        extra = list(rows)
+        rng.shuffle(extra)
+        out += extra[: tasks_per_step - len(out) % tasks_per_step]
+    return Dataset.from_list(out)
+
+
+def grpo_args(config: TrainConfig, output_dir: Path, num_processes: int) -> GRPOConfig:
+    per_device, rem = divmod(config.episodes_per_step, config.grad_accum * num_processes)
+    if rem or per_device < 1:
+        raise SettingsError(
+            f"tasks_per_step x group_size = {config.episodes_per_step} episodes per step must split evenly into "
+            f"grad_accum ({config.grad_accum}) x processes ({num_processes}) micro-batches")
+    cuda = torch.cuda.is_available()
+    if config.generation_backend == "vllm" and config.vllm_mode == "server" and num_processes > 1:
+        raise SettingsError("vllm_mode=server gathers every process's prompts per call, which episodes of "
+                            "different lengths cannot do in step; use vllm_mode=colocate with several processes")
+    save = config.save_steps > 0
+    return GRPOConfig(
+        output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=config.grad_accum, num_generations=config.group_size,
+        max_completion_length=config.max_tokens, learning_rate=config.learning_rate, beta=config.beta,
+        temperature=config.temperature, loss_type="dapo", logging_steps=1, report_to="none",
+        save_strategy="steps" if save else "no", save_steps=config.save_steps if save else 500,
+        use_cpu=not cuda, bf16=bool(config.bf16 and cuda), gradient_checkpointing=config.gradient_checkpointing,
+        remove_unused_columns=False, seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
+        use_vllm=config.generation_backend == "vllm", vllm_mode=config.vllm_mode,
+        vllm_importance_sampling_correction=False, log_completions=False,
+    )
+
+
+def load_policy(config: TrainConfig, environments: Sequence[Any], work_dir: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``config.model``: a saved folder or ``random:<shape>``."""
+    from awm_core.train import models
+
+    dtype = torch.bfloat16 if config.bf16 and torch.cuda.is_available() else None
+    if config.model.startswith("random:"):
+        shape = config.model.split(":", 1)[1]
+        if config.tokenizer:
+            tok = models.load_tokenizer(config.tokenizer)
+        else:
+            vocab = 1024 if shape in ("tiny", "small") else 8192
+            tok = models.train_tokenizer(models.corpus(environments), vocab_size=vocab, out_dir=work_dir / "tokenizer")
+        model = models.random_model(shape, tok, seed=config.seed, dtype=dtype)
+        return model, tok
+    tok = models.load_tokenizer(config.tokenizer or config.model)
+    model = models.load_model(config.model, dtype=dtype)
+    return model, tok
+
+
+def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]],
+                 run_dir: str | Path, settings: Any) -> dict[str, Any]:
+    """Train; returns a summary (final checkpoint folder, steps). Meant to run under accelerate launch."""
+    from accelerate import PartialState
+
+    from awm_core.runtime import SandboxPool
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
+    state = PartialState(cpu=not torch.cuda.is_available())
+    args = grpo_args(config, ckpt_dir, state.num_processes)
+    model, tok = load_policy(config, environments, run_dir)
+    wanted = {e for e, _, _ in tasks}
+    envs = [e for e in environments if e.id in wanted]
+    with SandboxPool(settings.sandbox, workers=config.sandbox_workers) as pool:
+        runner = EpisodeRunner(pool, envs, settings, tokenizer=tok, interface=config.interface,
+                               max_turns=config.max_turns, window=config.window,
+                               max_prompt_tokens=config.max_prompt_tokens, threads=config.rollout_threads)
+
+        @contextlib.contextmanager
+        def generation(trainer: Any):
+            if config.generation_backend == "vllm":
+                def gen(prompts: list[list[int]]) -> list[list[int]]:
+                    _, completion_ids, _, _ = trainer.vllm_generation.generate(prompts, None, 1)
+                    return [list(c) for c in completion_ids]
+
+                yield gen
+                return
+            from trl.models import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
+                                             ) as unwrapped:
+                yield hf_generate_fn(unwrapped, tok, max_new_tokens=config.max_tokens,
+                                     temperature=config.temperature, eos_token_ids=trainer.eos_token_ids)
+
+        rollout = EpisodeRollout(runner, generation)
+        ref: list = []
+        trainer = AWMGRPOTrainer(model=model, args=args, awm_rollout=rollout, processing_class=tok,
+                                 train_dataset=build_dataset(tasks, config.tasks_per_step, config.seed),
+                                 callbacks=[MetricsCallback(run_dir, ref, config.steps)])
+        ref.append(trainer)
+        trainer.train()
+        final = ckpt_dir / FINAL
+        trainer.save_model(str(final))
+        if trainer.accelerator.is_main_process:
+            tok.save_pretrained(str(final))
+    return {"final_checkpoint": str(final), "steps": config.steps}
