@@ -83,14 +83,18 @@ def tool_checks(pool, env: Environment) -> list[ValidationCheck]:
             checks.append(ValidationCheck(
                 name="tool_example", tool=tc.tool, passed=False,
                 detail=(f"tool {tc.tool} called with its spec example arguments {_short(tc.arguments)} on the "
-                        f"seeded database failed ({tc.result.error_kind}): {tc.result.error}")[:DETAIL_CHARS]))
+                        f"initial database failed ({tc.result.error_kind}): {tc.result.error}")[:DETAIL_CHARS]))
     return checks
 
 
-def noop_check(pool, env: Environment, task_idx: int) -> ValidationCheck:
-    """The verifier on a no-op episode (final == initial, no answer) must run and not say complete."""
-    handle = pool.load(_base(env))
-    out = pool.verify(env, task_idx, initial_db=handle.snapshot, final_db=handle.snapshot, final_answer=None)
+def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | None = None) -> ValidationCheck:
+    """The verifier on a no-op episode (final == initial, no answer) must run and not say complete.
+
+    ``initial_db`` defaults to the loaded environment's snapshot (an environment without code
+    can pass its own, built from schema and seed)."""
+    if initial_db is None:
+        initial_db = pool.load(_base(env)).snapshot
+    out = pool.verify(env, task_idx, initial_db=initial_db, final_db=initial_db, final_answer=None)
     if out.verdict is None and out.error:
         return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
                                detail=f"the verifier raised on a no-op episode (final db == initial db, final_answer "
@@ -205,3 +209,50 @@ def publishable(env: Environment, report: ValidationReport) -> Environment:
         "solutions": [s for s in env.solutions if s.task_idx in keep],
         "validation": report,
     })
+
+
+# --------------------------------------------------------------------------- LLM-free audit
+
+
+def audit_environment(pool, env: Environment) -> tuple[ValidationReport, list[str]]:
+    """What can be checked without an LLM on any bundle, complete or not (e.g. AWM-1K records):
+    schema and seed errors, tools failing on their spec examples, verifiers that do not
+    compile, verifiers that accept a no-op run. Returns the report and the parts that could
+    not be checked (and why)."""
+    checks: list[ValidationCheck] = []
+    skipped: list[str] = []
+    initial: bytes | None = None
+    if env.db_schema is None:
+        skipped.append("schema, seed, tools and verifier runs: no database schema")
+    else:
+        checks += database_checks(env) if env.seed_data is not None else database_checks(
+            env.model_copy(update={"seed_data": None}))[:1]
+        if env.seed_data is None:
+            skipped.append("seed: no seed data (tools and verifiers run on the empty schema)")
+        if all(c.passed for c in checks):
+            initial = build_database(env.db_schema, env.seed_data)
+    if initial is not None and env.code is not None:
+        checks += tool_checks(pool, env)
+    elif env.code is None:
+        skipped.append("tools: no environment code")
+    if not env.verifiers:
+        skipped.append("verifiers: none in the bundle")
+    for v in env.verifiers:
+        label = f"{v.style} verifier of task {v.task_idx}"
+        try:
+            compile(v.code, f"<verifier {v.task_idx}>", "exec")
+        except SyntaxError as exc:
+            checks.append(ValidationCheck(name="verifier_compile", task_idx=v.task_idx, passed=False,
+                                          detail=f"{label} does not compile: line {exc.lineno}: {exc.msg}"))
+            continue
+        checks.append(ValidationCheck(name="verifier_compile", task_idx=v.task_idx, passed=True, detail=label))
+        if initial is None:
+            continue
+        one = env.model_copy(update={"verifiers": [v]})
+        c = noop_check(pool, one, v.task_idx, initial_db=initial)
+        c.detail = f"{label}: {c.detail}"
+        if v.style == "awm1k_sql" and c.passed is False and "raised" not in c.detail:
+            c.passed = True  # evidence collectors have no verdict of their own
+        checks.append(c)
+    report = ValidationReport(passed=all(c.passed for c in checks), checks=checks)
+    return report, skipped

@@ -1,8 +1,92 @@
-"""awm generate (filled in by the issue that owns it)."""
+"""awm generate: run the nightly generation flow from the command line, with progress lines."""
 from __future__ import annotations
 
-from flows.commands import group
+import os
+import sys
 
 
 def register(sub) -> None:
-    group(sub, "generate", "generate (not available yet)")
+    p = sub.add_parser(
+        "generate", help="synthesise, validate and publish environments (the nightly flow)",
+        description="Run the generate flow: scenarios (expanded from the seed list, or named) -> tasks, schema, "
+                    "seed data, tool spec, tool code, verifiers and reference solutions per scenario, each stage "
+                    "retried with its errors in the prompt -> execution validation in the sandbox -> one catalog "
+                    "snapshot. Prints a line per stage as it finishes.")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("-n", "--scenarios", type=int, default=None,
+                      help="how many scenarios to make (default: generation.scenarios)")
+    what.add_argument("-s", "--scenario", action="append", default=None, metavar="NAME",
+                      help="make exactly this seed-list scenario (name or id; repeatable)")
+    p.add_argument("-k", "--tasks-per-scenario", type=int, default=None)
+    p.add_argument("--model", default=None, help="generator model (default: llm.generator.model)")
+    p.add_argument("-c", "--concurrency", type=int, default=None, help="scenarios built at once")
+    p.add_argument("--budget-usd", type=float, default=None, help="hard cap on estimated LLM spend for this run")
+    p.add_argument("--seed-list", default=None, help="JSON list of {name, description, category} seed scenarios")
+    p.add_argument("--fixtures-dir", default=None, help="recordings for the offline backend")
+    p.add_argument("--offline-latency", type=float, default=None, help="simulated seconds per offline LLM call")
+    p.add_argument("--include-existing", action="store_true",
+                   help="also rebuild scenarios that are already in the catalog (default: skip them)")
+    p.add_argument("--no-publish", action="store_true", help="validate but do not write the catalog")
+    p.add_argument("-v", "--verbose", action="store_true", help="Prefect's INFO logs too")
+    p.set_defaults(func=run)
+
+
+def prefect_environment(verbose: bool = False) -> None:
+    """Before Prefect is imported: its state under AWM_HOME, analytics off, quiet logs, and the
+    project's own server when it is running (else Prefect's ephemeral mode)."""
+    from awm_core.settings import get_settings
+
+    settings = get_settings()
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    # A first start migrates a fresh database; on a small busy machine that can pass 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "PREFECT_API_URL" not in os.environ:
+        try:
+            from flows.server import api_url, is_healthy
+
+            url = api_url(settings)
+            if is_healthy(url):
+                os.environ["PREFECT_API_URL"] = url
+        except Exception:  # no server module or no server: ephemeral mode
+            pass
+
+
+def print_summary(summary: dict) -> None:
+    print()
+    print(f"run {summary['run_id']}: {summary['status']}" + (f" ({summary['message']})" if summary['message'] else ""))
+    print(f"  published {len(summary['published'])}: {', '.join(summary['published']) or '-'}"
+          + (f"  -> catalog snapshot {summary['snapshot']}" if summary.get("snapshot") is not None else ""))
+    for sid, why in summary["dropped"].items():
+        print(f"  dropped {sid}: {why}")
+    for d in summary.get("scenario_drops", []):
+        print(f"  scenario candidate {d['name']} dropped: {d['reason']}")
+    for sid, tasks in summary.get("dropped_tasks", {}).items():
+        for idx, why in tasks.items():
+            print(f"  task {sid}/{idx} dropped: {why[:160]}")
+    repairs = ", ".join(f"{k} {v}" for k, v in sorted(summary["repairs"].items())) or "none"
+    print(f"  repairs per stage: {repairs}")
+    print(f"  {summary['llm_calls']} LLM calls, {summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}, "
+          f"{summary['seconds']:.1f} s")
+
+
+def run(args) -> int:
+    prefect_environment(args.verbose)
+    from flows.generate import run_generate
+
+    scenarios = args.scenario if args.scenario else args.scenarios
+    print("awm generate: starting (Prefect may take a few seconds to come up)", flush=True)
+    summary = run_generate(scenarios=scenarios, tasks_per_scenario=args.tasks_per_scenario, generator_model=args.model,
+                           concurrency=args.concurrency, budget_usd=args.budget_usd, seed_list=args.seed_list,
+                           fixtures_dir=args.fixtures_dir, offline_latency_s=args.offline_latency,
+                           skip_existing=not args.include_existing, progress=True, publish=not args.no_publish)
+    print_summary(summary)
+    if summary["status"] == "budget_exceeded":
+        print(f"stopped: {summary['message']}", file=sys.stderr)
+        return 3
+    return 0 if summary["status"] in ("completed",) or summary["published"] else 1
