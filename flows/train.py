@@ -1,0 +1,330 @@
+"""The train flow: GRPO on a gated catalog snapshot under ``accelerate launch``.
+
+1. Refuse a snapshot without a passing quality-gate report (``GateRefused``).
+2. Pick the split's tasks (the snapshot's stored split, or a new one that is published with
+   the run), skipping tasks validation dropped and tasks without a verifier.
+3. Write a self-contained run folder under ``AWM_HOME/runs/train-<run id>`` and run
+   ``accelerate launch --config_file deployments/accelerate/<name>.yaml -m awm_core.train.launch``
+   on it; every progress line goes to the Prefect log as it arrives.
+4. Publish, as one catalog snapshot: per-step metrics (``training_runs``), the training
+   episodes (``rollouts``), the split if it was new, and task telemetry (``task_telemetry``):
+   tasks every episode completed (``always_solved``), tasks none did (``never_solved``) and
+   tasks with environment errors (``env_errors``), for the next generation run to retire or
+   regenerate.
+5. Artifacts: the reward curve (image), a summary (markdown) and the per-step table.
+
+``publish_run(run_dir)`` does step 4 alone, for a run folder whose flow died.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger
+
+from awm_core.agent import make_splits, select
+from awm_core.errors import AWMError, GateRefused, SettingsError
+from awm_core.settings import Settings, get_settings
+from awm_core.train.config import ACCELERATE_CONFIGS, TrainConfig
+from awm_core.train.launch import read_run_dir, write_run_dir
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_DIR = REPO / "deployments" / "accelerate"
+
+
+def accelerate_config_path(name: str) -> Path:
+    path = ACCELERATE_DIR / f"{name}.yaml" if name in ACCELERATE_CONFIGS else Path(name)
+    if not path.exists():
+        raise SettingsError(f"accelerate config {name!r} not found (use {', '.join(ACCELERATE_CONFIGS)} or a path)")
+    return path
+
+
+def resolve_snapshot(cat: Any, snapshot: int | None) -> int:
+    """The snapshot to train on; refuses one whose newest gate report did not pass."""
+    if snapshot is None:
+        snapshot = cat.latest_gated_snapshot()
+        if snapshot is None:
+            raise GateRefused("no catalog snapshot has a passing quality-gate report; run `awm gate` first")
+        return snapshot
+    if not cat.gate_passed(int(snapshot)):
+        raise GateRefused(f"snapshot {snapshot} has no passing quality-gate report; run `awm gate --snapshot "
+                          f"{snapshot}` and fix what it reports before training on it")
+    return int(snapshot)
+
+
+def plan_tasks(environments: list[Any], split_rows: list[dict[str, Any]], split: str) -> list[tuple[str, int, str]]:
+    chosen = select(split_rows, split)
+    by_id = {e.id: e for e in environments}
+    out = []
+    for env_id, idxs in chosen.items():
+        env = by_id.get(env_id)
+        if env is None:
+            continue
+        dropped = set(env.validation.dropped_tasks) if env.validation else set()
+        for i in idxs:
+            if i not in dropped and env.verifier(i) is not None:
+                out.append((env_id, i, env.task(i).text))
+    return out
+
+
+def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[Path, int, list[dict[str, Any]]]:
+    """Gate check, task plan and run folder. Returns (run folder, snapshot, split rows to publish)."""
+    from storage.catalog import Catalog
+
+    with Catalog.open(settings, read_only=True) as cat:
+        snapshot = resolve_snapshot(cat, config.snapshot)
+        environments = list(cat.environments(snapshot=snapshot))
+        stored = cat.rows("SELECT env_id, task_idx, split, seed FROM splits WHERE snapshot = ?", params=[snapshot])
+    new_splits: list[dict[str, Any]] = []
+    if not stored:
+        stored = make_splits({e.id: [t.idx for t in e.tasks] for e in environments}, seed=config.split_seed,
+                             by="environment")
+        new_splits = [{"snapshot": snapshot, **r} for r in stored]
+    tasks = plan_tasks(environments, stored, config.split)
+    if not tasks:
+        raise AWMError(f"snapshot {snapshot} has no trainable task in split {config.split!r} "
+                       "(tasks need a verifier and must not be dropped by validation)")
+    used = {e for e, _, _ in tasks}
+    run_dir = settings.runs_dir / f"train-{run_id}"
+    config = config.replace(snapshot=snapshot, run_name=config.run_name or run_id)
+    write_run_dir(run_dir, config, [e for e in environments if e.id in used], tasks)
+    (run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "snapshot": snapshot,
+                                                  "new_splits": new_splits}, default=str))
+    return run_dir, snapshot, new_splits
+
+
+def launch(run_dir: Path, config: TrainConfig, on_line: Callable[[str], None]) -> None:
+    """``accelerate launch`` the trainer on ``run_dir``; raises with the output's tail on failure."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(accelerate_config_path(config.accelerate_config)), "-m", "awm_core.train.launch", str(run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
+               p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    tail: list[str] = []
+    with open(run_dir / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                line = line.rstrip()
+                tail = (tail + [line])[-60:]
+                if line.startswith("step ") or "Error" in line:
+                    on_line(line)
+            code = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+    if code != 0:
+        raise AWMError(f"training exited with code {code}; last output:\n" + "\n".join(tail[-25:]))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: everything before it is intact
+            continue
+    return out
+
+
+def metric_rows(run_id: str, snapshot: int, config: TrainConfig, metrics: list[dict[str, Any]],
+                checkpoint_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for m in metrics:
+        step = int(m["step"])
+        ckpt = checkpoint_dir / f"checkpoint-{step}"
+        if step == config.steps and (checkpoint_dir / "final").exists():
+            ckpt = checkpoint_dir / "final"
+        rows.append({
+            "run_id": run_id, "step": step, "snapshot": snapshot,
+            "reward_mean": m.get("reward"), "reward_std": m.get("reward_std"),
+            "completion_rate": m.get("awm/completion_rate"), "format_error_rate": m.get("awm/format_error_rate"),
+            "env_error_rate": m.get("awm/env_error_rate"), "kl": m.get("kl"),
+            "tokens": int(m.get("awm/train_tokens") or 0), "rollout_s": m.get("awm/rollout_s"),
+            "update_s": m.get("update_s"), "config_json": json.dumps({**config.to_dict(), "metrics": m}),
+            "checkpoint": str(ckpt) if ckpt.exists() else None, "created_at": datetime.now(timezone.utc),
+        })
+    return rows
+
+
+def rollout_rows(run_id: str, snapshot: int, config: TrainConfig, episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    counter: dict[tuple, int] = defaultdict(int)
+    rows = []
+    for e in episodes:
+        key = (e["step"], e["env_id"], e["task_idx"])
+        counter[key] += 1
+        idx = counter[key] - 1
+        rows.append({
+            "rollout_id": f"{run_id}/{e['step']}/{e['rank']}/{e['env_id']}/{e['task_idx']}/{idx}", "run_id": run_id,
+            "snapshot": snapshot, "env_id": e["env_id"], "task_idx": e["task_idx"], "split": config.split,
+            "policy": "grpo", "model": config.model, "episode_idx": idx, "reward": e["reward"], "label": e["label"],
+            "env_error": e["env_error"], "turns": e["turns"], "prompt_tokens": e["prompt_tokens"],
+            "completion_tokens": e["completion_tokens"], "tool_calls": e["tool_calls"],
+            "duration_s": e["duration_s"], "env_time_s": e["env_time_s"], "initial_digest": e["initial_digest"],
+            "final_digest": e["final_digest"], "final_answer": e["final_answer"], "error": e["error"],
+            "messages_json": json.dumps(e.get("messages"), ensure_ascii=False),
+            "created_at": datetime.now(timezone.utc),
+        })
+    return rows
+
+
+def telemetry_rows(run_id: str, episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tasks every rollout completed, tasks none did, and tasks whose environment failed."""
+    per: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for e in episodes:
+        per[(e["env_id"], int(e["task_idx"]))].append(e)
+    rows = []
+    for (env_id, idx), eps in sorted(per.items()):
+        scored = [e for e in eps if not e["env_error"]]
+        completed = sum(e["label"] == "completed" for e in scored)
+        if scored and completed == len(scored):
+            rows.append({"run_id": run_id, "env_id": env_id, "task_idx": idx, "kind": "always_solved",
+                         "count": len(scored)})
+        if scored and completed == 0:
+            rows.append({"run_id": run_id, "env_id": env_id, "task_idx": idx, "kind": "never_solved",
+                         "count": len(scored)})
+        env_errors = len(eps) - len(scored)
+        if env_errors:
+            rows.append({"run_id": run_id, "env_id": env_id, "task_idx": idx, "kind": "env_errors",
+                         "count": env_errors})
+    return rows
+
+
+def publish_run(run_dir: str | Path, settings: Settings | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Publish a run folder's metrics, episodes, new split and telemetry as one catalog snapshot."""
+    from storage.catalog import Catalog, made_by
+
+    settings = settings or get_settings()
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    config, _, _ = read_run_dir(run_dir)
+    run_id, snapshot = info["run_id"], int(info["snapshot"])
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    episodes = [e for p in sorted(run_dir.glob("rollouts.rank*.jsonl")) for e in _jsonl(p)]
+    m_rows = metric_rows(run_id, snapshot, config, metrics, ckpt_dir)
+    t_rows = telemetry_rows(run_id, episodes)
+    with Catalog.open(settings) as cat:
+        with cat.publish(made_by=made_by(settings, flow_run_id, train_run_id=run_id, trained_snapshot=snapshot),
+                         message=f"train run {run_id} on snapshot {snapshot}: {len(m_rows)} steps") as pub:
+            pub.add_training_metrics(m_rows)
+            pub.add_rollouts(rollout_rows(run_id, snapshot, config, episodes))
+            pub.add_task_telemetry(t_rows)
+            if info.get("new_splits"):
+                pub.add_splits(info["new_splits"])
+    final = ckpt_dir / "final"
+    return {"run_id": run_id, "snapshot": snapshot, "catalog_snapshot": pub.snapshot_id, "steps": len(m_rows),
+            "episodes": len(episodes), "telemetry": len(t_rows), "run_dir": str(run_dir),
+            "final_checkpoint": str(final) if final.exists() else None, "metrics": metrics}
+
+
+def reward_curve_png(metrics: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    mean = [m.get("reward") if m.get("reward") is not None else float("nan") for m in metrics]
+    std = [m.get("reward_std") or 0.0 for m in metrics]
+    comp = [m.get("awm/completion_rate") or 0.0 for m in metrics]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, mean, marker="o", label="reward mean")
+    ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
+    ax.plot(steps, comp, marker=".", linestyle="--", label="completion rate")
+    ax.set_xlabel("step")
+    ax.set_title("GRPO training")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(summary: dict[str, Any], config: TrainConfig) -> str:
+    last = summary["metrics"][-1] if summary["metrics"] else {}
+
+    def f(v: Any, fmt: str = "{:.3f}") -> str:
+        return "n/a" if v is None else fmt.format(v)
+
+    return "\n".join([
+        f"# Training run {summary['run_id']}", "",
+        f"Snapshot {summary['snapshot']}, split `{config.split}`, model `{config.model}`, {summary['steps']} steps, "
+        f"{summary['episodes']} episodes (group {config.group_size} x {config.tasks_per_step} tasks per step, "
+        f"window {config.window}, max {config.max_turns} turns).", "",
+        f"Last step: reward {f(last.get('reward'))} ± {f(last.get('reward_std'))}, completion rate "
+        f"{f(last.get('awm/completion_rate'), '{:.0%}')}, format errors {f(last.get('awm/format_error_rate'), '{:.0%}')}, "
+        f"environment errors {f(last.get('awm/env_error_rate'), '{:.0%}')}.", "",
+        f"Final checkpoint: `{summary['final_checkpoint']}`; task telemetry rows: {summary['telemetry']}; "
+        f"catalog snapshot {summary['catalog_snapshot']}.",
+    ])
+
+
+def run_train(config: TrainConfig, settings: Settings | None = None, *, flow_run_id: str | None = None,
+              on_line: Callable[[str], None] = print) -> dict[str, Any]:
+    """The flow's work as a plain function: prepare, launch, publish."""
+    settings = settings or get_settings()
+    run_id = uuid.uuid4().hex[:12]
+    run_dir, snapshot, _ = prepare_run(config, settings, run_id)
+    on_line(f"training run {run_id} on snapshot {snapshot}: {run_dir}")
+    launch(run_dir, config, on_line)
+    summary = publish_run(run_dir, settings, flow_run_id)
+    summary["reward_curve"] = str(reward_curve_png(summary["metrics"], run_dir / "reward_curve.png"))
+    return summary
+
+
+@flow(name="train")
+def train(snapshot: int | None = None, config: dict[str, Any] | None = None, preset: str | None = None) -> dict[str, Any]:
+    """GRPO training on a gated snapshot. ``config`` holds ``TrainConfig`` fields (and may name a
+    ``preset``); ``snapshot`` overrides the config's."""
+    import base64
+
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    data = dict(config or {})
+    if preset:
+        data.setdefault("preset", preset)
+    if snapshot is not None:
+        data["snapshot"] = int(snapshot)
+    cfg = TrainConfig.from_dict(data, source="train parameters")
+    summary = run_train(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, on_line=log.info)
+    png = Path(summary["reward_curve"]).read_bytes()
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                          key="train-reward-curve", description=f"reward per step of run {summary['run_id']}")
+    create_markdown_artifact(key="train-summary", markdown=summary_markdown(summary, cfg),
+                             description=f"training run {summary['run_id']}")
+    create_table_artifact(key="train-steps", table=[
+        {k: m.get(k) for k in ("step", "reward", "reward_std", "awm/completion_rate", "awm/format_error_rate",
+                               "awm/env_error_rate", "kl", "awm/train_tokens", "awm/rollout_s", "update_s")}
+        for m in summary["metrics"]], description="per-step metrics")
+    log.info("training run %s done: %s steps, final checkpoint %s", summary["run_id"], summary["steps"],
+             summary["final_checkpoint"])
+    return {k: v for k, v in summary.items() if k != "metrics"}
