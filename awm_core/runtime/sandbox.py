@@ -78,6 +78,7 @@ class Guard:
         self.max_threads = max_threads
         self.violations: list[str] = []
         self.enforcing = False
+        self.tainted = False
         self._trusted = False
         self._main = threading.get_ident()
 
@@ -132,6 +133,7 @@ class Guard:
             return
         if event == "_thread.start_new_thread":
             if threading.active_count() >= self.max_threads:
+                self.tainted = True  # threads left running: the worker must be replaced
                 self.refuse(f"starting more than {self.max_threads} threads")
             return
         paths = _PATH_EVENTS.get(event)

@@ -330,7 +330,7 @@ class Worker:
             tb = traceback.extract_tb(exc.__traceback__)
             where = next((f"line {f.lineno}" for f in reversed(tb) if f.filename.startswith("<environment")), "")
             kind = "environment" if self.guard.violations or isinstance(exc, ENV_LIMIT_ERRORS) else "code"
-            return {"ok": False, "kind": kind, "recycle": kind == "environment",
+            return {"ok": False, "kind": kind, "recycle": self.guard.tainted or isinstance(exc, ENV_LIMIT_ERRORS),
                     "errors": [f"importing the environment code failed{' at ' + where if where else ''}: {_exc_text(exc)}"]}, []
         self.envs[key] = env
         return {"ok": True, "tools": env.infos, "problems": env.problems}, []
@@ -389,15 +389,16 @@ class Worker:
             return self._failure("environment", f"the tool's result is {len(encoded)} bytes, over the "
                                                 f"{self.max_result}-byte limit")
         if self.guard.violations:
-            return self._failure("environment", "; ".join(self.guard.violations[:3]), recycle=True)
+            return self._failure("environment", "; ".join(self.guard.violations[:3]))
         return {"ok": True, "content_json": encoded}, []
 
     def _failure(self, kind: str, message: str, recycle: bool = False):
+        # A refused action did not happen, so the worker stays; it is replaced only when
+        # something may linger (threads past the limit, exhausted memory or stack).
         if self.guard.violations:
             kind = "environment"
             message = f"{'; '.join(self.guard.violations[:3])} ({message})"
-            recycle = True
-        return {"ok": False, "error": message, "error_kind": kind, "recycle": recycle}, []
+        return {"ok": False, "error": message, "error_kind": kind, "recycle": recycle or self.guard.tainted}, []
 
     def op_verify(self, req, blobs):
         style = req["style"]
@@ -420,7 +421,7 @@ class Worker:
             else:
                 out = self._verify_with_paths(fn, style, initial, final, req.get("final_answer"))
         except ENV_LIMIT_ERRORS as exc:
-            return self._vfail("environment", f"the verifier hit a limit: {_exc_text(exc)}")
+            return self._vfail("environment", f"the verifier hit a limit: {_exc_text(exc)}", recycle=True)
         except SyntaxError as exc:
             return self._vfail("verifier", f"syntax error at line {exc.lineno}: {exc.msg}")
         except Exception as exc:
@@ -481,10 +482,10 @@ class Worker:
             except OSError:
                 pass
 
-    def _vfail(self, kind: str, message: str):
+    def _vfail(self, kind: str, message: str, recycle: bool = False):
         if self.guard.violations and kind != "environment":
             kind, message = "environment", f"{'; '.join(self.guard.violations[:3])} ({message})"
-        return {"ok": False, "error": message, "error_kind": kind, "recycle": kind == "environment"}, []
+        return {"ok": False, "error": message, "error_kind": kind, "recycle": recycle or self.guard.tainted}, []
 
 
 def main() -> None:

@@ -141,19 +141,18 @@ def _jsonl(path: Path, scenario: str) -> dict | None:
 def awm1k_environment(samples: Path, scenario: str = "content_platform_1") -> Environment:
     """A bundle from the sample records (the project's importer, when present, does the same)."""
     try:
-        from awm_core.interop.awm1k import environment_from_records  # type: ignore
+        from awm_core.interop.awm1k import read_dir
     except ImportError:
-        environment_from_records = None
+        read_dir = None
+    if read_dir is not None:
+        found = [e for e in read_dir(samples).environments if e.id == scenario]
+        if found:
+            return found[0]
     db = _jsonl(samples / "gen_db.jsonl", scenario)
     seed = _jsonl(samples / "gen_sample.jsonl", scenario)
     spec = _jsonl(samples / "gen_spec.jsonl", scenario)
     envs = _jsonl(samples / "gen_envs.jsonl", scenario)
     tasks = _jsonl(samples / "gen_tasks.jsonl", scenario)
-    if environment_from_records is not None:
-        try:
-            return environment_from_records(scenario=scenario, db=db, sample=seed, spec=spec, env=envs, tasks=tasks)
-        except TypeError:
-            pass
     tools = []
     for group in spec["api_spec"]["api_groups"]:
         for ep in group["endpoints"]:

@@ -24,7 +24,7 @@ OUTSIDE = "/tmp/awm-hostile-probe.txt"
 
 CASES = {
     "infinite_loop": ("while True:\n    pass", "environment", "wall-clock limit"),
-    "memory_bomb": ("x = []\nwhile True:\n    x.append(' ' * 10_000_000)", "environment", "MemoryError"),
+    "memory_bomb": ("x = []\nwhile True:\n    x.append(bytearray(100_000_000))", "environment", "MemoryError"),
     "fork": (f"{REAL_OS}\nreturn os_['fork']()", "environment", "os.fork"),
     "subprocess_import": ("import subprocess\nreturn subprocess.run(['id'])", "environment", "importing 'subprocess'"),
     "os_system": (f"{REAL_OS}\nreturn os_['system']('touch {OUTSIDE}')", "environment", "os.system"),
@@ -85,7 +85,9 @@ def hostile(pool, healthy):
 
 
 def _healthy_still_serves(healthy):
-    titles = [n["title"] for n in healthy.call("list_notes", {"limit": 10}).content]
+    r = healthy.call("list_notes", {"limit": 10})
+    assert r.ok, r
+    titles = [n["title"] for n in r.content]
     assert "kept across hostile calls" in titles
 
 
