@@ -25,6 +25,7 @@ import yaml
 from awm_core.errors import AWMError
 from awm_core.settings import Settings, get_settings
 from flows.events import GATE_PASSED
+from flows.server import ensure_work_pool, is_healthy
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PREFECT_YAML = PROJECT_DIR / "deployments" / "prefect.yaml"
@@ -137,7 +138,8 @@ def register(settings: Settings | None = None, *, spec_path: Path = PREFECT_YAML
     settings = settings or get_settings()
     entries = plan(settings, load_spec(spec_path), generate_params=generate_params, cron=cron,
                    timezone=timezone, train_after_gate=train_after_gate)
-    _check_server(settings)
+    url = _check_server(settings)
+    ensure_work_pool(settings, url)
     runner_deployments, meta, skipped = [], [], []
     for e in entries:
         flow_file = e["entrypoint"].split(":")[0]
@@ -167,17 +169,17 @@ def register(settings: Settings | None = None, *, spec_path: Path = PREFECT_YAML
     return meta, skipped
 
 
-def _check_server(settings: Settings) -> None:
+def _check_server(settings: Settings) -> str:
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
         raise DeployError("PREFECT_API_URL is not set: start the server with `awm server start` and export the "
                           "PREFECT_API_URL it prints (deployments need a running Prefect server)")
-    from flows.server import is_healthy
 
     if not is_healthy(url):
         raise DeployError(f"no Prefect server answers at {url} (start one with `awm server start`)")
+    return url
 
 
 def automations_for(deployment_id: str) -> list[Any]:

@@ -179,15 +179,16 @@ def _spawn(settings: Settings, role: str, argv: list[str], env: dict[str, str]) 
     return proc
 
 
-def ensure_work_pool(settings: Settings) -> bool:
-    """Create the project's process work pool when missing; True when it was created."""
+def ensure_work_pool(settings: Settings, url: str | None = None) -> bool:
+    """Create the project's process work pool when missing (on the server at ``url``, default
+    this project's local server); True when it was created."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     name = settings.server.work_pool
-    with temporary_settings(updates={PREFECT_API_URL: api_url(settings)}):
+    with temporary_settings(updates={PREFECT_API_URL: url or api_url(settings)}):
         with get_client(sync_client=True) as client:
             try:
                 pool = client.read_work_pool(name)

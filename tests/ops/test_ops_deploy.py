@@ -1,0 +1,151 @@
+"""Deployments registered against a real Prefect server: schedule, parameters, work pool, pull
+step, the gate chain and the optional train-after-gate automation; `prefect deployment run`
+with --param creates runs with those parameters; the yaml also deploys with plain Prefect."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from uuid import UUID
+
+import pytest
+
+from conftest import REPO
+
+POOL = "ops-deploy-test"
+
+
+@pytest.fixture(scope="module")
+def client(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        yield c
+
+
+def _settings(**server):
+    from awm_core.settings import load_settings
+
+    return load_settings(server={"work_pool": POOL, **server}, generation={"scenarios": 4, "tasks_per_scenario": 6})
+
+
+def _cleanup(client, registered) -> None:
+    for r in registered:
+        client.delete_resource_owned_automations(f"prefect.deployment.{r.deployment_id}")
+        client.delete_deployment(UUID(r.deployment_id))
+
+
+def _by_name(registered):
+    return {r.full_name: r for r in registered}
+
+
+def _owned_automations(client, deployment_id: str):
+    from flows.deploy import automations_for
+
+    return automations_for(deployment_id)
+
+
+def test_plan_rejects_a_bad_cron_with_a_clear_message(awm_home):
+    from flows.deploy import DeployError, load_spec, plan
+
+    with pytest.raises(DeployError, match="invalid nightly schedule cron='61 2 \\* \\* \\*'"):
+        plan(_settings(), load_spec(), cron="61 2 * * *")
+
+
+def test_spec_errors_name_the_problem(tmp_path):
+    from flows.deploy import DeployError, load_spec, parse_param
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text("deployments:\n  - name: x\n")
+    with pytest.raises(DeployError, match=r"deployments\[0\] lacks entrypoint"):
+        load_spec(bad)
+    assert parse_param("scenarios=2") == ("scenarios", 2)
+    assert parse_param('env_ids=["a","b"]') == ("env_ids", ["a", "b"])
+    assert parse_param("split=val") == ("split", "val")
+    with pytest.raises(DeployError, match="not key=value"):
+        parse_param("scenarios")
+
+
+def test_deployments_register_with_schedule_parameters_and_chain(prefect_server, awm_home, client):
+    from flows.deploy import PROJECT_DIR, register
+
+    settings = _settings(nightly_cron="30 3 * * 1-5", timezone="Europe/Berlin")
+    registered, skipped = register(settings, generate_params={"budget_usd": 2.5})
+    try:
+        assert skipped == []
+        by_name = _by_name(registered)
+        assert set(by_name) == {"generate/nightly", "quality-gate/after-generate", "evaluate/manual", "train/manual",
+                                "import-awm1k/manual"}
+        deps = {name: client.read_deployment(UUID(r.deployment_id)) for name, r in by_name.items()}
+        nightly = deps["generate/nightly"]
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == \
+               [("30 3 * * 1-5", "Europe/Berlin", True)]
+        assert nightly.parameters == {"scenarios": 4, "tasks_per_scenario": 6, "budget_usd": 2.5}
+        for name, d in deps.items():
+            assert d.work_pool_name == POOL, name
+            assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                     {"directory": str(PROJECT_DIR)}}], name
+            if name != "generate/nightly":
+                assert d.schedules == [], name
+        # The gate runs on the snapshot named by the generate flow's event.
+        gate_autos = _owned_automations(client, by_name["quality-gate/after-generate"].deployment_id)
+        assert len(gate_autos) == 1 and gate_autos[0].enabled
+        assert gate_autos[0].trigger.expect == {"awm.generate.published"}
+        assert "event.payload.snapshot" in str(gate_autos[0].actions[0].parameters)
+        # Off by default: no automation starts training.
+        assert _owned_automations(client, by_name["train/manual"].deployment_id) == []
+        # A plain `prefect deployment run` with --param makes a run with those parameters.
+        out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "generate/nightly",
+                              "--param", "scenarios=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        runs = client.read_flow_runs()
+        run = next(r for r in runs if r.deployment_id == nightly.id and r.parameters.get("scenarios") == 2)
+        assert run.parameters == {"scenarios": 2, "tasks_per_scenario": 6, "budget_usd": 2.5}
+        for name, params in [("evaluate/manual", {"split": "test", "policy": "random"}),
+                             ("train/manual", {"snapshot": 7}), ("import-awm1k/manual", {"path": "/data/awm1k"}),
+                             ("quality-gate/after-generate", {"snapshot": 3})]:
+            fr = client.create_flow_run_from_deployment(deps[name].id, parameters=params)
+            assert all(fr.parameters[k] == v for k, v in params.items()), name
+            client.delete_flow_run(fr.id)
+        client.delete_flow_run(run.id)
+    finally:
+        _cleanup(client, registered)
+
+
+def test_train_after_gate_automation_exists_only_when_enabled(prefect_server, awm_home, client):
+    from flows.deploy import register
+
+    on, _ = register(_settings(train_after_gate=True), only=["train"])
+    try:
+        train = _by_name(on)["train/manual"]
+        autos = _owned_automations(client, train.deployment_id)
+        assert len(autos) == 1 and autos[0].enabled
+        assert autos[0].trigger.expect == {"awm.gate.passed"}
+        assert "event.payload.snapshot" in str(autos[0].actions[0].parameters)
+        # Switching the setting off and deploying again removes it.
+        off, _ = register(_settings(train_after_gate=False), only=["train"])
+        assert _by_name(off)["train/manual"].deployment_id == train.deployment_id
+        assert _owned_automations(client, train.deployment_id) == []
+    finally:
+        _cleanup(client, on)
+
+
+def test_plain_prefect_deploy_reads_the_same_yaml(prefect_server, awm_home, client):
+    """`prefect deploy --all` with the yaml (the documented plain-Prefect path) registers the same
+    deployments; the train trigger stays disabled as written."""
+    from flows.deploy import Registered
+    from flows.server import ensure_work_pool
+
+    ensure_work_pool(_settings(work_pool="awm-local"), prefect_server)
+    out = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+                          "deployments/prefect.yaml"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    deps = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()
+            if d.work_pool_name == "awm-local"}
+    try:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert {"generate/nightly", "quality-gate/after-generate", "evaluate/manual", "train/manual",
+                "import-awm1k/manual"} <= set(deps)
+        assert deps["generate/nightly"].schedules[0].schedule.cron == "0 2 * * *"
+        train_autos = _owned_automations(client, str(deps["train/manual"].id))
+        assert [a.enabled for a in train_autos] == [False]
+    finally:
+        _cleanup(client, [Registered("", "", str(d.id), "") for d in deps.values()])
