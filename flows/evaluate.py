@@ -368,10 +368,14 @@ def environment_snapshot(catalog: Any) -> int:
     return lo
 
 
+def stored_split_rows(catalog: Any, snapshot: int) -> list[dict[str, Any]]:
+    return catalog.rows("SELECT env_id, task_idx, split, seed FROM splits WHERE snapshot = ?", params=[snapshot])
+
+
 def split_rows_for(catalog: Any, environments: dict[str, Environment], snapshot: int,
                    config: EvalConfig) -> tuple[list[dict[str, Any]], bool]:
     """The split rows stored for ``snapshot``, or a new default split (and True: it must be published)."""
-    stored = catalog.rows("SELECT env_id, task_idx, split, seed FROM splits WHERE snapshot = ?", params=[snapshot])
+    stored = stored_split_rows(catalog, snapshot)
     if stored:
         return stored, False
     rows = make_splits({e: [t.idx for t in env.tasks] for e, env in environments.items()}, seed=config.seed,
@@ -405,8 +409,11 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
         if not ids:
             raise AWMError(f"snapshot {snapshot} holds no environments to evaluate")
         environments = {e: cat.get_environment(e, snapshot) for e in ids}
-        split_rows, new_split = ([], False) if config.split == "all" else split_rows_for(cat, environments, snapshot, config)
-    plan, notes = plan_tasks(environments, config, split_rows)
+        if config.split == "all":  # no split needed, but rows still name the side a stored split gives them
+            split_rows, new_split = stored_split_rows(cat, snapshot), False
+        else:
+            split_rows, new_split = split_rows_for(cat, environments, snapshot, config)
+    plan, notes = plan_tasks(environments, config, [] if config.split == "all" else split_rows)
     if log:
         for n in notes[:20]:
             log.warning("skipped %s", n)

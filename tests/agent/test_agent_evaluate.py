@@ -83,27 +83,35 @@ def test_bad_parameters_and_missing_endpoint_are_clear_errors(published):
 
 
 @pytest.mark.slow
-def test_awm_eval_runs_the_flow_and_publishes_artifacts(published, prefect_server, capsys):
-    """`awm eval` on a real Prefect server: rollouts in the catalog, splits stored, artifacts in the API."""
+def test_awm_eval_on_the_generated_demo_snapshot(awm_home, prefect_server, capsys):
+    """The demo environments built from the offline recordings by the generate flow; then `awm eval`
+    with the reference policy on a real Prefect server: every task scores 1.0, rollouts and splits are
+    in the catalog, the artifacts are in the Prefect API."""
     import asyncio
 
     from flows.cli import main
+    from flows.generate import run_generate
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    settings, envs, snap = published
+    generated = run_generate(scenarios=3)
+    assert sorted(generated["published"]) == ["clinic_booking", "recipe_box", "team_expenses"]
+    settings = get_settings()
     assert main(["eval", "splits", "--by", "task", "--seed", "1"]) == 0
-    assert f"snapshot {snap}: 6 train and 3 val task(s)" in capsys.readouterr().out
-    assert main(["eval", "--policy", "reference", "--split", "val", "--concurrency", "3", "--json"]) == 0
+    assert ": 24 train and 6 val task(s)" in capsys.readouterr().out
+    assert main(["eval", "--policy", "reference", "--split", "all", "--concurrency", "4", "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert summary["overall"]["episodes"] == 3 and summary["overall"]["mean_reward"] == 1.0
-    assert "episodes 3/3  mean reward 1.000" in captured.err
+    assert summary["overall"]["episodes"] == 30 and summary["overall"]["mean_reward"] == 1.0
+    assert "episodes 30/30  mean reward 1.000" in captured.err
     with Catalog.open(settings, read_only=True) as cat:
-        rows = cat.rows("SELECT r.env_id, r.task_idx, r.reward, r.split FROM rollouts r JOIN splits s "
-                        "ON s.snapshot = r.snapshot AND s.env_id = r.env_id AND s.task_idx = r.task_idx "
-                        "WHERE r.run_id = ? AND s.split = 'val' ORDER BY ALL", params=[summary["run_id"]])
-    assert len(rows) == 3 and {r["reward"] for r in rows} == {1.0} and {r["split"] for r in rows} == {"val"}
+        by_env = cat.rows("SELECT r.env_id, s.split, count(*) AS n, min(r.reward) AS lo, max(r.reward) AS hi "
+                          "FROM rollouts r JOIN splits s ON s.snapshot = r.snapshot AND s.env_id = r.env_id "
+                          "AND s.task_idx = r.task_idx AND s.split = r.split WHERE r.run_id = ? "
+                          "GROUP BY ALL ORDER BY ALL", params=[summary["run_id"]])
+    assert sum(r["n"] for r in by_env) == 30 and {(r["lo"], r["hi"]) for r in by_env} == {(1.0, 1.0)}
+    assert {r["env_id"] for r in by_env} == {"clinic_booking", "recipe_box", "team_expenses"}
+    assert sum(r["n"] for r in by_env if r["split"] == "val") == 6
 
     async def artifacts():
         async with get_client() as client:
@@ -117,5 +125,6 @@ def test_awm_eval_runs_the_flow_and_publishes_artifacts(published, prefect_serve
     assert found["evaluation-reward-distribution"].type == "image"
     assert found["evaluation-reward-distribution"].data.startswith("data:image/png;base64,iVBOR")
     assert "![reward distribution](data:image/png;base64," in found["evaluation-summary"].data
+    assert "| recipe_box |" in found["evaluation-summary"].data
     assert found["evaluation-progress"].data == 100.0
     assert (settings.runs_dir / summary["run_id"] / "reward_distribution.png").read_bytes()[:4] == b"\x89PNG"
