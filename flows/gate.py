@@ -16,7 +16,8 @@ validation report. Imported AgentWorldModel-1K environments without one are list
 unvalidated in the report instead of failing it; their keys are still checked.
 
 The report is published into ``quality_reports`` (its own snapshot) and, inside the flow, as
-Prefect artifacts (markdown summary + a table of expectations).
+Prefect artifacts (markdown summary + a table of expectations). A passing run emits the
+``awm.gate.passed`` event about the snapshot (what the optional train trigger listens to).
 """
 from __future__ import annotations
 

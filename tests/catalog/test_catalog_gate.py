@@ -119,7 +119,8 @@ def test_gate_command_runs_the_flow_and_records_artifacts(cat, prefect_server, c
     with cat.publish(message="clean") as pub:
         pub.add_environments([clean_env("a_env")])
     assert main(["gate"]) == 0
-    assert cat.gate_passed(pub.snapshot_id)
+    first = pub.snapshot_id
+    assert cat.gate_passed(first)
     with cat.publish(message="defect") as pub:
         pub.add_environments([defective_env()])
     assert main(["gate", "--snapshot", str(pub.snapshot_id)]) == 1
@@ -128,3 +129,15 @@ def test_gate_command_runs_the_flow_and_records_artifacts(cat, prefect_server, c
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"quality-gate", "quality-gate-expectations"} <= keys
+    import time
+
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline, passed = time.time() + 30, []
+    while not passed and time.time() < deadline:  # events reach the server asynchronously
+        with get_client(sync_client=True) as client:
+            page = client.request("POST", "/events/filter", json={"filter": EventFilter(
+                event=EventNameFilter(name=["awm.gate.passed"])).model_dump(mode="json"), "limit": 50}).json()
+        passed = [e for e in page.get("events", []) if e["payload"].get("snapshot") == first]
+        time.sleep(0.5)
+    assert passed, "no awm.gate.passed event for the clean snapshot"
