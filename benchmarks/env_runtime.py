@@ -1,0 +1,394 @@
+"""Environment runtime vs the official AWM serving path: call latency, reset, memory.
+
+    .venv/bin/python benchmarks/env_runtime.py [--samples DIR] [--calls 1000] [--sessions 1024]
+
+Measured in one run, side by side:
+
+- one tool call through this runtime's Python API (a small native environment made here,
+  and AgentWorldModel-1K ``content_platform_1``), and through ``awm env serve`` over MCP
+  streamable HTTP;
+- the official path for the same environment: its FastAPI app under uvicorn with
+  fastapi-mcp 0.4.0, called over MCP streamable HTTP by an mcp 1.x client (one MCP session,
+  and a new MCP session per call as the official agent does). fastapi-mcp needs ``mcp<2``,
+  so the script makes its own virtual environment under ``benchmarks/out/`` (once; needs
+  the package index) and runs the official server and client there;
+- reset: ``Session.reset()`` here; a new server process on a fresh database copy there
+  (the official code has no reset: it starts a new server);
+- memory: resident memory of the workers holding N live sessions here; one official server
+  process's resident memory times N there (one process per instance; extrapolated, not run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+OUT = REPO / "benchmarks" / "out"
+OFFICIAL_VENV = OUT / "official-venv"
+OFFICIAL_PACKAGES = ["fastapi-mcp==0.4.0", "mcp<2", "uvicorn", "fastapi", "sqlalchemy"]
+
+from awm_core.db import build_database  # noqa: E402
+from awm_core.models import (  # noqa: E402
+    ApiSpec, DbSchema, EnvCode, Environment, ParamSpec, Scenario, SeedData, TableSchema, TableSeed, ToolSpec,
+)
+from awm_core.runtime import SandboxPool  # noqa: E402
+
+NATIVE_CODE = '''
+import sqlite3
+
+
+def get_item(conn: sqlite3.Connection, item_id: int) -> dict:
+    """Get one item.
+
+    Args:
+        item_id: Id of the item.
+    """
+    row = conn.execute("SELECT id, name, qty FROM items WHERE id = ?", (item_id,)).fetchone()
+    if row is None:
+        raise ToolError(f"item {item_id} not found")
+    return {"id": row[0], "name": row[1], "qty": row[2]}
+
+
+def add_item(conn: sqlite3.Connection, name: str, qty: int = 1) -> dict:
+    """Add an item.
+
+    Args:
+        name: Name of the item.
+        qty: How many.
+    """
+    cur = conn.execute("INSERT INTO items (name, qty) VALUES (?, ?)", (name, qty))
+    return {"id": cur.lastrowid}
+'''
+
+CLIENT_SCRIPT = '''
+import anyio, json, sys, time
+from mcp import ClientSession
+from mcp.client.streamable_http import streamablehttp_client
+
+url, n, n_fresh, tool, args = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+
+async def main():
+    persistent, fresh = [], []
+    async with streamablehttp_client(url) as (r, w, _):
+        async with ClientSession(r, w) as s:
+            await s.initialize()
+            for _ in range(20):
+                await s.call_tool(tool, args)
+            for _ in range(n):
+                t = time.perf_counter()
+                res = await s.call_tool(tool, args)
+                persistent.append((time.perf_counter() - t) * 1000)
+                assert not res.isError, res
+    for _ in range(n_fresh):
+        t = time.perf_counter()
+        async with streamablehttp_client(url) as (r, w, _):
+            async with ClientSession(r, w) as s:
+                await s.initialize()
+                res = await s.call_tool(tool, args)
+        fresh.append((time.perf_counter() - t) * 1000)
+        assert not res.isError, res
+    print(json.dumps({"persistent": persistent, "fresh": fresh}))
+
+anyio.run(main)
+'''
+
+SERVER_SCRIPT = '''
+import os, sys, types
+db, port, code_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+os.environ["DATABASE_PATH"] = "sqlite:///" + db
+mod = types.ModuleType("server_code")
+exec(compile(open(code_path).read(), code_path, "exec"), mod.__dict__)
+from fastapi_mcp import FastApiMCP
+FastApiMCP(mod.app).mount_http()
+import uvicorn
+uvicorn.run(mod.app, host="127.0.0.1", port=port, log_level="warning")
+'''
+
+
+def native_environment() -> Environment:
+    return Environment(
+        id="bench_items", scenario=Scenario(id="bench_items", name="bench_items", description="items"),
+        db_schema=DbSchema(tables=[TableSchema(
+            name="items", ddl="CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER)")]),
+        seed_data=SeedData(tables=[TableSeed(table_name="items", insert_statements=[
+            f"INSERT INTO items (name, qty) VALUES ('item {i}', {i})" for i in range(200)])]),
+        api_spec=ApiSpec(tools=[
+            ToolSpec(name="get_item", parameters={"item_id": ParamSpec(type="integer", example=7)}),
+            ToolSpec(name="add_item", parameters={"name": ParamSpec(type="string", example="x")})]),
+        code=EnvCode(flavour="native", source=NATIVE_CODE),
+    )
+
+
+def awm1k_environment(samples: Path) -> Environment:
+    from awm_core.interop.awm1k import read_dir
+
+    return next(e for e in read_dir(samples).environments if e.id == "content_platform_1")
+
+
+def stats(xs: list[float]) -> tuple[float, float]:
+    xs = sorted(xs)
+    return statistics.median(xs), xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+
+
+def time_calls(session, tool: str, args: dict, n: int) -> list[float]:
+    for _ in range(20):
+        assert session.call(tool, args).ok
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = session.call(tool, args)
+        out.append((time.perf_counter() - t) * 1000)
+        assert r.ok, r
+    return out
+
+
+def time_resets(session, write: tuple[str, dict], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        assert session.call(*write).ok
+        t = time.perf_counter()
+        session.reset()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def ensure_official_venv() -> Path:
+    python = OFFICIAL_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {OFFICIAL_VENV} with {' '.join(OFFICIAL_PACKAGES)} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(OFFICIAL_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *OFFICIAL_PACKAGES], check=True)
+    return python
+
+
+def official_path(env: Environment, work: Path, calls: int, fresh_calls: int, starts: int) -> dict:
+    python = ensure_official_venv()
+    code = work / "server_code.py"
+    code.write_text(env.code.source)
+    (work / "official_server.py").write_text(SERVER_SCRIPT)
+    (work / "official_client.py").write_text(CLIENT_SCRIPT)
+    snapshot = build_database(env.db_schema, env.seed_data)
+    startup = []
+    result: dict = {}
+    for i in range(starts):
+        db = work / f"run{i}.db"  # what official "reset" does: a fresh copy and a new server
+        db.write_bytes(snapshot)
+        port = free_port()
+        t = time.perf_counter()
+        proc = subprocess.Popen([str(python), str(work / "official_server.py"), str(db), str(port), str(code)],
+                                stdout=subprocess.DEVNULL, stderr=open(work / f"server{i}.log", "w"))
+        try:
+            wait_http(f"http://127.0.0.1:{port}/openapi.json", proc)
+            startup.append((time.perf_counter() - t) * 1000)
+            if i == 0:
+                out = subprocess.run(
+                    [str(python), str(work / "official_client.py"), f"http://127.0.0.1:{port}/mcp", str(calls),
+                     str(fresh_calls), "search_channels", json.dumps({"query": "Kurz"})],
+                    capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result["server_rss_mb"] = rss_mb(proc.pid)
+        finally:
+            stop(proc)
+    result["startup"] = startup
+    return result
+
+
+def our_mcp_http(env: Environment, work: Path, calls: int) -> list[float]:
+    import anyio
+    import mcp
+
+    bundle = work / "content_platform_1.json"
+    bundle.write_text(env.to_json())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "env", "serve", str(bundle), "--transport", "http",
+                             "--port", str(port)], cwd=str(REPO), stdout=subprocess.DEVNULL,
+                            stderr=open(work / "awm_serve.log", "w"), env={**os.environ, "PYTHONPATH": str(REPO)})
+    lat: list[float] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("awm env serve exited early; see " + str(work / "awm_serve.log"))
+                time.sleep(0.05)
+
+        async def run():
+            async with mcp.Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as c:
+                for _ in range(20):
+                    await c.call_tool("search_channels", {"query": "Kurz"})
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    r = await c.call_tool("search_channels", {"query": "Kurz"})
+                    lat.append((time.perf_counter() - t) * 1000)
+                    assert not r.is_error, r.content[0].text
+
+        anyio.run(run)
+    finally:
+        stop(proc)
+    return lat
+
+
+def memory_for_sessions(env: Environment, n: int) -> dict:
+    with SandboxPool(workers=2, memory_mb=8192, call_timeout_s=60) as pool:
+        handle = pool.load(env)
+        base = sum(w["rss_mb"] for w in pool.stats()["workers"])
+        sessions = []
+        for i in range(n):
+            s = handle.open_session()
+            assert s.call("search_channels", {"query": "Kurz"}).ok  # binds the engine, touches the database
+            sessions.append(s)
+        workers = sum(w["rss_mb"] for w in pool.stats()["workers"])
+        alive = sum(1 for s in sessions if s.call("list_user_subscriptions", {}).ok)
+        for s in sessions:
+            s.close()
+    return {"workers_rss_mb": workers, "workers_rss_mb_empty": base, "alive": alive,
+            "parent_rss_mb": rss_mb(os.getpid())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=Path, default=REPO.parent / "shared" / "awm1k-samples",
+                    help="folder with the AgentWorldModel-1K sample JSONL files")
+    ap.add_argument("--calls", type=int, default=1000, help="timed calls per runtime row")
+    ap.add_argument("--official-calls", type=int, default=300, help="timed calls on one official MCP session")
+    ap.add_argument("--fresh-calls", type=int, default=30, help="timed official calls with a new MCP session each")
+    ap.add_argument("--starts", type=int, default=3, help="official server starts timed (the official reset)")
+    ap.add_argument("--sessions", type=int, default=1024, help="live sessions for the memory row")
+    ap.add_argument("--skip-official", action="store_true", help="leave out the official path (no venv needed)")
+    args = ap.parse_args()
+    if not (args.samples / "gen_envs.jsonl").exists():
+        print(f"AgentWorldModel-1K samples not found in {args.samples} (use --samples)", file=sys.stderr)
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="env-runtime-", dir=OUT))
+    native, cp1 = native_environment(), awm1k_environment(args.samples)
+
+    print("runtime: Python API ...", file=sys.stderr, flush=True)
+    with SandboxPool(workers=2, call_timeout_s=30) as pool:
+        hn, hc = pool.load(native), pool.load(cp1)
+        sn, sc = hn.open_session(), hc.open_session()
+        lat_native = time_calls(sn, "get_item", {"item_id": 7}, args.calls)
+        lat_cp1 = time_calls(sc, "search_channels", {"query": "Kurz"}, args.calls)
+        reset_native = time_resets(sn, ("add_item", {"name": "tmp"}), args.calls // 2)
+        reset_cp1 = time_resets(sc, ("subscribe_to_channel", {"channel_id": 1}), args.calls // 2)
+        protections = pool.stats()["workers"][0]["protections"]
+    print("runtime: MCP over streamable HTTP ...", file=sys.stderr, flush=True)
+    lat_mcp = our_mcp_http(cp1, work, args.official_calls)
+    print(f"runtime: memory with {args.sessions} sessions ...", file=sys.stderr, flush=True)
+    mem = memory_for_sessions(cp1, args.sessions)
+    official = None
+    if not args.skip_official:
+        print("official: uvicorn + fastapi-mcp ...", file=sys.stderr, flush=True)
+        official = official_path(cp1, work, args.official_calls, args.fresh_calls, args.starts)
+
+    off_med = stats(official["persistent"])[0] if official else None
+    rows = [
+        ("this runtime, Python API", "native bench_items", lat_native),
+        ("this runtime, Python API", "content_platform_1", lat_cp1),
+        ("this runtime, `awm env serve` MCP streamable HTTP", "content_platform_1", lat_mcp),
+    ]
+    if official:
+        rows += [("official: uvicorn + fastapi-mcp, MCP streamable HTTP, one MCP session", "content_platform_1",
+                  official["persistent"]),
+                 ("official agent style: new MCP session per call", "content_platform_1", official["fresh"])]
+    print()
+    print(f"Sandbox protections in force: {', '.join(k for k, v in protections.items() if v)}")
+    print()
+    print("| path | environment | calls | median ms | p90 ms | official median / this median |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, env_name, xs in rows:
+        med, p90 = stats(xs)
+        ratio = f"{off_med / med:.1f}x" if off_med and env_name == "content_platform_1" else "-"
+        print(f"| {name} | {env_name} | {len(xs)} | {med:.3f} | {p90:.3f} | {ratio} |")
+    print()
+    print("| reset | environment | n | median ms | p90 ms |")
+    print("|---|---|---:|---:|---:|")
+    for name, env_name, xs in [("this runtime, Session.reset()", "native bench_items", reset_native),
+                               ("this runtime, Session.reset()", "content_platform_1", reset_cp1)]:
+        med, p90 = stats(xs)
+        print(f"| {name} | {env_name} | {len(xs)} | {med:.3f} | {p90:.3f} |")
+    if official:
+        med, p90 = stats(official["startup"])
+        print(f"| official: new server process on a fresh database copy (until HTTP answers) | content_platform_1 | "
+              f"{len(official['startup'])} | {med:.1f} | {p90:.1f} |")
+    print()
+    print(f"| memory, {args.sessions} live sessions of content_platform_1 | MB |")
+    print("|---|---:|")
+    print(f"| this runtime: worker processes, resident (2 workers, {mem['alive']} sessions answering) | "
+          f"{mem['workers_rss_mb']:.0f} |")
+    print(f"| this runtime: worker processes with no sessions | {mem['workers_rss_mb_empty']:.0f} |")
+    print(f"| this runtime: the calling process (pool, benchmark, MCP client libraries) | {mem['parent_rss_mb']:.0f} |")
+    total = mem["workers_rss_mb"] + mem["parent_rss_mb"]
+    print(f"| this runtime: total | {total:.0f} |")
+    if official:
+        one = official["server_rss_mb"]
+        print(f"| official: one server process ({one:.0f} MB) x {args.sessions} (extrapolated) | {one * args.sessions:.0f} |")
+    print()
+    reset_med = max(stats(reset_native)[0], stats(reset_cp1)[0])
+    checks = [("reset <= 1 ms (median)", reset_med <= 1.0), (f"{args.sessions} sessions <= 2 GB total", total <= 2048)]
+    if off_med:
+        ours = stats(lat_cp1)[0]
+        agent = stats(official["fresh"])[0] / ours
+        session = off_med / ours
+        checks.insert(0, (f">= 10x faster than the official agent's per-call path on content_platform_1 "
+                          f"({agent:.0f}x)", agent >= 10))
+        checks.insert(1, (f">= 10x faster than a persistent official MCP session on content_platform_1 "
+                          f"({session:.1f}x)", session >= 10))
+    for label, ok in checks:
+        print(f"target {label}: {'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
