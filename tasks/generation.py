@@ -27,6 +27,7 @@ from typing import Any, Callable
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.runtime import task_run as runtime_task_run
+from prefect.transactions import CommitMode, transaction
 
 from awm_core.errors import AWMError, BudgetExceeded, LLMError, StageError
 from awm_core.models import (
@@ -292,6 +293,14 @@ def build_environment_task(scenario: Scenario, tasks_per_scenario: int, target_t
                            min_valid_tasks: int, run_key: str) -> EnvOutcome:
     """All stages for one scenario, then execution validation. Never raises for a bad
     scenario: the outcome says what was dropped and why."""
+    # Stage tasks called from here would otherwise join this task's transaction and write
+    # their cache entries only when the whole environment is done: a crash would lose them.
+    with transaction(commit_mode=CommitMode.EAGER):
+        return _build_environment(scenario, tasks_per_scenario, target_tools, model, min_valid_tasks, run_key)
+
+
+def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools: int, model: str,
+                       min_valid_tasks: int, run_key: str) -> EnvOutcome:
     res = resources(run_key)
     settings = res.settings
     started = time.perf_counter()

@@ -1,0 +1,163 @@
+"""The generate flow on the offline recordings, against a real Prefect server.
+
+One module-scoped scenario does the expensive work once: a generate run in a subprocess is
+SIGKILLed mid-way, then the same run is started again in-process and must finish it, redoing
+only unfinished stages. The published snapshot is then checked as the flow test (3
+environments, every task validated, the planned repair paths in llm_calls), and a third run
+must hit the cache for every stage and leave no duplicate in the catalog.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, stop_process
+
+pytestmark = pytest.mark.slow
+
+FULL_RUN_CALLS = 82  # 1 scenario call + 3 x (25 stage calls + 2 planned repairs)
+PLANNED_REPAIRS = {("recipe_box", "schema"), ("recipe_box", "code"), ("clinic_booking", "seed_data"),
+                   ("clinic_booking", "verifier.3"), ("team_expenses", "spec"), ("team_expenses", "solution.4")}
+
+CHILD = """
+import sys
+from flows.generate import run_generate
+run_generate(scenarios=3, concurrency=3, skip_existing=False)
+"""
+
+
+def use_home(home: Path) -> None:
+    from awm_core.settings import get_settings
+
+    os.environ["AWM_HOME"] = str(home)
+    os.environ.pop("OPENAI_API_KEY", None)
+    os.environ.pop("OPENAI_BASE_URL", None)
+    os.environ["AWM_CONFIG"] = str(home / "none.toml")
+    get_settings.cache_clear()
+
+
+def ledger_lines(home: Path) -> dict[str, int]:
+    runs = home / "runs"
+    if not runs.exists():
+        return {}
+    return {d.name: len((d / "llm_calls.jsonl").read_text().splitlines())
+            for d in runs.iterdir() if (d / "llm_calls.jsonl").exists()}
+
+
+def catalog_rows(query: str):
+    from awm_core.settings import get_settings
+    from storage.catalog import Catalog
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        return cat.rows(query)
+
+
+@pytest.fixture(scope="module")
+def resumed(prefect_server, tmp_path_factory):
+    old_env = dict(os.environ)
+    home = tmp_path_factory.mktemp("gen-home")
+    use_home(home)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWM_LLM__OFFLINE_LATENCY_S": "0.05"}
+    log = open(home / "child.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sum(ledger_lines(home).values()) >= 30:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{(home / 'child.log').read_text()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        stop_process(proc)
+        log.close()
+    killed = ledger_lines(home)
+    assert len(killed) == 1 and FULL_RUN_CALLS > sum(killed.values()) >= 30
+    from flows.generate import run_generate
+
+    summary = run_generate(scenarios=3, concurrency=3, skip_existing=False)
+    yield {"home": home, "killed": killed, "summary": summary}
+    os.environ.clear()
+    os.environ.update(old_env)
+    from awm_core.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+def test_resume_after_sigkill_redoes_only_unfinished_work(resumed):
+    killed_run, killed_calls = next(iter(resumed["killed"].items()))
+    summary = resumed["summary"]
+    new_calls = ledger_lines(resumed["home"])[summary["run_id"]]
+    # Stages finished before the kill came from the cache; at most the in-flight ones (one
+    # per worker thread) were asked again.
+    assert new_calls < FULL_RUN_CALLS
+    assert killed_calls + new_calls >= FULL_RUN_CALLS
+    assert new_calls <= FULL_RUN_CALLS - killed_calls + 3 * 3
+    runs = {r["run_id"]: r for r in catalog_rows("SELECT run_id, status, message FROM generation_runs")}
+    assert runs[summary["run_id"]]["status"] == "completed"
+    assert runs[killed_run]["status"] == "failed" and "died" in runs[killed_run]["message"]
+    # The killed run's calls were published too (every attempt is in llm_calls).
+    n = catalog_rows(f"SELECT count(*) AS n FROM llm_calls WHERE run_id = '{killed_run}'")[0]["n"]
+    assert n == killed_calls
+
+
+def test_flow_publishes_three_fully_validated_environments_with_repairs(resumed):
+    summary = resumed["summary"]
+    assert summary["status"] == "completed" and sorted(summary["published"]) == ["clinic_booking", "recipe_box",
+                                                                                   "team_expenses"]
+    from awm_core.settings import get_settings
+    from storage.catalog import Catalog
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        envs = {e.id: e for e in cat.environments(snapshot=summary["snapshot"])}
+    assert set(envs) == {"recipe_box", "clinic_booking", "team_expenses"}
+    for env in envs.values():
+        assert env.validation.passed and not env.validation.dropped_tasks
+        assert len(env.tasks) == 10 and len(env.verifiers) == 10 and len(env.solutions) == 10
+        names = {(c.name, c.task_idx) for c in env.validation.checks if c.passed}
+        assert all(("verifier_solution", i) in names and ("verifier_noop", i) in names
+                   and ("replay_determinism", i) in names for i in range(10))
+        assert env.provenance.run_id and env.provenance.stages["schema"].prompt_tokens > 0
+    rows = catalog_rows("SELECT scenario_id, stage, attempt, error FROM llm_calls")
+    second = {(r["scenario_id"], r["stage"]) for r in rows if r["attempt"] == 2}
+    assert PLANNED_REPAIRS <= second
+    rejected = {(r["scenario_id"], r["stage"]) for r in rows if r["attempt"] == 1 and r["error"]}
+    assert PLANNED_REPAIRS <= rejected
+    assert envs["clinic_booking"].provenance.stages["verifier.3"].attempts == 2
+    assert "no-op" in envs["clinic_booking"].provenance.stages["verifier.3"].errors[0]
+    assert envs["team_expenses"].provenance.stages["solution.4"].attempts == 2
+    scen_drops = {d["name"]: d["reason"] for d in summary["scenario_drops"]}
+    assert scen_drops["Live Weather Feed"] == "not stateful" and "near-duplicate" in scen_drops["Recipe Keeper"]
+
+
+def test_rerun_hits_the_cache_and_publishes_no_duplicates(resumed):
+    from flows.generate import run_generate
+
+    summary = run_generate(scenarios=3, concurrency=3, skip_existing=False)
+    assert summary["status"] == "completed" and summary["llm_calls"] == 0
+    counts = catalog_rows("SELECT env_id, count(*) AS n FROM environments GROUP BY env_id")
+    assert sorted((r["env_id"], r["n"]) for r in counts) == [("clinic_booking", 1), ("recipe_box", 1),
+                                                              ("team_expenses", 1)]
+    # Without --include-existing the nightly run skips what the catalog already has.
+    skipped = run_generate(scenarios=["recipe_box"], concurrency=1)
+    assert skipped["published"] == [] and skipped["scenario_drops"][0]["reason"] == "already in the catalog"
+
+
+def test_budget_cap_stops_cleanly_and_publishes_what_was_validated(prefect_server, awm_home):
+    from flows.generate import run_generate
+
+    summary = run_generate(scenarios=["clinic_booking", "recipe_box"], concurrency=1, budget_usd=0.17)
+    assert summary["status"] == "budget_exceeded" and "budget" in summary["message"]
+    assert summary["published"] == ["clinic_booking"]
+    assert summary["dropped"]["recipe_box"].startswith("LLM budget exhausted")
+    run = catalog_rows(f"SELECT status, envs_published FROM generation_runs WHERE run_id = '{summary['run_id']}'")
+    assert run == [{"status": "budget_exceeded", "envs_published": 1}]
