@@ -66,10 +66,10 @@ class _ClientState:
             return s
 
     def close(self) -> None:
-        with self.lock:
-            for s in self.sessions.values():
-                s.close()
-            self.sessions.clear()
+        # Called from finalizers too, so never wait on a worker here.
+        for s in list(self.sessions.values()):
+            s.close_later()
+        self.sessions.clear()
 
 
 class EnvMCPServer:

@@ -69,6 +69,10 @@ class _Worker:
         self.scratch: Path | None = None
         self._w = self._reader = None
         self.restarts = 0
+        # (instance, sid) of sessions dropped without close(): closed with the next request.
+        # Filled from finalizers, which may run inside any thread (even one holding the
+        # lock), so they only append here.
+        self.pending_close: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -196,6 +200,11 @@ class _Worker:
                 if instance is not None:
                     raise WorkerFailure(f"session lost: its sandbox worker was restarted ({self.last_failure})")
                 self._start()
+            if self.pending_close:
+                sids = [sid for inst, sid in self.pending_close if inst == self.instance]
+                self.pending_close.clear()
+                if sids:
+                    self._exchange({"op": "close_many", "sids": sids}, [], self.pool.config.call_timeout_s)
             if env is not None and env.key not in self.loaded:
                 resp, _, _ = self._exchange(env._load_request(), [env.snapshot],
                                             self.pool.config.call_timeout_s * 3)
@@ -481,6 +490,9 @@ class Session:
         except WorkerFailure as exc:
             raise SandboxError(f"cannot open a session: {exc}") from None
         self.sid, self.instance, self.lost = sid, inst, None
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, self.handle.worker.pending_close.append, (inst, sid))
 
     def __enter__(self) -> "Session":
         return self
@@ -536,10 +548,17 @@ class Session:
             raise SandboxError(str(exc)) from None
         return blobs[0]
 
+    def close_later(self) -> None:
+        """Close without waiting for the worker (safe from finalizers and any thread)."""
+        if not self.closed:
+            self.closed = True
+            self._finalizer()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._finalizer.detach()
         if not self.lost and not self.handle.pool._closed:
             try:
                 self.handle.worker.request({"op": "close", "sid": self.sid}, timeout=5, instance=self.instance)

@@ -300,7 +300,7 @@ class Worker:
             resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
 
     def op_ping(self, req, blobs):
-        return {"ok": True, "threads": threading.active_count()}, []
+        return {"ok": True, "threads": threading.active_count(), "sessions": len(self.sessions)}, []
 
     def op_build_db(self, req, blobs):
         from awm_core.db import build_database
@@ -350,6 +350,13 @@ class Worker:
         if s is not None:
             s.close()
         return {"ok": True}, []
+
+    def op_close_many(self, req, blobs):
+        for sid in req["sids"]:
+            s = self.sessions.pop(sid, None)
+            if s is not None:
+                s.close()
+        return {"ok": True, "sessions": len(self.sessions)}, []
 
     def op_reset(self, req, blobs):
         self.sessions[req["sid"]].reset()

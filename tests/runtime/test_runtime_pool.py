@@ -283,3 +283,23 @@ def test_awm1k_code_hosting_without_seed_runs_on_an_empty_database(pool, awm1k_s
         results = [s.call(name, {}) for name in listing]
     assert any(r.ok for r in results)
     assert all(r.error_kind in (None, "tool", "invalid_arguments") for r in results)
+
+
+def test_sessions_dropped_without_close_are_freed(pool, notes):
+    import gc
+
+    def live_sessions() -> int:
+        resp, _, _ = notes.worker.request({"op": "ping"})
+        return resp["sessions"]
+
+    before = live_sessions()
+    for _ in range(20):
+        s = notes.open_session()
+        s.call("list_notes", {})
+        del s
+    gc.collect()
+    assert live_sessions() == before
+    kept = notes.open_session()
+    assert live_sessions() == before + 1
+    kept.close()
+    assert live_sessions() == before
