@@ -163,14 +163,17 @@ def main() -> None:
 
     print(f"\nRollouts: reference policy (zero latency) on {len(envs)} environment(s), {n_tasks} task(s); "
           f"{pool.config.workers} sandbox worker(s); interface {args.interface}; median of {args.repeats} run(s)\n")
-    print("| mode | episodes | wall s | episodes/s | ms/episode | env share | policy share | loop share | verifier share |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| mode | episodes | wall s | episodes/s | env ms/ep | policy ms/ep | loop ms/ep | verifier ms/ep "
+          "| env share | loop share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, n, wall, eps, ms, t, busy in results:
-        share = (lambda x: f"{100 * x / busy:.1f}%") if busy else (lambda x: "-")
-        print(f"| {label} | {n} | {wall:.2f} | {eps:.0f} | {ms:.2f} | {share(t.env_s)} | {share(t.policy_s)} | "
-              f"{share(t.loop_s)} | {share(t.verify_s) if t.verify_s else '-'} |")
-    print("\nShares are of the summed per-episode time; with concurrent episodes the environment share includes "
-          "waiting for a worker (each worker serves one request at a time).")
+        per = lambda x: f"{1000 * x / n:.2f}"  # noqa: E731
+        share = (lambda x: f"{100 * x / busy:.1f}%") if busy else (lambda x: "-")  # noqa: E731
+        print(f"| {label} | {n} | {wall:.2f} | {eps:.0f} | {per(t.env_s)} | {per(t.policy_s)} | {per(t.loop_s)} | "
+              f"{per(t.verify_s) if t.verify_s else '-'} | {share(t.env_s)} | {share(t.loop_s)} |")
+    print("\nPer-episode times are sums over episodes divided by their number; with concurrent episodes the "
+          "environment time includes waiting for a worker (each worker serves one request at a time), so it "
+          "exceeds the wall time per episode.")
 
 
 if __name__ == "__main__":
