@@ -96,7 +96,11 @@ def run_eval(args) -> int:
                   env_ids=args.env_ids, split_by=args.split_by, seed=args.seed,
                   max_tasks_per_env=args.max_tasks_per_env)
     config = EvalConfig(**params)
-    config.check()  # fail on bad values before a flow run is created
+    config.check()  # fail on bad values, or a missing catalog, before a flow run is created
+    from awm_core.settings import get_settings
+    from storage.catalog import Catalog
+
+    Catalog.open(get_settings(), read_only=True).close()
     progress = _ProgressLine()
     add_progress_listener(progress)
     try:

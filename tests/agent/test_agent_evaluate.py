@@ -128,3 +128,28 @@ def test_awm_eval_on_the_generated_demo_snapshot(awm_home, prefect_server, capsy
     assert "| recipe_box |" in found["evaluation-summary"].data
     assert found["evaluation-progress"].data == 100.0
     assert (settings.runs_dir / summary["run_id"] / "reward_distribution.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_judged_run_publishes_the_judge_calls(published, tmp_path):
+    from awm_core.llm.fixture_server import FixtureServer
+
+    settings, envs, snap = published
+    for env in envs:
+        path = tmp_path / env.id / "judge.json"
+        path.parent.mkdir(parents=True)
+        verdict = "partially_completed" if env.id == "notes_b" else "completed"
+        path.write_text(json.dumps({"stage": "judge", "scenario": env.id, "attempts": [
+            {"content": json.dumps({"classification": verdict, "reasoning": "checked"}), "prompt_tokens": 800,
+             "completion_tokens": 30}]}))
+    settings.llm.cache = False
+    with FixtureServer(tmp_path) as srv:
+        settings.llm.judge = srv.role_settings(model="judge-model")
+        result = run_evaluation(EvalConfig(policy="reference", split="all", judge=True), settings=settings,
+                                run_id="judged")
+    assert {(r["env_id"], r["reward"]) for r in result.rows} == {("notes_a", 1.0), ("notes_b", 0.1), ("notes_c", 1.0)}
+    with Catalog.open(settings, read_only=True) as cat:
+        calls = cat.rows("SELECT role, stage, count(*) AS n, sum(prompt_tokens) AS tokens FROM llm_calls "
+                         "GROUP BY ALL")
+    assert calls == [{"role": "judge", "stage": "judge", "n": 9, "tokens": 7200}]
+    lines = [json.loads(x) for x in (settings.runs_dir / "judged" / "rollouts.jsonl").read_text().splitlines()]
+    assert {x["judge_reasoning"] for x in lines} == {"checked"} and {x["verdict"] for x in lines} == {"complete"}
