@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -16,6 +16,9 @@ from prefect.runtime import flow_run
 from awm_core.interop import awm1k
 from awm_core.settings import Settings, get_settings
 from storage.catalog import Catalog, made_by
+
+
+BATCH = 100
 
 
 @dataclass
@@ -36,8 +39,12 @@ class ImportSummary:
 
 
 def import_directory(path: str | Path, settings: Settings | None = None, flow_run_id: str | None = None,
-                     catalog: Catalog | None = None) -> ImportSummary:
-    """Parse ``path`` (any subset of the AWM-1K files) and publish the bundles as one snapshot."""
+                     catalog: Catalog | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> ImportSummary:
+    """Parse ``path`` (any subset of the AWM-1K files) and publish the bundles as one snapshot.
+
+    ``progress(done, total)`` is called after each batch of environments is written.
+    """
     settings = settings or get_settings()
     result = awm1k.read_dir(path)
     summary = ImportSummary(None, problems=[str(p) for p in result.problems], records=result.records)
@@ -51,7 +58,13 @@ def import_directory(path: str | Path, settings: Settings | None = None, flow_ru
         with cat.publish(made_by=made_by(settings, flow_run_id, source=str(Path(path).resolve()),
                                          importer="awm1k"),
                          message=f"import AgentWorldModel-1K: {len(result.environments)} environment(s)") as pub:
-            pub.add_environments(result.environments)
+            # Batches bound the Arrow memory of a full dataset (1,000 bundles of ~100 KB code each);
+            # they are still one transaction, so one snapshot.
+            envs = result.environments
+            for i in range(0, len(envs), BATCH):
+                pub.add_environments(envs[i:i + BATCH])
+                if progress:
+                    progress(min(i + BATCH, len(envs)), len(envs))
         summary.snapshot_id = pub.snapshot_id
     finally:
         if catalog is None:

@@ -325,9 +325,19 @@ class Catalog:
             raise CatalogError(f"no environment {env_id!r} in the catalog{where}")
         return Environment.from_json(found[0][0])
 
-    def environments(self, snapshot: int | None = None) -> Iterator[Environment]:
-        for (bundle,) in self._query("SELECT bundle FROM environments ORDER BY env_id", snapshot=snapshot):
-            yield Environment.from_json(bundle)
+    def environments(self, snapshot: int | None = None, ids: list[str] | None = None,
+                     batch: int = 100) -> Iterator[Environment]:
+        """Bundles in id order (all, or ``ids``), fetched a batch at a time to bound memory."""
+        wanted = self.environment_ids(snapshot) if ids is None else list(ids)
+        for i in range(0, len(wanted), batch):
+            chunk = wanted[i:i + batch]
+            found = dict(self._query("SELECT env_id, bundle FROM environments WHERE env_id IN (SELECT unnest(?))",
+                                     [chunk], snapshot))
+            for env_id in chunk:
+                if env_id not in found:
+                    raise CatalogError(f"no environment {env_id!r} in the catalog"
+                                       + (f" at snapshot {snapshot}" if snapshot is not None else ""))
+                yield Environment.from_json(found[env_id])
 
     def gate_passed(self, snapshot: int) -> bool:
         """True when the newest quality report for ``snapshot`` passed."""

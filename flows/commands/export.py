@@ -32,7 +32,7 @@ def run(args) -> int:
         unknown = [i for i in ids if i not in known]
         if unknown:
             raise CatalogError(f"no environment(s) {unknown} in the catalog")
-        envs = [cat.get_environment(i, args.snapshot) for i in ids]
+        envs = list(cat.environments(args.snapshot, ids))
     counts, notes = awm1k.write_dir(envs, args.to)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

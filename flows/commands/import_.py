@@ -21,7 +21,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from flows.import_awm1k import import_directory
 
-    summary = import_directory(args.dir)
+    def progress(done: int, total: int) -> None:
+        print(f"publishing environments: {done}/{total}", file=sys.stderr)
+
+    summary = import_directory(args.dir, progress=progress)
     for p in summary.problems:
         print(f"skipped {p}", file=sys.stderr)
     if summary.snapshot_id is None:
