@@ -131,10 +131,12 @@ def _cache_policy():
 
 
 def stage_task_options(settings: Any, stage: str, scenario_id: str, *, retries: int | None = None) -> dict[str, Any]:
+    # No tags on stage runs: Prefect acquires a tag concurrency slot through the API for every
+    # tagged task run (~10-100 ms each, x27 per environment). The run name carries stage and
+    # scenario; the enclosing build[...] and validate[...] runs carry the scenario tag.
     return dict(
         name=f"stage-{stage.split('.')[0]}",
         task_run_name=f"{stage}[{scenario_id}]",
-        tags=["awm-stage", f"stage:{stage.split('.')[0]}", f"scenario:{scenario_id}"],
         retries=settings.generation.stage_retries if retries is None else retries,
     )
 
@@ -146,10 +148,15 @@ def results_dir(settings: Any) -> Path:
 
 @task(retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition, cache_policy=_cache_policy(),
       persist_result=True)
-def run_stage_task(stage: str, ctx: StageContext, prompt_version: str, model: str, run_key: str,
+def run_stage_task(stage: str, ctx_json: str, prompt_version: str, model: str, run_key: str,
                    extra_errors: list[str], attempt_offset: int) -> StageOutput:
-    """One attempt of one stage; Prefect's retries make the repair loop."""
+    """One attempt of one stage; Prefect's retries make the repair loop.
+
+    The context travels as JSON text: Prefect walks every parameter's structure on each
+    task run (input tracking, future resolution), which for a full pydantic context cost
+    ~70-200 ms per run; a string costs nothing and hashes the same into the cache key."""
     res = resources(run_key)
+    ctx = StageContext.model_validate_json(ctx_json)
     module = STAGES[stage]
     run_id = str(runtime_task_run.id)
     attempt = attempt_offset + runtime_task_run.run_count
@@ -189,7 +196,8 @@ def call_stage(settings: Any, run_key: str, stage: str, ctx: StageContext, *, ex
     """Run a stage task with its per-call name, tags and retries; raises StageFailed."""
     name = stage_name(STAGES[stage], ctx)
     t = run_stage_task.with_options(**stage_task_options(settings, name, ctx.scenario_id))
-    return t(stage, ctx, STAGES[stage].PROMPT_VERSION, ctx.model, run_key, list(extra_errors), attempt_offset)
+    return t(stage, ctx.model_dump_json(), STAGES[stage].PROMPT_VERSION, ctx.model, run_key, list(extra_errors),
+             attempt_offset)
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -384,13 +392,14 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
 
 def validate_task(env: Environment, min_valid_tasks: int, run_key: str) -> ValidationReport:
     t = _validate.with_options(task_run_name=f"validate[{env.id}]", tags=["awm-validate", f"scenario:{env.id}"])
-    return t(env, min_valid_tasks, run_key)
+    return t(env.model_dump_json(), min_valid_tasks, run_key)
 
 
 @task(name="validate-environment", cache_policy=_cache_policy(), persist_result=True)
-def _validate(env: Environment, min_valid_tasks: int, run_key: str) -> ValidationReport:
-    """Every execution check of the assembled bundle, in the sandbox."""
+def _validate(env_json: str, min_valid_tasks: int, run_key: str) -> ValidationReport:
+    """Every execution check of the assembled bundle, in the sandbox (bundle as JSON: see run_stage_task)."""
     res = resources(run_key)
+    env = Environment.model_validate_json(env_json)
     # Tasks without a verifier/solution were dropped by their stages; check only the rest here.
     keep = {v.task_idx for v in env.verifiers} & {s.task_idx for s in env.solutions}
     subset = env.model_copy(update={"tasks": [t for t in env.tasks if t.idx in keep]})

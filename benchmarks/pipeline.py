@@ -1,0 +1,151 @@
+"""Generate-flow overhead: N environments with an offline backend that sleeps per LLM call.
+
+The N scenarios reuse the three demo recordings (recipe_box, clinic_booking, team_expenses,
+with their failing first attempts) under N distinct scenario ids in a temporary fixtures
+folder. Every LLM call sleeps ``--latency`` seconds. The ideal run time is the critical path
+of LLM latency alone: each environment is a chain of sequential calls (stages, repairs,
+one verifier and one solution per task), and with C environments built at once the ideal is
+``ceil(N / C) * chain * latency`` (+ the one scenario-less start). Everything above that is
+orchestration and validation overhead: Prefect task runs, sandbox checks, caching, the
+catalog publish.
+
+    python benchmarks/pipeline.py                      # 100 envs, 1 s per call, C=20, 1 run
+    python benchmarks/pipeline.py -n 12 -c 4 --runs 3  # a quicker look
+
+Needs a Prefect API: it uses PREFECT_API_URL when set, else starts a temporary server.
+Prints one table (median over --runs; each run in a fresh AWM_HOME, so nothing is cached).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEMO = ("recipe_box", "clinic_booking", "team_expenses")
+
+
+def make_fixtures(root: Path, n: int) -> tuple[Path, Path, list[str], dict[str, int]]:
+    """Fixtures and seed list for n scenario ids; returns (fixtures, seed list, names, chain length per id)."""
+    from awm_core.settings import DEFAULT_FIXTURES
+
+    fixtures = root / "fixtures"
+    seeds, names, chain = [], [], {}
+    for i in range(n):
+        base = DEMO[i % len(DEMO)]
+        name = f"{base.replace('_', ' ').title()} {i:03d}"
+        sid = f"{base}_{i:03d}"
+        dst = fixtures / sid
+        dst.mkdir(parents=True)
+        calls = 0
+        for f in (DEFAULT_FIXTURES / base).glob("*.json"):
+            data = json.loads(f.read_text())
+            data["scenario"] = sid
+            (dst / f.name).write_text(json.dumps(data))
+            # Calls this stage makes on the chain: one per recorded attempt (the last is good).
+            calls += len(data["attempts"])
+        chain[sid] = calls
+        seeds.append({"name": name, "description": f"copy {i} of the {base} demo", "category": base})
+        names.append(name)
+    seed_list = root / "seeds.json"
+    seed_list.write_text(json.dumps(seeds))
+    return fixtures, seed_list, names, chain
+
+
+def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("the Prefect server did not come up")
+
+
+def one_run(n: int, concurrency: int, latency: float, workers: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="awm-bench-"))
+    try:
+        fixtures, seed_list, names, chain = make_fixtures(root, n)
+        os.environ["AWM_HOME"] = str(root / "home")
+        os.environ["AWM_SANDBOX__WORKERS"] = str(workers)
+        from awm_core.settings import get_settings
+
+        get_settings.cache_clear()
+        from flows.generate import run_generate
+
+        t0 = time.perf_counter()
+        summary = run_generate(scenarios=names, concurrency=concurrency, fixtures_dir=str(fixtures),
+                               seed_list=str(seed_list), offline_latency_s=latency, skip_existing=False)
+        wall = time.perf_counter() - t0
+        per_env = max(chain.values())
+        ideal = math.ceil(n / concurrency) * per_env * latency
+        return {"wall_s": wall, "ideal_s": ideal, "chain": per_env, "published": len(summary["published"]),
+                "calls": summary["llm_calls"], "flow_s": summary["seconds"]}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", "--envs", type=int, default=100)
+    ap.add_argument("-c", "--concurrency", type=int, default=20)
+    ap.add_argument("--latency", type=float, default=1.0, help="seconds per LLM call")
+    ap.add_argument("--workers", type=int, default=2, help="sandbox worker processes")
+    ap.add_argument("--runs", type=int, default=1)
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    server = None
+    if "PREFECT_API_URL" not in os.environ:
+        home = Path(tempfile.mkdtemp(prefix="awm-bench-prefect-"))
+        server, url = start_server(home)
+        os.environ["PREFECT_API_URL"] = url
+        os.environ["PREFECT_HOME"] = str(home)
+    try:
+        runs = [one_run(args.envs, args.concurrency, args.latency, args.workers) for _ in range(args.runs)]
+    finally:
+        if server is not None:
+            server.send_signal(2)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "ideal_s", "flow_s")}
+    r0 = runs[0]
+    overhead = (med["wall_s"] - med["ideal_s"]) / med["ideal_s"]
+    print(f"\n{args.envs} environments, {args.latency:g} s per LLM call, concurrency {args.concurrency}, "
+          f"{args.workers} sandbox workers, {os.cpu_count()} CPUs, median of {len(runs)} run(s)\n")
+    print("| measure | value |\n|---|---:|")
+    print(f"| LLM calls on one environment's chain | {r0['chain']} |")
+    print(f"| LLM calls in the run | {r0['calls']} |")
+    print(f"| environments published | {r0['published']} |")
+    print(f"| ideal: critical path of LLM latency, ceil(N/C) x chain x latency | {med['ideal_s']:.1f} s |")
+    print(f"| generate flow, wall time (call to return) | {med['wall_s']:.1f} s |")
+    print(f"| of which inside the flow body | {med['flow_s']:.1f} s |")
+    print(f"| orchestration + validation overhead | {overhead * 100:+.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
