@@ -225,12 +225,13 @@ class EvalRun:
         self._write_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="episode")
         self.progress = _Progress(total, on_update)
-        self._shared_policy = self._make_shared_policy()
+        self._client = self._make_client()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
 
-    def _make_shared_policy(self):
+    def _make_client(self):
+        """The endpoint client shared by the episodes of openai policies (one connection pool)."""
         c, role = self.config, self.settings.llm.policy
         if c.policy not in ("openai", "openai-text"):
             return None
@@ -238,20 +239,24 @@ class EvalRun:
         if not base_url:
             raise AWMError(f"policy {c.policy!r} needs an endpoint: pass base_url (awm eval --base-url URL) or set "
                            "AWM_LLM__POLICY__BASE_URL")
+        import openai
+
         api_key = role.api_key.get_secret_value() if role.api_key else None
-        if c.policy == "openai":
-            return OpenAIChatPolicy(base_url, self.model, api_key, temperature=role.temperature,
-                                    max_tokens=min(role.max_tokens, 4096), timeout_s=role.timeout_s)
-        return TextToolCallPolicy.for_endpoint(base_url, self.model, api_key, temperature=role.temperature,
-                                               max_tokens=min(role.max_tokens, 4096), timeout_s=role.timeout_s)
+        return openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=role.timeout_s, max_retries=2)
 
     def policy_for(self, env: Environment, task_idx: int, episode_idx: int):
-        if self._shared_policy is not None:
-            return self._shared_policy
-        if self.config.policy == "reference":
+        c, role = self.config, self.settings.llm.policy
+        if c.policy in ("openai", "openai-text"):
+            headers = EpisodeHeaders(env.id, task_idx)
+            kw = dict(temperature=role.temperature, max_tokens=min(role.max_tokens, 4096), headers=headers,
+                      client=self._client)
+            if c.policy == "openai":
+                return OpenAIChatPolicy(None, self.model, **kw)
+            return TextToolCallPolicy.for_endpoint(None, self.model, **kw)
+        if c.policy == "reference":
             return ReferencePolicy(env.solution(task_idx))
         # str hashes change per process; a digest keeps random runs reproducible.
-        key = f"{self.config.seed}/{env.id}/{task_idx}/{episode_idx}".encode()
+        key = f"{c.seed}/{env.id}/{task_idx}/{episode_idx}".encode()
         return RandomPolicy(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
     def run_environment(self, env_id: str, task_idxs: list[int]) -> tuple[list[dict], list[dict], list[str]]:
@@ -308,6 +313,20 @@ class EvalRun:
             with open(self.jsonl, "a", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         self.progress.add(row)
+
+
+class EpisodeHeaders:
+    """Per-request headers of an episode's policy calls: stage ``policy.<task_idx>``, the
+    environment, and the turn as attempt. A gateway can trace by them, and the project's fixture
+    server answers by them, so recorded policy conversations replay offline."""
+
+    def __init__(self, env_id: str, task_idx: int):
+        self.env_id, self.task_idx, self.turn = env_id, task_idx, 0
+
+    def __call__(self, messages: list[dict[str, Any]]) -> dict[str, str]:
+        self.turn += 1
+        return {"X-AWM-Stage": f"policy.{self.task_idx}", "X-AWM-Scenario": self.env_id,
+                "X-AWM-Attempt": str(self.turn)}
 
 
 def plan_tasks(environments: dict[str, Environment], config: EvalConfig,

@@ -118,8 +118,12 @@ class TextToolCallPolicy:
     @classmethod
     def for_endpoint(cls, base_url: str | None, model: str, api_key: str | None = None, *,
                      temperature: float = 1.0, max_tokens: int | None = 2048, timeout_s: float = 120.0,
+                     headers: dict[str, str] | Callable[[list[dict[str, Any]]], dict[str, str]] | None = None,
                      client: Any = None) -> "TextToolCallPolicy":
-        """Text generation through a chat-completions endpoint called without ``tools``."""
+        """Text generation through a chat-completions endpoint called without ``tools``.
+
+        ``headers`` as for ``OpenAIChatPolicy``.
+        """
         if client is None:
             import openai
 
@@ -129,6 +133,8 @@ class TextToolCallPolicy:
             kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature}
             if max_tokens:
                 kwargs["max_tokens"] = max_tokens
+            if headers:
+                kwargs["extra_headers"] = headers(messages) if callable(headers) else headers
             resp = client.chat.completions.create(**kwargs)
             usage = getattr(resp, "usage", None)
             return Generation(resp.choices[0].message.content or "", getattr(usage, "prompt_tokens", None),

@@ -153,3 +153,32 @@ def test_judged_run_publishes_the_judge_calls(published, tmp_path):
     assert calls == [{"role": "judge", "stage": "judge", "n": 9, "tokens": 7200}]
     lines = [json.loads(x) for x in (settings.runs_dir / "judged" / "rollouts.jsonl").read_text().splitlines()]
     assert {x["judge_reasoning"] for x in lines} == {"checked"} and {x["verdict"] for x in lines} == {"complete"}
+
+
+@pytest.mark.parametrize("policy", ["openai", "openai-text"])
+def test_endpoint_policies_replay_recorded_conversations(published, tmp_path, policy):
+    """Episodes of the endpoint policies carry stage/scenario/turn headers, so the fixture server
+    replays a recorded conversation per task: native tool calls, or <tool_call> text."""
+    from awm_core.llm.fixture_server import FixtureServer
+
+    settings, envs, snap = published
+    create = {"title": "Groceries", "body": "milk, eggs"}
+    if policy == "openai":
+        turns = [{"content": "", "tool_calls": [{"id": "c1", "function": {"name": "create_note", "arguments": create}}]},
+                 {"content": "Saved."}]
+    else:
+        turns = [{"content": '<tool_call>{"name": "create_note", "arguments": %s}</tool_call>' % json.dumps(create)},
+                 {"content": "<think>done</think>Saved."}]
+    for t in turns:
+        t.update(prompt_tokens=100, completion_tokens=10)
+    path = tmp_path / "notes_a" / "policy.0.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"stage": "policy.0", "scenario": "notes_a", "attempts": turns}))
+    with FixtureServer(tmp_path) as srv:
+        result = run_evaluation(EvalConfig(policy=policy, base_url=srv.base_url, model="m", split="all",
+                                           env_ids=["notes_a"], max_tasks_per_env=1), settings=settings)
+        seen = [(r.stage, r.scenario, r.attempt) for r in srv.chat_requests()]
+    assert seen == [("policy.0", "notes_a", 1), ("policy.0", "notes_a", 2)]
+    (row,) = result.rows
+    assert (row["reward"], row["final_answer"], row["turns"], row["prompt_tokens"], row["model"]) == (
+        1.0, "Saved.", 2, 200, "m")
