@@ -42,6 +42,7 @@ from awm_core.agent.rewards import (
     parse_judge_reply,
     reward_for,
     trajectory_summary,
+    verify_and_reward,
     verify_episode,
 )
 from awm_core.agent.splits import make_splits, select
@@ -52,6 +53,6 @@ __all__ = [
     "RandomPolicy", "ReferencePolicy", "TextToolCallPolicy", "ToolCallRequest", "ToolCallResult", "ToolDef",
     "ToolRouter", "Turn", "default_system_prompt", "format_text_tool_call", "function_tool", "judge_messages",
     "make_splits", "parse_judge_reply", "parse_native_tool_calls", "parse_text_tool_calls", "random_arguments",
-    "render_tool_result", "reward_for", "run_episode", "select", "trajectory_summary", "verify_episode",
+    "render_tool_result", "reward_for", "run_episode", "select", "trajectory_summary", "verify_and_reward", "verify_episode",
     "visible_messages",
 ]

@@ -93,6 +93,14 @@ def verify_episode(pool: Any, environment: Environment, task_idx: int, episode: 
                     judge_reasoning=decision.reasoning)
 
 
+def verify_and_reward(pool: Any, environment: Environment, episode: Episode, settings: Any,
+                      judge: "LLMJudge | None" = None) -> Outcome:
+    """``verify_episode`` for an episode that was run on a ``Task`` (it knows its task index)."""
+    if episode.task_idx is None:
+        raise ValueError("the episode was run on task text, not a Task: call verify_episode with the task index")
+    return verify_episode(pool, environment, episode.task_idx, episode, settings, judge=judge)
+
+
 # --------------------------------------------------------------------------- judge
 
 JUDGE_SYSTEM = """You judge whether an agent completed a task in a simulated application backed by a SQLite database.

@@ -6,7 +6,8 @@ import pytest
 
 from agent_bundles import notes_environment
 from awm_core.agent import (
-    PolicyReply, RandomPolicy, ReferencePolicy, TextToolCallPolicy, run_episode, verify_episode, visible_messages,
+    PolicyReply, RandomPolicy, ReferencePolicy, TextToolCallPolicy, run_episode, verify_and_reward, verify_episode,
+    visible_messages,
 )
 from awm_core.db import snapshot_digest
 from awm_core.runtime import SandboxPool
@@ -61,6 +62,7 @@ def test_reference_policy_scores_one_on_every_task(pool, notes, interface, style
         assert (out.label, out.reward, out.env_error) == ("completed", 1.0, False), out
     # The final database is what the session holds, and the digests are of real state.
     ep = episode(handle, env, ReferencePolicy(env.solution(1)), 1)
+    assert verify_and_reward(pool, env, ep, SETTINGS).reward == 1.0  # the episode knows its task
     assert ep.initial_digest == snapshot_digest(handle.snapshot) != ep.final_digest == snapshot_digest(ep.final_snapshot)
     assert "final_snapshot" not in json.dumps(ep.to_dict()) and ep.to_dict()["termination"] == "final_answer"
 
