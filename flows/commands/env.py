@@ -126,7 +126,7 @@ def cmd_check(args) -> int:
         for c in checks:
             status = "ok  " if c.ok else "FAIL"
             detail = "" if c.ok else f"  [{c.result.error_kind}] {(c.result.error or '')[:200]}"
-            print(f"{status} {c.tool:<{width}}{detail}")
+            print(f"{status} {c.tool:<{width}}{detail}".rstrip())
         print(f"{len(checks) - len(failed)}/{len(checks)} tools passed with their example arguments")
     return 1 if failed else 0
 
