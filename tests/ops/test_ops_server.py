@@ -14,6 +14,8 @@ import pytest
 
 from conftest import REPO, free_port
 
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(__file__)
 
 

@@ -1,0 +1,186 @@
+"""The generate flow as operations sees it, against a real Prefect server:
+
+- 30% injected LLM faults (timeouts, 429, 500, malformed and truncated JSON) from the local
+  fixture server, through the http backend: the run survives and publishes only environments
+  that passed validation;
+- the finished run's page in a real headless Chromium shows its artifacts (screenshots kept);
+- fan-out on Prefect's Dask task runner with a local two-worker Dask cluster.
+
+The SIGKILL-and-resume and the budget-cap cases are covered by tests/pipeline/test_pipeline_flow.py
+(they run the same flow against the same server fixture); they are not repeated here.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SCENARIOS = ["recipe_box", "clinic_booking", "team_expenses"]
+# Kept after the run for a person (or CI) to look at; the folder is git-ignored.
+SCREENSHOTS = Path(os.environ.get("AWM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ops"
+
+
+def _use_home(home: Path, **env: str) -> dict[str, str | None]:
+    from awm_core.settings import get_settings
+
+    changes = {"AWM_HOME": str(home), "AWM_CONFIG": str(home / "none.toml"), "OPENAI_API_KEY": None,
+               "OPENAI_BASE_URL": None, **env}
+    old = {k: os.environ.get(k) for k in changes}
+    for k, v in changes.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    get_settings.cache_clear()
+    return old
+
+
+def _restore(old: dict[str, str | None]) -> None:
+    from awm_core.settings import get_settings
+
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    get_settings.cache_clear()
+
+
+def _catalog_rows(query: str):
+    from awm_core.settings import get_settings
+    from storage.catalog import Catalog
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        return cat.rows(query)
+
+
+@pytest.fixture(scope="module")
+def faulty_run(prefect_server, tmp_path_factory):
+    """One generate run of the three demo scenarios with 30% of chat requests faulted."""
+    from awm_core.llm.fixture_server import FixtureServer
+    from awm_core.settings import DEFAULT_FIXTURES
+
+    home = tmp_path_factory.mktemp("ops-faults")
+    with FixtureServer(DEFAULT_FIXTURES, fault_rate=0.3, seed=11, timeout_sleep_s=3.0) as srv:
+        old = _use_home(home, AWM_LLM__GENERATOR__BACKEND="http", AWM_LLM__GENERATOR__BASE_URL=srv.base_url,
+                        AWM_LLM__GENERATOR__API_KEY="fixture-server", AWM_LLM__GENERATOR__TIMEOUT_S="1",
+                        AWM_LLM__BACKOFF_BASE_S="0.05", AWM_LLM__MAX_HTTP_RETRIES="4")
+        try:
+            from flows.generate import run_generate
+
+            summary = run_generate(scenarios=SCENARIOS, concurrency=3)
+            with_envs = {e.id: e for e in _environments(summary["snapshot"])}
+            rows = _catalog_rows(f"SELECT stage, scenario_id, attempt, error FROM llm_calls "
+                                 f"WHERE run_id = '{summary['run_id']}'")
+            yield {"summary": summary, "requests": srv.chat_requests(), "envs": with_envs, "calls": rows}
+        finally:
+            _restore(old)
+
+
+def _environments(snapshot):
+    from awm_core.settings import get_settings
+    from storage.catalog import Catalog
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        return list(cat.environments(snapshot=snapshot))
+
+
+def test_generate_survives_30_percent_llm_faults_and_publishes_only_valid_environments(faulty_run):
+    requests, summary, envs = faulty_run["requests"], faulty_run["summary"], faulty_run["envs"]
+    faults = Counter(r.fault for r in requests if r.fault)
+    # Every kind was injected, at about the configured rate.
+    assert set(faults) == {"timeout", "429", "500", "malformed", "truncated"}, faults
+    assert 0.2 < sum(faults.values()) / len(requests) < 0.4, (faults, len(requests))
+    # The run finished and published; what it published passed validation in full.
+    assert summary["status"] in ("completed", "partial") and summary["snapshot"] is not None
+    assert summary["published"], summary
+    assert set(envs) == set(summary["published"])
+    for env in envs.values():
+        assert env.validation.passed, env.id
+        assert all(c.passed for c in env.validation.checks if c.task_idx is None or c.task_idx not in
+                   env.validation.dropped_tasks), env.id
+        assert len(env.tasks) >= 5 and len(env.verifiers) == len(env.tasks) == len(env.solutions)
+    # Dropped ones are reported with a reason, never published half-made.
+    for sid, reason in summary["dropped"].items():
+        assert sid not in envs and reason
+    # Transport faults were retried by the client and malformed/truncated replies repaired by
+    # Prefect retries: both leave failed attempts in the published ledger.
+    errors = [c["error"] for c in faulty_run["calls"] if c["error"]]
+    assert any("HTTP 429" in e or "HTTP 500" in e for e in errors), errors[:5]
+    assert any("timed out" in e.lower() or "timeout" in e.lower() for e in errors), errors[:5]
+    assert any("not valid JSON" in e or "cut off" in e or "rejected" in e for e in errors), errors[:5]
+
+
+def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, prefect_server):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ops_browser import Browser, chromium_path
+
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+    ui = prefect_server.removesuffix("/api")
+    run_id = faulty_run["summary"]["flow_run_id"]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with Browser(exe) as b:
+        b.goto(f"{ui}/runs/flow-run/{run_id}")
+        text = b.wait_for_text("Artifacts")
+        assert "Completed" in text and "generate" in text
+        assert b.click_text("Artifacts")
+        text = b.wait_for_text("generate-environments", timeout=60)
+        assert "generate-summary" in text and "one row per scenario" in text
+        b.screenshot(SCREENSHOTS / "flow-run-artifacts.png")
+        # The summary artifact itself: the per-environment table and the attempts chart render.
+        assert b.click_text("generate-summary")
+        text = b.wait_for_text("Repairs per stage", timeout=60)
+        for sid in faulty_run["summary"]["published"]:
+            assert sid in text
+        sizes = b.evaluate("[...document.images].filter(i => i.src.startsWith('data:image/png'))"
+                           ".map(i => i.naturalWidth)")
+        assert sizes and all(w > 100 for w in sizes), sizes
+        shot = b.screenshot(SCREENSHOTS / "generate-summary.png")
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_generate_fans_out_on_a_local_dask_cluster(prefect_server, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from prefect_dask import DaskTaskRunner
+
+    from distributed import LocalCluster
+
+    old = _use_home(tmp_path / "home")
+    # Two Dask workers with one thread each. The stage tasks share the run's LLM client,
+    # budget and sandbox pool, which live in the flow's process: the workers run there too
+    # (processes=False). The cluster is made here, with the same kwargs DaskTaskRunner would
+    # pass it, so the test can read what each worker executed.
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    try:
+        from flows.generate import run_generate
+
+        runner = DaskTaskRunner(address=cluster.scheduler_address)
+        # One Dask task per scenario (each builds its environment's stages in order).
+        summary = run_generate(scenarios=["clinic_booking", "team_expenses"], task_runner=runner)
+        executed = [w.state.executed_count for w in cluster.workers.values()]
+        assert len(executed) == 2 and all(n > 0 for n in executed), executed  # both workers took work
+        assert summary["status"] == "completed" and sorted(summary["published"]) == ["clinic_booking", "team_expenses"]
+        envs = {e.id: e for e in _environments(summary["snapshot"])}
+        assert set(envs) == {"clinic_booking", "team_expenses"} and all(e.validation.passed for e in envs.values())
+        # The task runs really went through Dask: Prefect records the runner's task runs.
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with get_client(sync_client=True) as client:
+            trs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]])))
+        names = {t.name for t in trs}
+        assert {"build[clinic_booking]", "build[team_expenses]", "schema[team_expenses]", "verifier.0[team_expenses]",
+                "validate[clinic_booking]"} <= names
+    finally:
+        cluster.close()
+        _restore(old)
