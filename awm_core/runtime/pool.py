@@ -333,6 +333,21 @@ class SandboxPool:
         with self._lock:
             return self._handles.setdefault(key, handle)
 
+    def unload(self, environment: Environment) -> None:
+        """Drop a loaded environment and its sessions from its worker (frees the module)."""
+        key = f"{environment.id}-{environment.digest()[:12]}"
+        with self._lock:
+            handle = self._handles.pop(key, None)
+        if handle is None:
+            return
+        worker = handle.worker
+        if key in worker.loaded:
+            try:
+                worker.request({"op": "unload", "key": key}, timeout=self.config.call_timeout_s)
+            except WorkerFailure:
+                pass
+            worker.loaded.discard(key)
+
     def _request_or_raise(self, worker: _Worker, header, blobs=(), timeout=None):
         try:
             return worker.request(header, blobs, timeout=timeout or self.config.call_timeout_s * 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from awm_core.models import ToolSpec  # noqa: E402
 from awm_core.runtime import EnvLoadError, SandboxPool  # noqa: E402
 
 REAL_OS = "os_ = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0].__init__.__globals__"
-OUTSIDE = "/tmp/awm-hostile-probe.txt"
+OUTSIDE = os.path.join(tempfile.gettempdir(), "awm-hostile-probe.txt")
 
 CASES = {
     "infinite_loop": ("while True:\n    pass", "environment", "wall-clock limit"),

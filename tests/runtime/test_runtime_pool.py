@@ -303,3 +303,17 @@ def test_sessions_dropped_without_close_are_freed(pool, notes):
     assert live_sessions() == before + 1
     kept.close()
     assert live_sessions() == before
+
+
+def test_unload_frees_the_environment_and_load_brings_it_back(pool):
+    env = notes_environment(env_id="unload_me")
+    handle = pool.load(env)
+    s = handle.open_session()
+    assert handle.key in handle.worker.loaded
+    pool.unload(env)
+    assert handle.key not in handle.worker.loaded
+    assert s.call("list_notes", {}).error_kind == "environment"  # its sessions went with it
+    again = pool.load(env)
+    assert again is not handle
+    with again.open_session() as s2:
+        assert len(s2.call("list_notes", {}).content) == 2
