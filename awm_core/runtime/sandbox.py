@@ -40,6 +40,24 @@ AWM1K_IMPORTS = NATIVE_IMPORTS | frozenset({
 })
 VERIFIER_IMPORTS = NATIVE_IMPORTS | frozenset({"os"})
 
+# Imported before the worker gives up root: with its own uid it may not be able to read the
+# interpreter's standard library (e.g. when Python lives under a private home folder), so
+# everything generated code may import, and what libraries import lazily, is loaded first.
+PRELOAD = (
+    "sqlite3", "json", "datetime", "re", "math", "typing", "collections", "collections.abc", "itertools",
+    "functools", "decimal", "statistics", "uuid", "hashlib", "random", "string", "enum", "dataclasses", "time",
+    "calendar", "copy", "operator", "textwrap", "fractions", "numbers", "zoneinfo", "__future__",
+    "concurrent.futures", "concurrent.futures.thread", "email.utils", "email.message", "http", "http.cookies",
+    "urllib.parse", "ipaddress", "pathlib", "tempfile", "shutil", "fnmatch", "difflib", "pprint", "base64",
+    "binascii", "zlib", "struct", "bisect", "heapq", "weakref", "contextvars", "contextlib", "warnings",
+    "traceback", "linecache", "tokenize", "ast", "unicodedata", "csv", "io", "secrets", "hmac", "locale",
+    "encodings.idna", "encodings.latin_1", "encodings.ascii", "encodings.cp1252", "encodings.utf_16",
+    "encodings.utf_32", "encodings.unicode_escape", "encodings.raw_unicode_escape", "typing_extensions",
+    "annotated_types", "sqlalchemy.ext.declarative", "sqlalchemy.ext.hybrid", "sqlalchemy.ext.associationproxy",
+    "sqlalchemy.sql.functions", "pydantic.networks", "fastapi.responses", "fastapi.encoders",
+    "fastapi.middleware.cors", "starlette.responses", "anyio.to_thread",
+)
+
 REMOVED_BUILTINS = ("exit", "quit", "input", "breakpoint", "help", "copyright", "credits", "license")
 
 _DENY_ALWAYS = (
@@ -189,6 +207,13 @@ def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
     active["rlimits"] = True
     active["separate_uid"] = False
     if cfg.get("uid_base") is not None and os.geteuid() == 0:
+        import importlib
+
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
         # A uid of its own (unique while this pid lives): RLIMIT_NPROC then counts only this
         # worker's threads, the kernel refuses signals to the parent or to other workers, and
         # files readable only by their owner are out of reach.

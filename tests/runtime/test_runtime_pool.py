@@ -317,3 +317,85 @@ def test_unload_frees_the_environment_and_load_brings_it_back(pool):
     assert again is not handle
     with again.open_session() as s2:
         assert len(s2.call("list_notes", {}).content) == 2
+
+
+def test_every_allowed_module_imports_inside_the_sandbox(pool):
+    from awm_core.runtime.sandbox import NATIVE_IMPORTS
+
+    mods = sorted(m for m in NATIVE_IMPORTS if m != "__future__")
+    code = ("import sqlite3\n\ndef imports(conn: sqlite3.Connection) -> list:\n    \"\"\"Import them all.\"\"\"\n"
+            f"    return [__import__(m).__name__ for m in {mods!r}]\n")
+    env = notes_environment(code, "all_imports").model_copy(update={"api_spec": None})
+    with pool.load(env).open_session() as s:
+        r = s.call("imports", {})
+    assert r.ok, r
+    assert r.content == [m.split(".")[0] for m in mods]
+
+
+SMALL_FASTAPI = '''
+import os
+from typing import Optional
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from sqlalchemy import create_engine, Column, Integer, String
+from sqlalchemy.orm import declarative_base, sessionmaker
+
+engine = create_engine(os.getenv("DATABASE_PATH", "sqlite:///items.db"), connect_args={"check_same_thread": False})
+SessionLocal = sessionmaker(bind=engine)
+Base = declarative_base()
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id = Column(Integer, primary_key=True)
+    name = Column(String, nullable=False)
+
+
+Base.metadata.create_all(engine)
+app = FastAPI()
+
+
+class ItemIn(BaseModel):
+    name: str = Field(..., description="name of the item")
+    note: Optional[str] = None
+
+
+@app.get("/items/{item_id}", operation_id="get_item", summary="Get an item")
+def get_item(item_id: int):
+    session = SessionLocal()
+    item = session.get(Item, item_id)
+    session.close()
+    return {"id": item.id, "name": item.name}
+
+
+@app.post("/items", operation_id="create_item", summary="Create an item")
+async def create_item(body: ItemIn):
+    session = SessionLocal()
+    item = Item(name=body.name)
+    session.add(item)
+    session.commit()
+    out = {"id": item.id, "name": item.name}
+    session.close()
+    return out
+'''
+
+
+def test_awm1k_adapter_with_sync_handler_and_body_model(pool):
+    from awm_core.models import DbSchema, EnvCode, Environment, Scenario, TableSchema
+
+    env = Environment(
+        id="small_fastapi", scenario=Scenario(id="small_fastapi", name="small", description="items"),
+        db_schema=DbSchema(tables=[TableSchema(name="items", ddl="CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")]),
+        code=EnvCode(flavour="awm1k", source=SMALL_FASTAPI))
+    handle = pool.load(env)
+    schema = handle.tool("create_item").input_schema
+    assert schema["required"] == ["name"] and set(schema["properties"]) == {"name", "note"}
+    with handle.open_session() as s:
+        created = s.call("create_item", {"name": "lamp"})
+        assert created.ok and created.content == {"id": 1, "name": "lamp"}
+        got = s.call("get_item", {"item_id": 1})  # a sync handler: runs on FastAPI's thread pool
+        assert got.ok and got.content["name"] == "lamp"
+        missing = s.call("get_item", {"item_id": 9})
+        assert missing.error_kind == "tool" and "HTTP 500" in missing.error
+    with handle.open_session() as other:
+        assert other.call("get_item", {"item_id": 1}).error_kind == "tool"  # its own empty database
