@@ -96,7 +96,9 @@ class _Worker:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-s", "-m", "awm_core.runtime.worker", json.dumps(wcfg)],
-                pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                # stdout (generated code's print) goes nowhere; stderr keeps the worker's own
+                # failures for the error message when it dies.
+                pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 env=env, cwd=str(self.scratch), start_new_session=True, close_fds=True)
         finally:
             os.close(req_r)

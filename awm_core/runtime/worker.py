@@ -504,6 +504,10 @@ class Worker:
 
 
 def main() -> None:
+    import warnings
+
+    # The dataset's apps trigger FastAPI deprecation warnings by the dozen on every import.
+    warnings.simplefilter("ignore", DeprecationWarning)
     cfg = json.loads(sys.argv[1])
     fd_in, fd_out = cfg["fd_in"], cfg["fd_out"]
     scratch = Path(cfg["scratch"])
