@@ -211,8 +211,7 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
                 scenario_stage.PROMPT_VERSION, run_key)
             chosen, scenario_info = sel["scenarios"], sel
         say(f"generating {len(chosen)} environment(s): {', '.join(s.id for s in chosen)}")
-        futures = [G.build_environment_task.with_options(task_run_name=f"build[{s.id}]",
-                                                         tags=["awm-build", f"scenario:{s.id}"])
+        futures = [G.build_environment_task.with_options(task_run_name=f"build[{s.id}]")
                    .submit(s, k, gen.target_tools, model, gen.min_valid_tasks, run_key) for s in chosen]
         for s, fut in zip(chosen, futures):
             try:
@@ -256,7 +255,7 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
     else:
         _write_state(run_dir, status="finished")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    _artifacts(summary, outcomes)
+    _artifacts(summary, outcomes, records)
     if summary["snapshot"] is not None and published:  # chains the gate deployment (deployments/prefect.yaml)
         emit_snapshot_event(GENERATE_PUBLISHED, summary["snapshot"], run_id=run_id, status=status,
                             published=len(published))
@@ -385,7 +384,26 @@ def _attempts_png(outcomes: list[G.EnvOutcome]) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _artifacts(summary: dict[str, Any], outcomes: list[G.EnvOutcome]) -> None:
+def stage_rows(records: list[Any]) -> list[dict[str, Any]]:
+    """Per stage kind: LLM calls, how many failed (transport or rejected reply), pass rate."""
+    by: dict[str, list[Any]] = {}
+    for r in records:
+        by.setdefault((r.stage or "?").split(".")[0], []).append(r)
+    rows = []
+    for stage, recs in sorted(by.items()):
+        failed = sum(1 for r in recs if r.error)
+        rows.append({"stage": stage, "llm_calls": len(recs), "failed_calls": failed,
+                     "pass_rate": round(1 - failed / len(recs), 3), "cached": sum(1 for r in recs if r.cached)})
+    return rows
+
+
+def failure_rows(records: list[Any], limit: int = 500) -> list[dict[str, Any]]:
+    """Every failed LLM call with its reason, for the UI (the catalog's llm_calls has them all)."""
+    return [{"scenario": r.scenario_id, "stage": r.stage, "attempt": r.attempt, "error": (r.error or "")[:300]}
+            for r in records if r.error][:limit]
+
+
+def _artifacts(summary: dict[str, Any], outcomes: list[G.EnvOutcome], records: list[Any] = ()) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     try:
@@ -397,6 +415,13 @@ def _artifacts(summary: dict[str, Any], outcomes: list[G.EnvOutcome]) -> None:
              "repairs": json.dumps(o.repairs), "seconds": round(o.seconds, 2),
              "tokens": sum(p.prompt_tokens + p.completion_tokens for p in o.stages.values()),
              "cost_usd": round(sum(p.cost_usd for p in o.stages.values()), 6)} for o in outcomes])
+        if records:
+            create_table_artifact(key="generate-stages", table=stage_rows(records),
+                                  description="LLM calls per stage: failed calls (errors, rejected replies) and pass rate")
+        failures = failure_rows(records)
+        if failures:
+            create_table_artifact(key="generate-failures", table=failures,
+                                  description="every failed or rejected LLM call with its reason")
     except Exception as exc:  # artifacts are a convenience: never fail a run that published
         get_run_logger().warning("could not create the summary artifacts: %s", exc)
 

@@ -117,6 +117,27 @@ def test_generate_survives_30_percent_llm_faults_and_publishes_only_valid_enviro
     assert any("not valid JSON" in e or "cut off" in e or "rejected" in e for e in errors), errors[:5]
 
 
+def test_fault_run_artifacts_list_failures_with_reasons_and_stage_pass_rates(faulty_run, prefect_server):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run_id = faulty_run["summary"]["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    by_key = {a.key: a for a in arts}
+    assert {"generate-summary", "generate-environments", "generate-stages", "generate-failures"} <= set(by_key)
+    data = lambda key: by_key[key].data if isinstance(by_key[key].data, list) else json.loads(by_key[key].data)
+    failures = data("generate-failures")
+    assert failures and all(f["error"] and f["stage"] for f in failures)
+    assert any("429" in f["error"] for f in failures) and any("rejected" in f["error"] for f in failures)
+    stages = {r["stage"]: r for r in data("generate-stages")}
+    assert {"tasks", "schema", "seed_data", "spec", "code", "verifier", "solution"} <= set(stages)
+    assert any(r["pass_rate"] < 1 for r in stages.values())
+    assert sum(r["failed_calls"] for r in stages.values()) == len([c for c in faulty_run["calls"] if c["error"]])
+
+
 def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, prefect_server):
     import sys
 
@@ -131,11 +152,13 @@ def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with Browser(exe) as b:
         b.goto(f"{ui}/runs/flow-run/{run_id}")
-        text = b.wait_for_text("Artifacts")
-        assert "Completed" in text and "generate" in text
+        text = b.wait_for_text("Completed")  # the run's state badge: the page has its data
+        b.wait_for_text("Artifacts")
+        assert "generate" in text
         assert b.click_text("Artifacts")
         text = b.wait_for_text("generate-environments", timeout=60)
         assert "generate-summary" in text and "one row per scenario" in text
+        assert "generate-stages" in text and "generate-failures" in text  # this run had faults
         b.screenshot(SCREENSHOTS / "flow-run-artifacts.png")
         # The summary artifact itself: the per-environment table and the attempts chart render.
         assert b.click_text("generate-summary")
