@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -251,9 +252,10 @@ class OfficialServer:
         wait_http(f"http://127.0.0.1:{self.port}/openapi.json", self.proc)
         return (time.perf_counter() - t) * 1000
 
-    def client(self, calls: int, fresh: int) -> dict:
+    def client(self, calls: int, fresh: int, port: int | None = None) -> dict:
+        """The mcp 1.x client against this server (or, with ``port``, against another one)."""
         out = subprocess.run(
-            [str(self.python), str(self.work / "official_client.py"), f"http://127.0.0.1:{self.port}/mcp",
+            [str(self.python), str(self.work / "official_client.py"), f"http://127.0.0.1:{port or self.port}/mcp",
              str(calls), str(fresh), "search_channels", json.dumps({"query": "Kurz"})],
             capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -344,7 +346,7 @@ def main() -> int:
     native, cp1 = native_environment(), awm1k_environment(args.samples)
 
     rounds = max(1, args.rounds)
-    lat_native, lat_cp1, inside_native, inside_cp1, lat_mcp = [], [], [], [], []
+    lat_native, lat_cp1, inside_native, inside_cp1, lat_mcp, lat_mcp_v1 = [], [], [], [], [], []
     official = {"persistent": [], "fresh": [], "startup": []} if not args.skip_official else None
     ratios: list[float] = []
     # Rounds alternate between this runtime and the official path, so both see the same
@@ -367,6 +369,7 @@ def main() -> int:
                 inside_cp1 += time_inside_worker(sc, "search_channels", {"query": "Kurz"}, args.calls // rounds)
                 lat_mcp += ours_mcp.client(args.official_calls // rounds)
                 if off_server:
+                    lat_mcp_v1 += off_server.client(args.official_calls // rounds, 0, port=ours_mcp.port)["persistent"]
                     got = off_server.client(args.official_calls // rounds, args.fresh_calls // rounds)
                     official["persistent"] += got["persistent"]
                     official["fresh"] += got["fresh"]
@@ -396,7 +399,9 @@ def main() -> int:
         ("this runtime, `awm env serve` MCP streamable HTTP", "content_platform_1", lat_mcp),
     ]
     if official:
-        rows += [("official: uvicorn + fastapi-mcp, MCP streamable HTTP, one MCP session", "content_platform_1",
+        rows += [("this runtime, `awm env serve`, called by the official side's mcp 1.x client", "content_platform_1",
+                  lat_mcp_v1),
+                 ("official: uvicorn + fastapi-mcp, MCP streamable HTTP, one MCP session", "content_platform_1",
                   official["persistent"]),
                  ("official agent style: new MCP session per call", "content_platform_1", official["fresh"])]
     print()
@@ -406,7 +411,8 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|")
     for name, env_name, xs in rows:
         med, p90 = stats(xs)
-        ratio = f"{off_med / med:.1f}x" if off_med and env_name == "content_platform_1" else "-"
+        comparable = off_med and env_name == "content_platform_1" and "inside the worker" not in name
+        ratio = f"{off_med / med:.1f}x" if comparable else "-"
         print(f"| {name} | {env_name} | {len(xs)} | {med:.3f} | {p90:.3f} | {ratio} |")
     print()
     print("| reset | environment | n | median ms | p90 ms |")
@@ -448,6 +454,7 @@ def main() -> int:
                           f"(median of per-round ratios {session:.1f}x)", session >= 10))
     for label, ok in checks:
         print(f"target {label}: {'met' if ok else 'NOT met'}")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
