@@ -87,7 +87,7 @@ class _Worker:
             "memory_mb": cfg.memory_mb, "cpu_s": cfg.cpu_s, "open_files": cfg.open_files,
             "file_size_mb": cfg.file_size_mb, "max_threads": cfg.max_threads,
             "max_result_bytes": cfg.max_result_bytes, "netns": cfg.network_namespace,
-            "uid_base": 200_000 if cfg.separate_uid else None,
+            "uid_base": 200_000 if cfg.separate_uid else None, "parent_pid": os.getpid(),
         }
         # Only what Python needs: no API keys or other secrets of this process.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.scratch),

@@ -228,6 +228,17 @@ def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
         else:
             resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_threads"] + 8, cfg["max_threads"] + 8))
             active["separate_uid"] = True
+    # Die with the parent (set after the uid change, which clears it). A parent killed before
+    # this point is caught by the ppid check; a spinning orphan would still hit RLIMIT_CPU.
+    active["dies_with_parent"] = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        active["dies_with_parent"] = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+        if os.getppid() != cfg.get("parent_pid", os.getppid()):
+            os._exit(0)
     return active
 
 
