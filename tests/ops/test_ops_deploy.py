@@ -151,3 +151,45 @@ def test_plain_prefect_deploy_reads_the_same_yaml(prefect_server, awm_home, clie
         assert [a.enabled for a in train_autos] == [False]
     finally:
         _cleanup(client, [Registered("", "", str(d.id), "") for d in deps.values()])
+
+
+def _emit(event: str, snapshot: int) -> None:
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    emit_event(event=event, resource={"prefect.resource.id": f"awm.catalog.snapshot.{snapshot}"},
+               payload={"snapshot": snapshot})
+    EventsWorker.drain_all()  # events leave on a background worker: send them now
+
+
+def _wait_for_run(client, deployment_id: str, timeout: float = 90):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in client.read_flow_runs() if str(r.deployment_id) == deployment_id]
+        if runs:
+            return runs
+        time.sleep(1)
+    return []
+
+
+def test_events_start_the_chained_deployments_with_the_snapshot(prefect_server, awm_home, client):
+    """What the flows emit (flows/events.py) makes the automations create runs: generate's publish
+    starts the gate on that snapshot, a passed gate starts training on it (when enabled)."""
+    from flows.deploy import register
+    from flows.events import GATE_PASSED, GENERATE_PUBLISHED
+
+    registered, _ = register(_settings(train_after_gate=True), only=["gate", "train"])
+    try:
+        by_name = _by_name(registered)
+        _emit(GENERATE_PUBLISHED, 41)
+        gate_runs = _wait_for_run(client, by_name["quality-gate/after-generate"].deployment_id)
+        assert [r.parameters for r in gate_runs] == [{"snapshot": 41}]
+        _emit(GATE_PASSED, 41)
+        train_runs = _wait_for_run(client, by_name["train/manual"].deployment_id)
+        assert [r.parameters for r in train_runs] == [{"snapshot": 41}]
+        for r in gate_runs + train_runs:
+            client.delete_flow_run(r.id)
+    finally:
+        _cleanup(client, registered)

@@ -91,6 +91,25 @@ def _environments(snapshot):
         return list(cat.environments(snapshot=snapshot))
 
 
+def _events(name: str, snapshot: int, timeout: float = 60) -> list[dict]:
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            resp = client._client.post("/events/filter", json={
+                "filter": {"event": {"name": [name]}, "resource": {"id": [f"awm.catalog.snapshot.{snapshot}"]}},
+                "limit": 10})
+            events = resp.json()["events"]
+            if events or time.monotonic() > deadline:
+                return events
+            time.sleep(1)
+
+
 def test_generate_survives_30_percent_llm_faults_and_publishes_only_valid_environments(faulty_run):
     requests, summary, envs = faulty_run["requests"], faulty_run["summary"], faulty_run["envs"]
     faults = Counter(r.fault for r in requests if r.fault)
@@ -136,6 +155,26 @@ def test_fault_run_artifacts_list_failures_with_reasons_and_stage_pass_rates(fau
     assert {"tasks", "schema", "seed_data", "spec", "code", "verifier", "solution"} <= set(stages)
     assert any(r["pass_rate"] < 1 for r in stages.values())
     assert sum(r["failed_calls"] for r in stages.values()) == len([c for c in faulty_run["calls"] if c["error"]])
+
+
+def test_generate_run_emits_the_event_that_chains_the_gate(faulty_run, prefect_server):
+    snapshot = faulty_run["summary"]["snapshot"]
+    events = _events("awm.generate.published", snapshot)
+    assert events, "no awm.generate.published event for the run's snapshot"
+    payload = events[0]["payload"]
+    assert payload["snapshot"] == snapshot and payload["run_id"] == faulty_run["summary"]["run_id"]
+    related = {r["prefect.resource.id"] for r in events[0]["related"]}
+    assert f"prefect.flow-run.{faulty_run['summary']['flow_run_id']}" in related
+
+
+def test_a_passed_gate_emits_the_event_for_train_after_gate(faulty_run, prefect_server):
+    from flows.gate import gate
+
+    snapshot = faulty_run["summary"]["snapshot"]
+    state = gate(snapshot, return_state=True)
+    assert state.is_completed(), state.message
+    events = _events("awm.gate.passed", snapshot)
+    assert events and events[0]["payload"]["snapshot"] == snapshot and events[0]["payload"]["report_id"]
 
 
 def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, prefect_server):
