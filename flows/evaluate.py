@@ -158,6 +158,8 @@ def rollout_row(*, run_id: str, snapshot: int, env_id: str, task_idx: int, split
         "completion_tokens": episode.completion_tokens, "tool_calls": episode.tool_call_count,
         "duration_s": duration_s, "env_time_s": episode.env_s, "initial_digest": episode.initial_digest,
         "final_digest": episode.final_digest, "final_answer": episode.final_answer, "error": error,
+        "termination": episode.termination, "interface": episode.interface, "window": episode.window,
+        "verifier_evidence": outcome.verifier_evidence, "judge_reasoning": outcome.judge_reasoning,
         "messages_json": json.dumps(episode.messages, ensure_ascii=False, default=str),
         "created_at": datetime.now(timezone.utc),
     }

@@ -181,6 +181,7 @@ READER = textwrap.dedent("""
     from storage.catalog import Catalog
     flag = pathlib.Path({flags!r})
     cat = Catalog.open(load_settings(), read_only=True)
+    (flag / f"ready-{{__import__('os').getpid()}}").touch()
     seen, after_done = [], 0
     deadline = time.time() + 60
     while after_done < 3 and time.time() < deadline:
@@ -189,7 +190,7 @@ READER = textwrap.dedent("""
         seen.append([started, done, n])
         after_done += done
         time.sleep(0.1)
-    print(json.dumps(seen))
+    print("SEEN " + json.dumps(seen))
 """)
 
 
@@ -201,14 +202,18 @@ def test_two_readers_during_a_write_see_all_or_nothing(cat, tmp_path):
     fmt = dict(repo=str(REPO), here=str(HERE), flags=str(flags))
     readers = [subprocess.Popen([sys.executable, "-c", READER.format(**fmt)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(1.5)  # readers are up and polling before the write begins
+    deadline = time.monotonic() + 120  # a loaded machine can take long to import and open the catalog
+    while len(list(flags.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        assert all(r.poll() is None for r in readers), [r.communicate()[1][-2000:] for r in readers]
+        time.sleep(0.1)
+    time.sleep(0.3)  # readers are polling before the write begins
     writer = subprocess.run([sys.executable, "-c", SLOW_WRITER.format(**fmt)], capture_output=True, text=True,
                             timeout=120)
     assert writer.returncode == 0, writer.stderr[-2000:]
     for r in readers:
         out, err = r.communicate(timeout=90)
         assert r.returncode == 0, err[-2000:]
-        seen = json.loads(out)
+        seen = json.loads(next(line for line in out.splitlines() if line.startswith("SEEN "))[5:])
         assert {n for _, _, n in seen} <= {0, 1000}, seen
         assert any(started and not done and n == 0 for started, done, n in seen), "no read during the write"
         assert seen[-1][2] == 1000
