@@ -73,6 +73,12 @@ class TrainConfig:
     sandbox_workers: int = 2
     rollout_threads: int = 0
     """Episodes run at once per process (0: all of the process's episodes of a step)."""
+    generation_batch: int = 64
+    """Most sequences per generate call (1 generates each episode's turn on its own)."""
+    warmstart_steps: int = 0
+    """Supervised steps on the training tasks' reference solutions before GRPO (0: none), so a
+    fresh model starts out calling tools."""
+    warmstart_lr: float = 1e-3
     run_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -87,7 +93,7 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
 
         for name in ("group_size", "tasks_per_step", "max_turns", "steps", "max_tokens", "max_prompt_tokens",
-                     "grad_accum", "sandbox_workers"):
+                     "grad_accum", "sandbox_workers", "generation_batch"):
             positive(name)
         if self.group_size == 1:
             problems.append("group_size must be >= 2: GRPO compares episodes of the same task")
@@ -111,6 +117,10 @@ class TrainConfig:
             problems.append(f"beta must be a number >= 0, got {self.beta!r}")
         if not isinstance(self.save_steps, int) or self.save_steps < 0:
             problems.append(f"save_steps must be an integer >= 0, got {self.save_steps!r}")
+        if not isinstance(self.warmstart_steps, int) or self.warmstart_steps < 0:
+            problems.append(f"warmstart_steps must be an integer >= 0, got {self.warmstart_steps!r}")
+        if not (isinstance(self.warmstart_lr, (int, float)) and self.warmstart_lr > 0):
+            problems.append(f"warmstart_lr must be a number > 0, got {self.warmstart_lr!r}")
         if not isinstance(self.rollout_threads, int) or self.rollout_threads < 0:
             problems.append(f"rollout_threads must be an integer >= 0, got {self.rollout_threads!r}")
         if self.snapshot is not None and (not isinstance(self.snapshot, int) or self.snapshot < 0):

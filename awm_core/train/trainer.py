@@ -268,6 +268,26 @@ def load_policy(config: TrainConfig, environments: Sequence[Any], work_dir: Path
     return model, tok
 
 
+def warm_start(model: Any, tok: Any, runner: EpisodeRunner, tasks: Sequence[tuple[str, int, str]],
+               config: TrainConfig, run_dir: Path, state: Any) -> list[float]:
+    """Supervised steps on the reference solutions (same seed on every rank, so ranks agree)."""
+    from awm_core.train.models import EOS
+    from awm_core.train.warmstart import reference_samples, supervised_steps
+
+    model.to(state.device)
+    samples = reference_samples(runner, tasks, eos_id=tok.convert_tokens_to_ids(EOS))
+    log = print if state.is_main_process else None
+    t0 = time.perf_counter()
+    losses = supervised_steps(model, samples, steps=config.warmstart_steps, lr=config.warmstart_lr,
+                              pad_id=tok.pad_token_id, seed=config.seed, log=log)
+    if state.is_main_process:
+        (run_dir / "warmstart.json").write_text(json.dumps({"samples": len(samples), "losses": losses,
+                                                            "seconds": time.perf_counter() - t0}))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return losses
+
+
 def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]],
                  run_dir: str | Path, settings: Any) -> dict[str, Any]:
     """Train; returns a summary (final checkpoint folder, steps). Meant to run under accelerate launch."""
@@ -286,7 +306,10 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
     with SandboxPool(settings.sandbox, workers=config.sandbox_workers) as pool:
         runner = EpisodeRunner(pool, envs, settings, tokenizer=tok, interface=config.interface,
                                max_turns=config.max_turns, window=config.window,
-                               max_prompt_tokens=config.max_prompt_tokens, threads=config.rollout_threads)
+                               max_prompt_tokens=config.max_prompt_tokens, threads=config.rollout_threads,
+                               max_batch=config.generation_batch)
+        if config.warmstart_steps:
+            warm_start(model, tok, runner, tasks, config, run_dir, state)
 
         @contextlib.contextmanager
         def generation(trainer: Any):
@@ -311,6 +334,9 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
                                  train_dataset=build_dataset(tasks, config.tasks_per_step, config.seed),
                                  callbacks=[MetricsCallback(run_dir, ref, config.steps)])
         ref.append(trainer)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per step instead
         trainer.train()
         final = ckpt_dir / FINAL
         trainer.save_model(str(final))
