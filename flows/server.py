@@ -82,6 +82,8 @@ def ui_url(settings: Settings) -> str:
 
 def prefect_env(settings: Settings) -> dict[str, str]:
     """The environment every Prefect process of this project runs with (server, worker, clients)."""
+    from tasks.generation import results_dir  # imports Prefect: only when starting processes
+
     env = dict(os.environ)
     env.update({
         "PREFECT_HOME": str(settings.prefect_home),
@@ -89,6 +91,9 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": settings.server.host,
         "PREFECT_SERVER_API_PORT": str(settings.server.port),
+        # Deployment runs keep their cached stage results where `awm generate` keeps them, so a
+        # run of either kind resumes the other's unfinished work.
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results_dir(settings)),
         # Flow runs started by the worker must read the same settings as the caller.
         "AWM_HOME": str(settings.home_dir),
         "AWM_CONFIG": str(Path(os.environ.get("AWM_CONFIG", "awm.toml")).resolve()),
