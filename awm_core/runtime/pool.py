@@ -207,7 +207,8 @@ class _Worker:
                 self.pending_close.clear()
                 if sids:
                     self._exchange({"op": "close_many", "sids": sids}, [], self.pool.config.call_timeout_s)
-            if env is not None and env.key not in self.loaded:
+            if env is not None and (env.key not in self.loaded or not env._tools_ready):
+                # (a new handle for a key this worker already holds still needs its tool list)
                 resp, _, _ = self._exchange(env._load_request(), [env.snapshot],
                                             self.pool.config.call_timeout_s * 3)
                 if resp.get("recycle"):
@@ -419,6 +420,7 @@ class EnvHandle:
         self.snapshot = snapshot          # the initial database, as built once
         self._tools: dict[str, ToolInfo] = {}
         self._validators: dict[str, Any] = {}
+        self._tools_ready = False
 
     def _load_request(self) -> dict[str, Any]:
         env = self.environment
@@ -434,8 +436,9 @@ class EnvHandle:
             raise EnvLoadError(self.id, resp.get("errors") or [resp.get("error", "loading failed")])
         if resp.get("problems"):
             raise EnvLoadError(self.id, resp["problems"])
-        if not self._tools:
+        if not self._tools_ready:
             self._set_tools(resp["tools"])
+            self._tools_ready = True
 
     def _set_tools(self, infos: list[dict[str, Any]]) -> None:
         for info in infos:
@@ -502,10 +505,12 @@ class Session:
     def _open(self) -> None:
         sid = next(self.handle.pool._sids)
         try:
-            _, _, inst = self.handle.worker.request({"op": "open", "key": self.handle.key, "sid": sid},
-                                                    env=self.handle, timeout=self.handle.pool.config.call_timeout_s)
+            resp, _, inst = self.handle.worker.request({"op": "open", "key": self.handle.key, "sid": sid},
+                                                       env=self.handle, timeout=self.handle.pool.config.call_timeout_s)
         except WorkerFailure as exc:
             raise SandboxError(f"cannot open a session: {exc}") from None
+        if not resp.get("ok"):
+            raise SandboxError(f"cannot open a session: {resp.get('error')}")
         self.sid, self.instance, self.lost = sid, inst, None
         if getattr(self, "_finalizer", None) is not None:
             self._finalizer.detach()
@@ -545,9 +550,13 @@ class Session:
             self._open()
             return
         try:
-            self.handle.worker.request({"op": "reset", "sid": self.sid},
-                                       timeout=self.handle.pool.config.call_timeout_s, instance=self.instance)
+            resp, _, _ = self.handle.worker.request({"op": "reset", "sid": self.sid},
+                                                    timeout=self.handle.pool.config.call_timeout_s,
+                                                    instance=self.instance)
         except WorkerFailure:
+            self._open()
+            return
+        if not resp.get("ok"):
             self._open()
 
     def snapshot(self) -> bytes:
@@ -557,12 +566,14 @@ class Session:
         if self.lost:
             raise SandboxError(self.lost)
         try:
-            _, blobs, _ = self.handle.worker.request({"op": "snapshot", "sid": self.sid},
-                                                     timeout=self.handle.pool.config.call_timeout_s,
-                                                     instance=self.instance)
+            resp, blobs, _ = self.handle.worker.request({"op": "snapshot", "sid": self.sid},
+                                                        timeout=self.handle.pool.config.call_timeout_s,
+                                                        instance=self.instance)
         except WorkerFailure as exc:
             self.lost = str(exc)
             raise SandboxError(str(exc)) from None
+        if not resp.get("ok") or not blobs:
+            raise SandboxError(resp.get("error") or "the worker returned no snapshot")
         return blobs[0]
 
     def close_later(self) -> None:

@@ -56,6 +56,12 @@ def _new_connection(data: bytes, *, foreign_keys: bool, readonly: bool = False) 
     return conn
 
 
+def _module_name(key: str) -> str:
+    # Unique per environment *version* (the key carries the content digest): two repair
+    # attempts of one environment must not share a module in sys.modules.
+    return "awm_env_" + key.replace("-", "_")
+
+
 class _Session:
     __slots__ = ("env", "conn", "engine")
 
@@ -90,7 +96,7 @@ class _NativeEnv(_Env):
                  guard: sandbox.Guard):
         super().__init__(key, snapshot)
         self.problems: list[str] = []
-        mod = types.ModuleType(f"awm_env_{env_id}")
+        mod = types.ModuleType(_module_name(key))
         mod.__dict__["__builtins__"] = sandbox.make_builtins(sandbox.NATIVE_IMPORTS, guard=guard)
         mod.__dict__["ToolError"] = ToolError
         sys.modules[mod.__name__] = mod
@@ -145,7 +151,7 @@ class _Awm1kEnv(_Env):
         self.problems = []
         self.loop = loop
         os.environ["DATABASE_PATH"] = "sqlite://"
-        mod = types.ModuleType(f"awm_env_{env_id}")
+        mod = types.ModuleType(_module_name(key))
         mod.__dict__["__builtins__"] = sandbox.make_builtins(sandbox.AWM1K_IMPORTS, os_standin=True, guard=guard)
         sys.modules[mod.__name__] = mod
         exec(compile(source, f"<environment {env_id}>", "exec"), mod.__dict__)
@@ -272,6 +278,10 @@ def _make_verifier_module(code: str, name: str, guard: sandbox.Guard) -> dict[st
     return ns
 
 
+class _NoSession(Exception):
+    pass
+
+
 class Worker:
     def __init__(self, cfg: dict[str, Any], guard: sandbox.Guard):
         self.cfg = cfg
@@ -291,7 +301,17 @@ class Worker:
             return {"ok": False, "error": f"unknown op {op!r}"}, []
         self.guard.violations.clear()
         self._refresh_cpu_limit()
-        return fn(req, blobs)
+        try:
+            return fn(req, blobs)
+        except _NoSession:
+            return {"ok": False, "error_kind": "environment",
+                    "error": "the session no longer exists in its worker (closed, or its environment was unloaded)"}, []
+
+    def _session(self, sid: Any) -> _Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise _NoSession()
+        return s
 
     def _refresh_cpu_limit(self) -> None:
         # RLIMIT_CPU counts the whole life of the worker; move the soft limit so each
@@ -343,12 +363,16 @@ class Worker:
 
     def op_unload(self, req, blobs):
         env = self.envs.pop(req["key"], None)
+        sys.modules.pop(_module_name(req["key"]), None)
         for sid in [s for s, sess in self.sessions.items() if sess.env is env]:
             self.sessions.pop(sid).close()
         return {"ok": True}, []
 
     def op_open(self, req, blobs):
-        self.sessions[req["sid"]] = _Session(self.envs[req["key"]])
+        env = self.envs.get(req["key"])
+        if env is None:
+            return {"ok": False, "error_kind": "environment", "error": "the environment is not loaded in this worker"}, []
+        self.sessions[req["sid"]] = _Session(env)
         return {"ok": True}, []
 
     def op_close(self, req, blobs):
@@ -366,16 +390,14 @@ class Worker:
 
     def op_reset(self, req, blobs):
         t = time.perf_counter()
-        self.sessions[req["sid"]].reset()
+        self._session(req["sid"]).reset()
         return {"ok": True, "worker_ms": (time.perf_counter() - t) * 1000}, []
 
     def op_snapshot(self, req, blobs):
-        return {"ok": True}, [self.sessions[req["sid"]].conn.serialize()]
+        return {"ok": True}, [self._session(req["sid"]).conn.serialize()]
 
     def op_call(self, req, blobs):
-        s = self.sessions.get(req["sid"])
-        if s is None:
-            return {"ok": False, "error": "unknown session", "error_kind": "environment"}, []
+        s = self._session(req["sid"])
         tool = req["tool"]
         if tool not in s.env.tools:
             return {"ok": False, "error": f"unknown tool {tool!r}", "error_kind": "unknown_tool"}, []

@@ -312,7 +312,11 @@ def test_unload_frees_the_environment_and_load_brings_it_back(pool):
     assert handle.key in handle.worker.loaded
     pool.unload(env)
     assert handle.key not in handle.worker.loaded
-    assert s.call("list_notes", {}).error_kind == "environment"  # its sessions went with it
+    gone = s.call("list_notes", {})  # its sessions went with it
+    assert gone.error_kind == "environment" and "environment was unloaded" in gone.error
+    restarts = handle.worker.restarts
+    s.reset()  # a new session on the environment, loaded again on demand
+    assert len(s.call("list_notes", {}).content) == 2 and handle.worker.restarts == restarts
     again = pool.load(env)
     assert again is not handle
     with again.open_session() as s2:
