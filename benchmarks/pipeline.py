@@ -94,14 +94,24 @@ def one_run(n: int, concurrency: int, latency: float, workers: int) -> dict:
         get_settings.cache_clear()
         from flows.generate import run_generate
 
+        import resource
+
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         summary = run_generate(scenarios=names, concurrency=concurrency, fixtures_dir=str(fixtures),
                                seed_list=str(seed_list), offline_latency_s=latency, skip_existing=False)
         wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_self = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        cpu_children = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+        load = os.getloadavg()[0]
         per_env = max(chain.values())
         ideal = math.ceil(n / concurrency) * per_env * latency
         return {"wall_s": wall, "ideal_s": ideal, "chain": per_env, "published": len(summary["published"]),
-                "calls": summary["llm_calls"], "flow_s": summary["seconds"]}
+                "calls": summary["llm_calls"], "flow_s": summary["seconds"],
+                "cpu_self_s": cpu_self, "cpu_sandbox_s": cpu_children, "load": load}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -132,7 +142,8 @@ def main() -> None:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
-    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "ideal_s", "flow_s")}
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("wall_s", "ideal_s", "flow_s", "cpu_self_s", "cpu_sandbox_s", "load")}
     r0 = runs[0]
     overhead = (med["wall_s"] - med["ideal_s"]) / med["ideal_s"]
     print(f"\n{args.envs} environments, {args.latency:g} s per LLM call, concurrency {args.concurrency}, "
@@ -145,6 +156,10 @@ def main() -> None:
     print(f"| generate flow, wall time (call to return) | {med['wall_s']:.1f} s |")
     print(f"| of which inside the flow body | {med['flow_s']:.1f} s |")
     print(f"| orchestration + validation overhead | {overhead * 100:+.1f} % |")
+    print(f"| CPU of this process (flow, Prefect, LLM layer, stage checks) per environment | "
+          f"{med['cpu_self_s'] / args.envs:.2f} s |")
+    print(f"| CPU of the sandbox workers per environment | {med['cpu_sandbox_s'] / args.envs:.2f} s |")
+    print(f"| machine load average at the end (other processes included) | {med['load']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -131,9 +131,9 @@ def _cache_policy():
 
 
 def stage_task_options(settings: Any, stage: str, scenario_id: str, *, retries: int | None = None) -> dict[str, Any]:
-    # No tags on stage runs: Prefect acquires a tag concurrency slot through the API for every
-    # tagged task run (~10-100 ms each, x27 per environment). The run name carries stage and
-    # scenario; the enclosing build[...] and validate[...] runs carry the scenario tag.
+    # No tags on task runs: Prefect acquires a tag concurrency lease through the API for every
+    # tagged task run (10-100 ms each, x27 per environment, and a busy server answering 503
+    # fails the run). Run names carry stage and scenario instead.
     return dict(
         name=f"stage-{stage.split('.')[0]}",
         task_run_name=f"{stage}[{scenario_id}]",
@@ -193,7 +193,7 @@ def run_stage_task(stage: str, ctx_json: str, prompt_version: str, model: str, r
 
 def call_stage(settings: Any, run_key: str, stage: str, ctx: StageContext, *, extra_errors: list[str] = (),
                attempt_offset: int = 0) -> StageOutput:
-    """Run a stage task with its per-call name, tags and retries; raises StageFailed."""
+    """Run a stage task with its per-call name and retries; raises StageFailed."""
     name = stage_name(STAGES[stage], ctx)
     t = run_stage_task.with_options(**stage_task_options(settings, name, ctx.scenario_id))
     return t(stage, ctx.model_dump_json(), STAGES[stage].PROMPT_VERSION, ctx.model, run_key, list(extra_errors),
@@ -391,7 +391,7 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
 
 
 def validate_task(env: Environment, min_valid_tasks: int, run_key: str) -> ValidationReport:
-    t = _validate.with_options(task_run_name=f"validate[{env.id}]", tags=["awm-validate", f"scenario:{env.id}"])
+    t = _validate.with_options(task_run_name=f"validate[{env.id}]")
     return t(env.model_dump_json(), min_valid_tasks, run_key)
 
 
