@@ -117,7 +117,7 @@ def launch(run_dir: Path, config: TrainConfig, on_line: Callable[[str], None]) -
                 log.flush()
                 line = line.rstrip()
                 tail = (tail + [line])[-60:]
-                if line.startswith("step ") or "Error" in line:
+                if line.startswith(("step ", "warm start")) or "Error" in line:
                     on_line(line)
             code = proc.wait()
         except BaseException:

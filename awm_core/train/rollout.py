@@ -133,16 +133,20 @@ class RecordingPolicy:
     ``<tool_call>`` blocks that the loop parses.
     """
 
-    def __init__(self, batcher: GenerationBatcher, tokenizer: Any, *, max_prompt_tokens: int):
+    def __init__(self, batcher: GenerationBatcher, tokenizer: Any, *, max_prompt_tokens: int,
+                 lock: Any = None):
         self.batcher = batcher
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        # Episode threads share one tokenizer; the Rust backend refuses concurrent mutable use.
+        self.lock = lock or threading.Lock()
         self.steps: list[StepRecord] = []
         self._text = TextToolCallPolicy(self._generate)
 
     def prompt_ids(self, rendered: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self.lock:
+            text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _generate(self, rendered: list[dict[str, Any]]) -> Generation:
         ids = self.prompt_ids(rendered)
@@ -152,7 +156,8 @@ class RecordingPolicy:
             return Generation("", len(ids), 0)
         out = self.batcher.generate(ids)
         self.steps.append(StepRecord(ids, out))
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        with self.lock:
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
         return Generation(text, len(ids), len(out))
 
     def act(self, messages, tools):
@@ -235,6 +240,7 @@ class EpisodeRunner:
         self.threads = threads
         self.max_batch = max_batch
         self.merge = merge
+        self.tokenizer_lock = threading.Lock()
 
     def run(self, tasks: Sequence[tuple[str, int]], generate_fn: GenerateFn) -> RolloutBatch:
         for env_id, idx in tasks:
@@ -251,7 +257,8 @@ class EpisodeRunner:
 
     def _episode(self, env_id: str, task_idx: int, batcher: GenerationBatcher) -> EpisodeResult:
         env = self.environments[env_id]
-        policy = RecordingPolicy(batcher, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens)
+        policy = RecordingPolicy(batcher, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens,
+                                 lock=self.tokenizer_lock)
         batcher.join()
         try:
             session = self.handles[env_id].open_session()

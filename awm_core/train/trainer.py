@@ -155,11 +155,13 @@ class MetricsCallback(TrainerCallback):
         self._step_s = None
 
     def on_step_begin(self, args, state, control, **kw):
-        self._t0 = time.perf_counter()
+        if self._t0 is None:  # first micro-batch of the optimizer step (rollouts happen here)
+            self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
         if self._t0 is not None:
             self._step_s = time.perf_counter() - self._t0
+            self._t0 = None
         trainer = self.trainer_ref[0]
         rows = getattr(trainer, "awm_rollout_rows", None)
         if rows:
