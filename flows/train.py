@@ -102,6 +102,12 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
 
 def launch(run_dir: Path, config: TrainConfig, on_line: Callable[[str], None]) -> None:
     """``accelerate launch`` the trainer on ``run_dir``; raises with the output's tail on failure."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "trl", "accelerate", "datasets")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AWMError(f"training needs {', '.join(missing)}: install the train extra (pip install -e '.[train]')")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(accelerate_config_path(config.accelerate_config)), "-m", "awm_core.train.launch", str(run_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
@@ -302,7 +308,8 @@ def run_train(config: TrainConfig, settings: Settings | None = None, *, flow_run
 @flow(name="train")
 def train(snapshot: int | None = None, config: dict[str, Any] | None = None, preset: str | None = None) -> dict[str, Any]:
     """GRPO training on a gated snapshot. ``config`` holds ``TrainConfig`` fields (and may name a
-    ``preset``); ``snapshot`` overrides the config's."""
+    ``preset``); ``snapshot`` overrides the config's; with neither config nor preset the ``tiny``
+    preset runs."""
     import base64
 
     from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
@@ -310,8 +317,10 @@ def train(snapshot: int | None = None, config: dict[str, Any] | None = None, pre
 
     log = get_run_logger()
     data = dict(config or {})
-    if preset:
-        data.setdefault("preset", preset)
+    if preset or not data:
+        # No settings at all (a bare trigger) runs the small CPU preset rather than the dataclass
+        # defaults, which describe a 1024-episode step.
+        data.setdefault("preset", preset or "tiny")
     if snapshot is not None:
         data["snapshot"] = int(snapshot)
     cfg = TrainConfig.from_dict(data, source="train parameters")
