@@ -95,6 +95,8 @@ def test_grpo_step_turns_episode_rewards_into_a_weight_update(tmp_path):
     (metrics,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     episodes = [json.loads(x) for x in (tmp_path / "rollouts.rank0.jsonl").read_text().splitlines()]
     assert len(episodes) == 8 and not any(e["env_error"] for e in episodes)
+    paper_rewards = {"completed": 1.0, "partially_completed": 0.1, "agent_error": 0.0, "format_error": -1.0}
+    assert all(e["reward"] == paper_rewards[e["label"]] for e in episodes)
     rewards = [e["reward"] for e in episodes]
     assert len(set(rewards)) > 1, f"every episode tied ({rewards}): no GRPO signal"
     assert metrics["reward_std"] > 0 and metrics["grad_norm"] > 0
