@@ -78,14 +78,16 @@ class Browser:
     def text(self) -> str:
         return self.evaluate("document.body ? document.body.innerText : ''") or ""
 
-    def wait_for_text(self, needle: str, timeout: float = 60.0) -> str:
+    def wait_for_text(self, *needles: str, timeout: float = 60.0) -> str:
+        """Poll the page text until every needle is in it (a single-page app fills in late)."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.text()
-            if needle in text:
+            if all(n in text for n in needles):
                 return text
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{needle!r} did not appear within {timeout:.0f}s; page text: {text[:1500]!r}")
+                missing = [n for n in needles if n not in text]
+                raise TimeoutError(f"{missing!r} did not appear within {timeout:.0f}s; page text: {text[:1500]!r}")
             time.sleep(0.5)
 
     def click_text(self, label: str) -> bool:

@@ -177,6 +177,13 @@ def test_a_passed_gate_emits_the_event_for_train_after_gate(faulty_run, prefect_
     assert events and events[0]["payload"]["snapshot"] == snapshot and events[0]["payload"]["report_id"]
 
 
+def _flow_run_name(run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).name
+
+
 def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, prefect_server):
     import sys
 
@@ -191,9 +198,8 @@ def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with Browser(exe) as b:
         b.goto(f"{ui}/runs/flow-run/{run_id}")
-        text = b.wait_for_text("Completed")  # the run's state badge: the page has its data
-        b.wait_for_text("Artifacts")
-        assert "generate" in text
+        # The header (run name, state, flow) and the tabs: the page has its data.
+        b.wait_for_text(_flow_run_name(run_id), "Completed", "Flow\ngenerate", "Artifacts")
         assert b.click_text("Artifacts")
         text = b.wait_for_text("generate-environments", timeout=60)
         assert "generate-summary" in text and "one row per scenario" in text
