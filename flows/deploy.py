@@ -25,7 +25,7 @@ import yaml
 from awm_core.errors import AWMError
 from awm_core.settings import Settings, get_settings
 from flows.events import GATE_PASSED
-from flows.server import ensure_work_pool, is_healthy
+from flows.server import api_url, ensure_work_pool, is_healthy
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PREFECT_YAML = PROJECT_DIR / "deployments" / "prefect.yaml"
@@ -130,16 +130,24 @@ def register(settings: Settings | None = None, *, spec_path: Path = PREFECT_YAML
     Re-registering updates deployments in place; Prefect replaces a deployment's trigger
     automations on every registration, so switching the train trigger off removes its automation.
     """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = settings or get_settings()
+    entries = plan(settings, load_spec(spec_path), generate_params=generate_params, cron=cron,
+                   timezone=timezone, train_after_gate=train_after_gate)
+    url = _server_url(settings)
+    ensure_work_pool(settings, url)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return _register(settings, entries, only)
+
+
+def _register(settings: Settings, entries: list[dict[str, Any]],
+              only: list[str] | None) -> tuple[list[Registered], list[str]]:
     import prefect
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.events import DeploymentEventTrigger
     from prefect.flows import Flow
 
-    settings = settings or get_settings()
-    entries = plan(settings, load_spec(spec_path), generate_params=generate_params, cron=cron,
-                   timezone=timezone, train_after_gate=train_after_gate)
-    url = _check_server(settings)
-    ensure_work_pool(settings, url)
     runner_deployments, meta, skipped = [], [], []
     for e in entries:
         flow_file = e["entrypoint"].split(":")[0]
@@ -169,16 +177,15 @@ def register(settings: Settings | None = None, *, spec_path: Path = PREFECT_YAML
     return meta, skipped
 
 
-def _check_server(settings: Settings) -> str:
+def _server_url(settings: Settings) -> str:
+    """PREFECT_API_URL when set, else this project's local server (`awm server start`)."""
     from prefect.settings import PREFECT_API_URL
 
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise DeployError("PREFECT_API_URL is not set: start the server with `awm server start` and export the "
-                          "PREFECT_API_URL it prints (deployments need a running Prefect server)")
-
+    url = PREFECT_API_URL.value() or api_url(settings)
     if not is_healthy(url):
-        raise DeployError(f"no Prefect server answers at {url} (start one with `awm server start`)")
+        hint = ("" if PREFECT_API_URL.value() else
+                " (PREFECT_API_URL is not set, so the project's own server address was tried)")
+        raise DeployError(f"no Prefect server answers at {url}{hint}; start one with `awm server start`")
     return url
 
 

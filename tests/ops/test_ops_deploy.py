@@ -67,6 +67,18 @@ def test_spec_errors_name_the_problem(tmp_path):
         parse_param("scenarios")
 
 
+def test_deploy_without_a_server_says_how_to_start_one(awm_home):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conftest import free_port
+    from flows.deploy import DeployError, register
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        with pytest.raises(DeployError, match=f"no Prefect server answers at {url}.*awm server start"):
+            register(_settings())
+
+
 def test_deployments_register_with_schedule_parameters_and_chain(prefect_server, awm_home, client):
     from flows.deploy import PROJECT_DIR, register
 
