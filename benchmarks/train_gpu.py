@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmstart-steps", type=int, default=None)
     p.add_argument("--warmstart-lr", type=float, default=None)
     p.add_argument("--sandbox-workers", type=int, default=4)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the run folders' model checkpoints (deleted by default: large)")
     args = p.parse_args(argv)
     tiny = args.tiny
     defaults = dict(shape="tiny" if tiny else "qwen3-0.6b", max_prompt_tokens=1024 if tiny else 8192, modes="batched,unbatched" if tiny else "batched",
@@ -186,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                                                           "intermediate_size", "num_attention_heads")}
         params = sum(v for v in [_param_count(cfg)] if v)
     report["parameters"] = params
+    if not args.keep_checkpoints:
+        import shutil
+
+        for r in results:
+            shutil.rmtree(out / f"run-{r['mode']}" / "checkpoints", ignore_errors=True)
     (out / "train_gpu.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"device: {report['device']}; shape {args.shape} ({params or '?'} parameters); "
           f"{len(envs)} environments, {len(tasks)} tasks; torch {torch.__version__}, transformers "

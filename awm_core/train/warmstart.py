@@ -61,6 +61,9 @@ def supervised_steps(model: Any, samples: Sequence[Sample], *, steps: int, lr: f
         return []
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    # A linear warm-up over the first tenth keeps a freshly initialised deep model from diverging.
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
     rng = random.Random(seed)
     was_training = model.training
     model.train()
@@ -76,14 +79,20 @@ def supervised_steps(model: Any, samples: Sequence[Sample], *, steps: int, lr: f
         lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
         t0 = time.perf_counter()
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        if not torch.isfinite(loss):
+            # One bad batch must not poison the weights that GRPO then samples from.
+            opt.zero_grad(set_to_none=True)
+            losses.append(float("nan"))
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if log is not None and (step + 1) % max(1, steps // 5) == 0:
             log(f"warm start step {step + 1}/{steps}: loss {losses[-1]:.3f} ({time.perf_counter() - t0:.2f}s)")
-    del opt
+    del opt, sched
     if not was_training:
         model.eval()
     return losses
