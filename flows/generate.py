@@ -26,6 +26,7 @@ from awm_core.models import Scenario, slugify
 from awm_core.settings import Settings, get_settings
 from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
 from flows.events import GENERATE_PUBLISHED, emit_snapshot_event
+from flows.scaleout import run_resources_on_dask_workers
 from tasks import generation as G
 
 STATUS_FILE = "state.json"
@@ -195,6 +196,8 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
     outcomes: list[G.EnvOutcome] = []
     scenario_info: dict[str, Any] = {"dropped": [], "candidates": 0, "records": []}
     status, message = "completed", ""
+    timings: dict[str, float] = {}
+    t_build = 0.0
     try:
         existing = existing_scenarios(settings) if skip_existing else []
         if isinstance(n, list):
@@ -211,18 +214,22 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
                 scenario_stage.PROMPT_VERSION, run_key)
             chosen, scenario_info = sel["scenarios"], sel
         say(f"generating {len(chosen)} environment(s): {', '.join(s.id for s in chosen)}")
-        futures = [G.build_environment_task.with_options(task_run_name=f"build[{s.id}]")
-                   .submit(s, k, gen.target_tools, model, gen.min_valid_tasks, run_key) for s in chosen]
-        for s, fut in zip(chosen, futures):
-            try:
-                outcomes.append(fut.result())
-            except Exception as exc:  # a bug or sandbox failure in one scenario must not lose the others
-                logger.error("building %s failed: %s", s.id, exc)
-                outcomes.append(G.EnvOutcome(s.id, "dropped", f"internal error: {type(exc).__name__}: {exc}"[:500]))
+        t_build = time.perf_counter()
+        # On Dask worker processes the run's resources are built per worker (flows/scaleout.py).
+        with run_resources_on_dask_workers(run_key, settings, run_id, run_dir):
+            futures = [G.build_environment_task.with_options(task_run_name=f"build[{s.id}]")
+                       .submit(s, k, gen.target_tools, model, gen.min_valid_tasks, run_key) for s in chosen]
+            for s, fut in zip(chosen, futures):
+                try:
+                    outcomes.append(fut.result())
+                except Exception as exc:  # a bug or sandbox failure in one scenario must not lose the others
+                    logger.error("building %s failed: %s", s.id, exc)
+                    outcomes.append(G.EnvOutcome(s.id, "dropped", f"internal error: {type(exc).__name__}: {exc}"[:500]))
     except G.StageFailed as exc:  # only the run-wide scenario stage gets here
         status = "budget_exceeded" if exc.budget else "failed"
         message = f"{exc.stage} stage: {exc.errors[-1] if exc.errors else exc}"[:500]
     finally:
+        timings["build_s"] = round(time.perf_counter() - t_build, 2) if t_build else 0.0
         G.unregister(run_key)
         pool.close()
 
@@ -248,12 +255,15 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
                   for o in outcomes},
         "dropped_tasks": {o.scenario_id: o.report.dropped_tasks for o in outcomes if o.report and o.report.dropped_tasks},
     }
+    summary["timings"] = timings
+    t_pub = time.perf_counter()
     if publish:
         summary["snapshot"] = _publish(settings, run_id, flow_run_id, started_at, params, summary, published,
                                        records, drop_reasons, tokens, cost)
         _write_state(run_dir, status="published", snapshot=summary["snapshot"])
     else:
         _write_state(run_dir, status="finished")
+    timings["publish_s"] = round(time.perf_counter() - t_pub, 2)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _artifacts(summary, outcomes, records)
     if summary["snapshot"] is not None and published:  # chains the gate deployment (deployments/prefect.yaml)

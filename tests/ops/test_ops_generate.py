@@ -217,30 +217,34 @@ def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, 
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
-def test_generate_fans_out_on_a_local_dask_cluster(prefect_server, tmp_path):
+def test_generate_fans_out_on_a_local_dask_cluster_of_worker_processes(prefect_server, tmp_path):
     pytest.importorskip("prefect_dask")
+    from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    from distributed import LocalCluster
-
     old = _use_home(tmp_path / "home")
-    # Two Dask workers with one thread each. The stage tasks share the run's LLM client,
-    # budget and sandbox pool, which live in the flow's process: the workers run there too
-    # (processes=False). The cluster is made here, with the same kwargs DaskTaskRunner would
-    # pass it, so the test can read what each worker executed.
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    # The kwargs a DaskTaskRunner(cluster_kwargs=...) would pass; the cluster is made here so
+    # the test can ask each worker process what it executed.
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
     try:
         from flows.generate import run_generate
 
         runner = DaskTaskRunner(address=cluster.scheduler_address)
         # One Dask task per scenario (each builds its environment's stages in order).
         summary = run_generate(scenarios=["clinic_booking", "team_expenses"], task_runner=runner)
-        executed = [w.state.executed_count for w in cluster.workers.values()]
-        assert len(executed) == 2 and all(n > 0 for n in executed), executed  # both workers took work
+        with Client(cluster) as client:
+            executed = client.run(lambda dask_worker: (os.getpid(), dask_worker.state.executed_count))
+            plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        # Both worker processes (not this one) built an environment each.
+        assert len(executed) == 2 and all(pid != os.getpid() and n >= 1 for pid, n in executed.values()), executed
+        # The run's resources were installed on the workers and removed at the end of the run.
+        assert not any(p.startswith("awm-run-resources-") for ps in plugins.values() for p in ps), plugins
         assert summary["status"] == "completed" and sorted(summary["published"]) == ["clinic_booking", "team_expenses"]
         envs = {e.id: e for e in _environments(summary["snapshot"])}
         assert set(envs) == {"clinic_booking", "team_expenses"} and all(e.validation.passed for e in envs.values())
-        # The task runs really went through Dask: Prefect records the runner's task runs.
+        # Every call the workers made is in the run's ledger and in the catalog.
+        n = _catalog_rows(f"SELECT count(*) AS n FROM llm_calls WHERE run_id = '{summary['run_id']}'")[0]["n"]
+        assert n == summary["llm_calls"] > 40
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
