@@ -197,6 +197,39 @@ def validate_environment(pool, env: Environment, *, min_valid_tasks: int = 1,
     return ValidationReport(passed=passed, checks=checks, dropped_tasks=dropped)
 
 
+REQUIRED_TASK_CHECKS = ("verifier_noop", "verifier_solution", "replay_determinism")
+
+
+def report_from_checks(env: Environment, env_checks: list[ValidationCheck], task_checks: dict[int, list[ValidationCheck]],
+                       dropped: dict[int, str], *, min_valid_tasks: int = 1) -> ValidationReport:
+    """The report of checks already run by the stages on exactly these artifacts (the code
+    stage's tool checks, each task's final verifier and solution checks), plus the database
+    checks; a task without all of its checks passed is dropped. Same verdicts as
+    ``validate_environment`` without executing everything a second time."""
+    checks = database_checks(env) + list(env_checks)
+    env_ok = all(c.passed for c in checks) and any(c.name == "tool_example" for c in env_checks)
+    dropped = dict(dropped)
+    for task in env.tasks:
+        if task.idx in dropped:
+            continue
+        tc = list(task_checks.get(task.idx, []))
+        checks += tc
+        bad = [c for c in tc if not c.passed]
+        missing = [n for n in REQUIRED_TASK_CHECKS if n not in {c.name for c in tc if c.passed}]
+        if not env_ok:
+            dropped[task.idx] = "environment failed validation"
+        elif bad:
+            dropped[task.idx] = f"{bad[0].name}: {bad[0].detail}"[:DETAIL_CHARS]
+        elif missing:
+            dropped[task.idx] = f"checks never run: {', '.join(missing)}"
+    valid = len(env.tasks) - len(dropped)
+    passed = env_ok and valid >= min_valid_tasks
+    if env_ok and not passed:
+        checks.append(ValidationCheck(name="min_valid_tasks", passed=False,
+                                      detail=f"{valid} valid tasks, fewer than the {min_valid_tasks} required"))
+    return ValidationReport(passed=passed, checks=checks, dropped_tasks=dropped)
+
+
 def publishable(env: Environment, report: ValidationReport) -> Environment:
     """The bundle to publish: dropped tasks (and their verifiers/solutions) removed, report attached."""
     if not report.passed:

@@ -35,7 +35,7 @@ from awm_core.models import (
 )
 from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
 from awm_core.stages.base import stage_name, summarise_errors
-from awm_core.validation import publishable, validate_environment
+from awm_core.validation import publishable, report_from_checks
 
 # --------------------------------------------------------------------------- run resources
 
@@ -97,6 +97,7 @@ class StageOutput:
     attempts: int
     errors: list[str]
     records: list[Any]
+    checks: list[Any] = field(default_factory=list)  # sandbox checks the value passed
 
 
 class StageFailed(AWMError):
@@ -188,7 +189,7 @@ def run_stage_task(stage: str, ctx_json: str, prompt_version: str, model: str, r
     repaired = f" (repaired, attempt {attempt})" if attempt > 1 else ""
     res.say(f"  {name}[{ctx.scenario_id}] ok{repaired}")
     return StageOutput(stage=name, value=result.value, attempts=attempt, errors=list(extra_errors) + errors,
-                       records=records)
+                       records=records, checks=list(result.checks))
 
 
 def call_stage(settings: Any, run_key: str, stage: str, ctx: StageContext, *, extra_errors: list[str] = (),
@@ -330,10 +331,13 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
         records.extend(out.records)
         return out
 
+    env_checks: list[Any] = []
+    task_checks: dict[int, list[Any]] = {}
     try:
         for name in ENV_STAGES:
             out = stage(name, ctx)
             ctx = ctx.with_(**{CTX_FIELD[name]: out.value})
+            env_checks += out.checks
         verifiers: list[Verifier] = []
         solutions: list[ReferenceSolution] = []
         dropped: dict[int, str] = {}
@@ -366,6 +370,7 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
                     continue
             verifiers.append(v.value)
             solutions.append(s.value)
+            task_checks[t.idx] = v.checks + s.checks
     except StageFailed as exc:
         if exc.budget:
             return outcome("budget_exceeded", str(exc.errors[0]))
@@ -373,11 +378,10 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
 
     env = ctx.environment(verifiers=verifiers, solutions=solutions, provenance=Provenance(
         source="generated", generator_model=model, prompt_version=PROMPT_VERSION, run_id=res.run_id, stages=stages))
-    report = validate_task(env, min_valid_tasks, run_key)
-    for idx, why in dropped.items():  # tasks dropped before validation still count as dropped
-        report.dropped_tasks.setdefault(idx, why)
+    # Every execution check already ran inside the stages, on exactly these artifacts: the
+    # report collects them instead of executing everything a second time.
+    report = report_from_checks(env, env_checks, task_checks, dropped, min_valid_tasks=min_valid_tasks)
     valid = len(env.tasks) - len(report.dropped_tasks)
-    report.passed = report.passed and valid >= min_valid_tasks
     if not report.passed:
         fails = [c.detail for c in report.failures()] or [f"{valid} valid tasks < {min_valid_tasks}"]
         reason = f"validation failed: {fails[0][:300]}" if valid else "no task passed validation"
@@ -388,20 +392,3 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     env = publishable(env, report)
     res.say(f"  {scenario.id}: validated, {valid}/{len(ctx.tasks)} tasks")
     return outcome("published", "", env, report)
-
-
-def validate_task(env: Environment, min_valid_tasks: int, run_key: str) -> ValidationReport:
-    t = _validate.with_options(task_run_name=f"validate[{env.id}]")
-    return t(env.model_dump_json(), min_valid_tasks, run_key)
-
-
-@task(name="validate-environment", cache_policy=_cache_policy(), persist_result=True)
-def _validate(env_json: str, min_valid_tasks: int, run_key: str) -> ValidationReport:
-    """Every execution check of the assembled bundle, in the sandbox (bundle as JSON: see run_stage_task)."""
-    res = resources(run_key)
-    env = Environment.model_validate_json(env_json)
-    # Tasks without a verifier/solution were dropped by their stages; check only the rest here.
-    keep = {v.task_idx for v in env.verifiers} & {s.task_idx for s in env.solutions}
-    subset = env.model_copy(update={"tasks": [t for t in env.tasks if t.idx in keep]})
-    report = validate_environment(res.pool, subset, min_valid_tasks=min_valid_tasks)
-    return report

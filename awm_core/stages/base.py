@@ -104,6 +104,7 @@ class StageResult(BaseModel):
 
     value: Any
     records: list[Any] = Field(default_factory=list)
+    checks: list[Any] = Field(default_factory=list, description="sandbox checks the artifact passed")
 
 
 # --------------------------------------------------------------------------- reply parsing
@@ -255,11 +256,12 @@ def run_stage(module: Any, client: Any, ctx: StageContext, *, attempt: int, prev
             raise StageError(name, ["the reply was cut off at the output-token limit; give a more compact answer "
                                     "(fewer words in descriptions, no comments), complete and well-formed"])
         value = module.parse(res.content, ctx)
+        checks = []
         if pool is not None and hasattr(module, "execute"):
-            module.execute(value, ctx, pool)
+            checks = module.execute(value, ctx, pool) or []
     except StageError as exc:
         exc.stage = name
         exc.scenario_id = ctx.scenario_id
         exc.records = [res.record]
         raise
-    return StageResult(value=value, records=[res.record])
+    return StageResult(value=value, records=[res.record], checks=checks)

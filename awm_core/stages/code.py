@@ -152,12 +152,15 @@ def parse(text: str, ctx: StageContext) -> EnvCode:
     return EnvCode(flavour="native", source=source)
 
 
-def execute(code: EnvCode, ctx: StageContext, pool) -> None:
+def execute(code: EnvCode, ctx: StageContext, pool) -> list:
+    """The sandbox checks; returns them (all passed) for the environment's validation report."""
     from awm_core.validation import failed_details, tool_checks
 
-    errors = failed_details(tool_checks(pool, ctx.environment(code=code)))
+    checks = tool_checks(pool, ctx.environment(code=code))
+    errors = failed_details(checks)
     if errors:
         raise StageError(NAME, errors)
+    return checks
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

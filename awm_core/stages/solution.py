@@ -88,13 +88,16 @@ def parse(text: str, ctx: StageContext) -> ReferenceSolution:
     return solution
 
 
-def execute(solution: ReferenceSolution, ctx: StageContext, pool) -> None:
+def execute(solution: ReferenceSolution, ctx: StageContext, pool) -> list:
+    """Replay, verdict and determinism checks; returns them (all passed) for the report."""
     from awm_core.validation import failed_details, solution_checks
 
     env = ctx.environment(solutions=[solution])
-    errors = failed_details(solution_checks(pool, env, solution.task_idx))
+    checks = solution_checks(pool, env, solution.task_idx)
+    errors = failed_details(checks)
     if errors:
         raise StageError(f"{NAME}.{ctx.task_idx}", errors)
+    return checks
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

@@ -88,12 +88,14 @@ def parse(text: str, ctx: StageContext) -> Verifier:
     return Verifier(task_idx=ctx.task_idx, code=source, style="native", function_name="verify")
 
 
-def execute(verifier: Verifier, ctx: StageContext, pool) -> None:
+def execute(verifier: Verifier, ctx: StageContext, pool) -> list:
+    """The no-op check; returns it (passed) for the environment's validation report."""
     from awm_core.validation import noop_check
 
     check = noop_check(pool, ctx.environment(verifiers=[verifier]), verifier.task_idx)
     if not check.passed:
         raise StageError(f"{NAME}.{ctx.task_idx}", [check.detail])
+    return [check]
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

@@ -137,6 +137,18 @@ def test_flow_publishes_three_fully_validated_environments_with_repairs(resumed)
     assert envs["team_expenses"].provenance.stages["solution.4"].attempts == 2
     scen_drops = {d["name"]: d["reason"] for d in summary["scenario_drops"]}
     assert scen_drops["Live Weather Feed"] == "not stateful" and "near-duplicate" in scen_drops["Recipe Keeper"]
+    # The summary artifacts are on the server, for the UI.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["generate-summary", "generate-environments"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]])))
+    by_key = {a.key: a for a in arts}
+    md = by_key["generate-summary"].data
+    assert "| recipe_box | published | 10 | code +1, schema +1 |" in md and "data:image/png;base64," in md
+    assert len(by_key["generate-environments"].data) > 0
 
 
 def test_rerun_hits_the_cache_and_publishes_no_duplicates(resumed):

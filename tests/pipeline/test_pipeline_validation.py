@@ -104,3 +104,18 @@ def test_broken_seed_fails_environment_checks(ctx, pool):
     report = validate_environment(pool, env)
     assert not report.passed and report.failures()[0].name == "seed"
     assert set(report.dropped_tasks) == {0, 1, 2}
+
+
+def test_report_from_stage_checks_matches_a_full_revalidation(ctx, pool):
+    from awm_core.validation import report_from_checks, task_checks, tool_checks
+
+    env = ctx.environment(
+        verifiers=[verifier.parse(VERIFIER, ctx), verifier.parse(NOOP_PASSING, ctx.with_(task_idx=1)),
+                   verifier.parse(UNSATISFIABLE, ctx.with_(task_idx=2))],
+        solutions=[GOOD_SOLUTION.model_copy(update={"task_idx": i}) for i in range(3)])
+    full = validate_environment(pool, env, min_valid_tasks=1)
+    per_task = {i: task_checks(pool, env, i) for i in range(2)}  # task 2's checks were never run
+    got = report_from_checks(env, tool_checks(pool, env), per_task, {}, min_valid_tasks=1)
+    assert got.passed == full.passed and sorted(got.dropped_tasks) == sorted(full.dropped_tasks) == [1, 2]
+    assert got.dropped_tasks[2] == "checks never run: verifier_noop, verifier_solution, replay_determinism"
+    assert not report_from_checks(env, [], per_task, {}).passed  # no tool checks: never publishable
