@@ -31,7 +31,8 @@ from prefect.transactions import CommitMode, transaction
 
 from awm_core.errors import AWMError, BudgetExceeded, LLMError, StageError
 from awm_core.models import (
-    Environment, Provenance, ReferenceSolution, Scenario, StageProvenance, ValidationReport, Verifier,
+    Environment, Provenance, ReferenceSolution, Scenario, StageProvenance, ValidationCheck, ValidationReport,
+    Verifier,
 )
 from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
 from awm_core.stages.base import stage_name, summarise_errors
@@ -380,7 +381,7 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
         source="generated", generator_model=model, prompt_version=PROMPT_VERSION, run_id=res.run_id, stages=stages))
     # Every execution check already ran inside the stages, on exactly these artifacts: the
     # report collects them instead of executing everything a second time.
-    report = report_from_checks(env, env_checks, task_checks, dropped, min_valid_tasks=min_valid_tasks)
+    report = validate_task(env, env_checks, task_checks, dropped, min_valid_tasks)
     valid = len(env.tasks) - len(report.dropped_tasks)
     if not report.passed:
         fails = [c.detail for c in report.failures()] or [f"{valid} valid tasks < {min_valid_tasks}"]
@@ -392,3 +393,23 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     env = publishable(env, report)
     res.say(f"  {scenario.id}: validated, {valid}/{len(ctx.tasks)} tasks")
     return outcome("published", "", env, report)
+
+
+def validate_task(env: Environment, env_checks: list[Any], task_checks: dict[int, list[Any]],
+                  dropped: dict[int, str], min_valid_tasks: int) -> ValidationReport:
+    """The validation step as its own run (``validate[<id>]``) in the UI."""
+    checks = json.dumps({"env": [c.model_dump(mode="json") for c in env_checks],
+                         "tasks": {str(i): [c.model_dump(mode="json") for c in cs] for i, cs in task_checks.items()}})
+    t = _validate.with_options(task_run_name=f"validate[{env.id}]")
+    return t(env.model_dump_json(), checks, {str(k): v for k, v in dropped.items()}, min_valid_tasks)
+
+
+@task(name="validate-environment", cache_policy=NO_CACHE)
+def _validate(env_json: str, checks_json: str, dropped: dict[str, str], min_valid_tasks: int) -> ValidationReport:
+    """Collect the stages' sandbox checks into the report (inputs as JSON: see run_stage_task)."""
+    env = Environment.model_validate_json(env_json)
+    data = json.loads(checks_json)
+    env_checks = [ValidationCheck.model_validate(c) for c in data["env"]]
+    task_checks = {int(i): [ValidationCheck.model_validate(c) for c in cs] for i, cs in data["tasks"].items()}
+    return report_from_checks(env, env_checks, task_checks, {int(k): v for k, v in dropped.items()},
+                              min_valid_tasks=min_valid_tasks)
