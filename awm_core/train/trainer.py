@@ -70,6 +70,7 @@ class AWMGRPOTrainer(GRPOTrainer):
         # TRL cuts the batch into steps_per_generation equal chunks and drops any remainder:
         # pad with fully masked one-token rows so every real sample is kept.
         chunks = self.args.steps_per_generation
+        real = len(rows)
         while not rows or len(rows) % chunks:
             rows.append(([pad_id], [pad_id], [0], 0.0))
 
@@ -106,7 +107,7 @@ class AWMGRPOTrainer(GRPOTrainer):
                         raise SettingsError("beta > 0 with an adapter-only reference model is not supported")
                     new["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
                         self.ref_model, ids, attn, keep, batch_size=bs)[0]
-        self.awm_last = {"samples": len(rows), "policy_tokens": int(tool_mask.sum()),
+        self.awm_last = {"samples": real, "policy_tokens": int(tool_mask.sum()),
                          "train_tokens": int(prompt_mask.sum() + completion_mask.sum())}
         return new
 

@@ -75,20 +75,22 @@ def counter_environment() -> Environment:
         ]),
         code=EnvCode(flavour="native", source=CODE),
         verifiers=[Verifier(task_idx=i, code=VERIFY.format(name=n, amount=a)) for i, (n, a) in enumerate(tasks)],
-        solutions=[ReferenceSolution(task_idx=i, calls=[ToolCall(tool="add", arguments={"name": n, "amount": a})],
+        solutions=[ReferenceSolution(task_idx=i, calls=[ToolCall(tool="get_counter", arguments={"name": n}),
+                                                        ToolCall(tool="add", arguments={"name": n, "amount": a})],
                                      final_answer="Done.") for i, (n, a) in enumerate(tasks)],
     )
 
 
 def test_grpo_step_turns_episode_rewards_into_a_weight_update(tmp_path):
     """Warm-started on the reference solutions, the tiny model's sampled episodes differ in reward;
-    the GRPO step then has a non-zero gradient, and the episodes are real (verifier labels)."""
+    the GRPO step then has a non-zero gradient, and the episodes are real (verifier labels). With
+    window 1 and three turns an episode yields two samples; two micro-batches per step."""
     from awm_core.train.trainer import run_training
 
     env = counter_environment()
-    cfg = TrainConfig(model="random:tiny", group_size=4, tasks_per_step=2, max_turns=2, window=None,
+    cfg = TrainConfig(model="random:tiny", group_size=4, tasks_per_step=2, max_turns=3, window=1,
                       interface="direct", learning_rate=1e-3, steps=1, max_tokens=40, max_prompt_tokens=2048,
-                      warmstart_steps=80, warmstart_lr=3e-3, sandbox_workers=1, seed=1)
+                      warmstart_steps=80, warmstart_lr=3e-3, sandbox_workers=1, seed=1, grad_accum=2)
     run_training(cfg, [env], [(env.id, t.idx, t.text) for t in env.tasks], tmp_path, load_settings())
     warm = json.loads((tmp_path / "warmstart.json").read_text())
     assert warm["samples"] >= 2 and warm["losses"][-1] < warm["losses"][0] / 2
@@ -102,6 +104,9 @@ def test_grpo_step_turns_episode_rewards_into_a_weight_update(tmp_path):
     assert metrics["reward_std"] > 0 and metrics["grad_norm"] > 0
     assert metrics["awm/policy_tokens"] < metrics["awm/train_tokens"]  # prompts and tool output are not trained
     assert any(e["tool_calls"] > 0 for e in episodes)  # episodes really called the environment
+    # window 1: a third turn no longer sees the first, so its step is a sample of its own
+    assert metrics["awm/samples"] > sum(1 for e in episodes if e["turns"] >= 1)
+    assert any(e["turns"] == 3 for e in episodes)
 
 
 def _fake_trainer(chunks: int):
