@@ -85,6 +85,10 @@ class GenerationSettings(BaseModel):
     min_valid_tasks: int = Field(5, description="environments with fewer valid tasks are not published")
     concurrency: int = 4
     seed_list: Path | None = None
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="fan-out of scenarios: threads, or Dask (local worker processes, or dask_address)"
+    )
+    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
 
 
 class SandboxSettings(BaseModel):

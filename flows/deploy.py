@@ -71,6 +71,11 @@ def load_spec(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     return entries
 
 
+def flow_function(entry: dict[str, Any]) -> str:
+    """The entrypoint's function name (generate, gate, evaluate, train, import_awm1k)."""
+    return entry["entrypoint"].rsplit(":", 1)[1]
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``key=value`` with a JSON value (``scenarios=2``, ``env_ids=["a"]``) or a plain string."""
     key, sep, raw = text.partition("=")
@@ -92,10 +97,8 @@ def plan(settings: Settings, entries: list[dict[str, Any]], *, generate_params: 
     out = []
     for e in entries:
         e = json.loads(json.dumps(e))  # deep copy; the spec is plain YAML data
-        flow_file = e["entrypoint"].split(":")[0]
         e["work_pool"] = {**(e.get("work_pool") or {}), "name": settings.server.work_pool}
-        kind = Path(flow_file).stem
-        if kind == "generate" and e["name"] == NIGHTLY[1]:
+        if flow_function(e) == NIGHTLY[0] and e["name"] == NIGHTLY[1]:
             params = dict(e.get("parameters") or {})
             params.update({"scenarios": settings.generation.scenarios,
                            "tasks_per_scenario": settings.generation.tasks_per_scenario})
@@ -124,7 +127,7 @@ def register(settings: Settings | None = None, *, spec_path: Path = PREFECT_YAML
              generate_params: dict[str, Any] | None = None, cron: str | None = None,
              timezone: str | None = None, train_after_gate: bool | None = None,
              only: list[str] | None = None) -> tuple[list[Registered], list[str]]:
-    """Register every deployment of the yaml file (or the ``only`` entrypoint stems).
+    """Register every deployment of the yaml file (or those whose flow function is in ``only``).
 
     Returns what was registered and the entries skipped because their flow file is absent.
     Re-registering updates deployments in place; Prefect replaces a deployment's trigger
@@ -151,7 +154,7 @@ def _register(settings: Settings, entries: list[dict[str, Any]],
     runner_deployments, meta, skipped = [], [], []
     for e in entries:
         flow_file = e["entrypoint"].split(":")[0]
-        if only and Path(flow_file).stem not in only:
+        if only and flow_function(e) not in only:
             continue
         if not (PROJECT_DIR / flow_file).exists():
             skipped.append(f"{e['entrypoint']} ({e['name']}): {flow_file} is not in this checkout")

@@ -26,7 +26,7 @@ from awm_core.models import Scenario, slugify
 from awm_core.settings import Settings, get_settings
 from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
 from flows.events import GENERATE_PUBLISHED, emit_snapshot_event
-from flows.scaleout import run_resources_on_dask_workers
+from flows.scaleout import run_resources_on_dask_workers, task_runner_for
 from tasks import generation as G
 
 STATUS_FILE = "state.json"
@@ -443,7 +443,7 @@ def run_generate(*, concurrency: int | None = None, task_runner=None, **params: 
 
     settings = get_settings()
     c = concurrency or settings.generation.concurrency
-    runner = task_runner or ThreadPoolTaskRunner(max_workers=c)
+    runner = task_runner or task_runner_for(settings, c)  # generation.task_runner: threads or dask
     # Cached stage results live under AWM_HOME, next to the catalog they feed.
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(G.results_dir(settings))}):
         return generate.with_options(task_runner=runner)(concurrency=c, **params)

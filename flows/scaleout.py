@@ -85,3 +85,25 @@ def run_resources_on_dask_workers(run_key: str, settings: Any, run_id: str, run_
     finally:
         with contextlib.suppress(Exception):  # workers already gone: nothing left to close
             client.unregister_worker_plugin(plugin.name)
+
+
+def task_runner_for(settings: Any, concurrency: int | None = None) -> Any:
+    """The task runner ``generation.task_runner`` names, ``concurrency`` wide (default
+    ``generation.concurrency``): threads, or Dask (``generation.dask_address``, else a local
+    cluster of that many worker processes with one thread each)."""
+    from awm_core.errors import SettingsError
+
+    gen = settings.generation
+    width = concurrency or gen.concurrency
+    if gen.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=width)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise SettingsError("generation.task_runner is 'dask' but prefect-dask is not installed "
+                            "(pip install prefect-dask, or the project's dev extra)") from None
+    if gen.dask_address:
+        return DaskTaskRunner(address=gen.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": width, "threads_per_worker": 1, "dashboard_address": None})

@@ -21,8 +21,9 @@ def register(sub) -> None:
                        help="create the automation that runs train/manual when a gate passes")
     train.add_argument("--no-train-after-gate", dest="train_after_gate", action="store_false",
                        help="register train/manual without that automation")
-    p.add_argument("--only", action="append", metavar="FLOW_FILE",
-                   help="register only these flow files' deployments (generate, gate, evaluate, train, import_awm1k)")
+    p.add_argument("--only", action="append", metavar="FLOW",
+                   help="register only this flow's deployments (generate, gate, evaluate, train, import_awm1k; "
+                        "repeatable)")
     p.set_defaults(func=run)
 
 

@@ -205,3 +205,32 @@ def test_events_start_the_chained_deployments_with_the_snapshot(prefect_server, 
             client.delete_flow_run(r.id)
     finally:
         _cleanup(client, registered)
+
+
+def test_nightly_entrypoint_picks_the_task_runner_from_settings(awm_home, monkeypatch):
+    """deployments/nightly.py chooses the runner when the flow-run process imports it."""
+    import importlib
+
+    from awm_core.settings import get_settings
+
+    monkeypatch.setenv("AWM_GENERATION__CONCURRENCY", "3")
+    get_settings.cache_clear()
+    import deployments.nightly as nightly
+
+    nightly = importlib.reload(nightly)
+    assert nightly.generate.name == "generate"
+    assert type(nightly.generate.task_runner).__name__ == "ThreadPoolTaskRunner"
+    assert nightly.generate.task_runner._max_workers == 3
+    pytest.importorskip("prefect_dask")
+    monkeypatch.setenv("AWM_GENERATION__TASK_RUNNER", "dask")
+    get_settings.cache_clear()
+    runner = importlib.reload(nightly).generate.task_runner
+    assert type(runner).__name__ == "DaskTaskRunner"
+    assert runner.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "dashboard_address": None}
+    monkeypatch.setenv("AWM_GENERATION__DASK_ADDRESS", "tcp://scheduler:8786")
+    get_settings.cache_clear()
+    assert importlib.reload(nightly).generate.task_runner.address == "tcp://scheduler:8786"
+    monkeypatch.delenv("AWM_GENERATION__TASK_RUNNER")
+    monkeypatch.delenv("AWM_GENERATION__DASK_ADDRESS")
+    get_settings.cache_clear()
+    importlib.reload(nightly)
