@@ -132,15 +132,17 @@ def _cache_policy():
     return (INPUTS - "run_key") + TASK_SOURCE
 
 
-def stage_task_options(settings: Any, stage: str, scenario_id: str, *, retries: int | None = None) -> dict[str, Any]:
-    # No tags on task runs: Prefect acquires a tag concurrency lease through the API for every
-    # tagged task run (10-100 ms each, x27 per environment, and a busy server answering 503
-    # fails the run). Run names carry stage and scenario instead.
-    return dict(
-        name=f"stage-{stage.split('.')[0]}",
-        task_run_name=f"{stage}[{scenario_id}]",
-        retries=settings.generation.stage_retries if retries is None else retries,
-    )
+# No tags on task runs: Prefect acquires a tag concurrency lease through the API for every
+# tagged task run (10-100 ms each, x27 per environment, and a busy server answering 503 fails
+# the run). Run names carry stage and scenario instead (the ``label`` parameter).
+_CONFIGURED: dict[int, Any] = {}
+
+
+def configured_stage_task(retries: int):
+    """``run_stage_task`` with the run's retries; made once (``with_options`` costs ~6 ms)."""
+    if retries not in _CONFIGURED:
+        _CONFIGURED[retries] = run_stage_task.with_options(retries=retries)
+    return _CONFIGURED[retries]
 
 
 def results_dir(settings: Any) -> Path:
@@ -148,9 +150,9 @@ def results_dir(settings: Any) -> Path:
     return settings.home_dir / "prefect-results"
 
 
-@task(retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition, cache_policy=_cache_policy(),
-      persist_result=True)
-def run_stage_task(stage: str, ctx_json: str, prompt_version: str, model: str, run_key: str,
+@task(name="stage", task_run_name="{label}", retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition,
+      cache_policy=_cache_policy(), persist_result=True)
+def run_stage_task(label: str, stage: str, ctx_json: str, prompt_version: str, model: str, run_key: str,
                    extra_errors: list[str], attempt_offset: int) -> StageOutput:
     """One attempt of one stage; Prefect's retries make the repair loop.
 
@@ -196,10 +198,10 @@ def run_stage_task(stage: str, ctx_json: str, prompt_version: str, model: str, r
 def call_stage(settings: Any, run_key: str, stage: str, ctx: StageContext, *, extra_errors: list[str] = (),
                attempt_offset: int = 0) -> StageOutput:
     """Run a stage task with its per-call name and retries; raises StageFailed."""
-    name = stage_name(STAGES[stage], ctx)
-    t = run_stage_task.with_options(**stage_task_options(settings, name, ctx.scenario_id))
-    return t(stage, ctx.model_dump_json(), STAGES[stage].PROMPT_VERSION, ctx.model, run_key, list(extra_errors),
-             attempt_offset)
+    label = f"{stage_name(STAGES[stage], ctx)}[{ctx.scenario_id}]"
+    t = configured_stage_task(settings.generation.stage_retries)
+    return t(label, stage, ctx.model_dump_json(), STAGES[stage].PROMPT_VERSION, ctx.model, run_key,
+             list(extra_errors), attempt_offset)
 
 
 # --------------------------------------------------------------------------- scenarios
