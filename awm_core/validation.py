@@ -12,6 +12,8 @@ runs only in the sandbox (``awm_core.runtime.SandboxPool``).
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from awm_core.db import build_database, snapshot_digest
@@ -34,6 +36,35 @@ def _base(env: Environment) -> Environment:
     """The environment without verifiers and solutions: what sessions run on. One sandbox
     load serves every verifier and solution candidate of the same code."""
     return env.model_copy(update={"verifiers": [], "solutions": [], "validation": None})
+
+
+_HANDLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_HANDLES_LOCK = threading.Lock()
+
+
+def _handle(pool, env: Environment):
+    """``pool.load`` of the environment's runnable parts, remembered by the identity of those
+    parts: the pool keys handles by a digest of the whole bundle, and computing it (a JSON
+    dump of everything) on every check was a large share of validation's CPU time."""
+    parts = (env.db_schema, env.seed_data, env.api_spec, env.code)
+    key = (id(pool),) + tuple(id(p) for p in parts)
+    with _HANDLES_LOCK:
+        hit = _HANDLES.get(key)
+        if hit is not None:
+            _HANDLES.move_to_end(key)
+            return hit[1]
+    handle = pool.load(_base(env))
+    with _HANDLES_LOCK:
+        _HANDLES[key] = (parts, handle)  # the parts are held so their ids cannot be reused
+        while len(_HANDLES) > 64:
+            _HANDLES.popitem(last=False)
+    return handle
+
+
+def _verify(pool, env: Environment, task_idx: int, initial_db: bytes, final_db: bytes, final_answer):
+    """``pool.verify`` with a bundle of just the verifier (the pool only needs that and an id)."""
+    only = Environment(id=env.id, scenario=env.scenario, verifiers=[v for v in env.verifiers if v.task_idx == task_idx])
+    return pool.verify(only, task_idx, initial_db=initial_db, final_db=final_db, final_answer=final_answer)
 
 
 def database_checks(env: Environment) -> list[ValidationCheck]:
@@ -93,8 +124,8 @@ def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | Non
     ``initial_db`` defaults to the loaded environment's snapshot (an environment without code
     can pass its own, built from schema and seed)."""
     if initial_db is None:
-        initial_db = pool.load(_base(env)).snapshot
-    out = pool.verify(env, task_idx, initial_db=initial_db, final_db=initial_db, final_answer=None)
+        initial_db = _handle(pool, env).snapshot
+    out = _verify(pool, env, task_idx, initial_db, initial_db, None)
     if out.verdict is None and out.error:
         return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
                                detail=f"the verifier raised on a no-op episode (final db == initial db, final_answer "
@@ -128,12 +159,12 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
     if solution is None:
         return [ValidationCheck(name="verifier_solution", task_idx=task_idx, passed=False,
                                 detail=f"task {task_idx} has no reference solution")]
-    handle = pool.load(_base(env))
+    handle = _handle(pool, env)
     final, trace, failure = _replay(handle, solution)
     if failure:
         return [ValidationCheck(name="solution_replay", task_idx=task_idx, passed=False,
                                 detail=f"replaying the reference solution on the seeded database: {failure}"[:DETAIL_CHARS])]
-    out = pool.verify(env, task_idx, initial_db=handle.snapshot, final_db=final, final_answer=solution.final_answer)
+    out = _verify(pool, env, task_idx, handle.snapshot, final, solution.final_answer)
     checks = []
     if out.verdict != "complete":
         what = f"raised: {out.error}" if out.verdict is None else f"returned \"{out.verdict}\""

@@ -47,6 +47,10 @@ def effective_settings(base: Settings | None = None, *, generator_model: str | N
         s.llm.offline_latency_s = offline_latency_s
     if budget_usd is not None:
         s.llm.budget_usd = budget_usd
+    if s.llm.generator.backend == "offline":
+        # Recorded replies are already on disk; caching them again costs a file write per call.
+        # Finished stages are reused through Prefect's cache either way.
+        s.llm.cache = False
     return s
 
 

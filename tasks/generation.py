@@ -117,6 +117,8 @@ class StageFailed(AWMError):
         return (StageFailed, (self.stage, self.scenario_id, self.errors, self.records, self.attempts, self.budget))
 
 
+TRANSPORT_PREFIX = "the model endpoint failed: "
+
 # Keyed by task-run id: what earlier attempts of that run said, and their call records.
 _ERRORS: dict[str, list[str]] = defaultdict(list)
 _RECORDS: dict[str, list[Any]] = defaultdict(list)
@@ -164,7 +166,8 @@ def run_stage_task(label: str, stage: str, ctx_json: str, prompt_version: str, m
     module = STAGES[stage]
     run_id = str(runtime_task_run.id)
     attempt = attempt_offset + runtime_task_run.run_count
-    previous = list(extra_errors) + _ERRORS[run_id]
+    # Transport failures are recorded but say nothing the model could repair.
+    previous = list(extra_errors) + [e for e in _ERRORS[run_id] if not e.startswith(TRANSPORT_PREFIX)]
     name = stage_name(module, ctx)
     try:
         result = module.run(res.client, ctx, attempt=attempt, previous_errors=previous, pool=res.pool)
@@ -181,7 +184,7 @@ def run_stage_task(label: str, stage: str, ctx_json: str, prompt_version: str, m
         raise StageFailed(name, ctx.scenario_id, [str(exc)], _RECORDS[run_id], attempt, budget=True) from None
     except LLMError as exc:
         # The endpoint failed after its own transport retries; the stage may still retry.
-        _ERRORS[run_id].append(f"the model endpoint failed: {exc}")
+        _ERRORS[run_id].append(f"{TRANSPORT_PREFIX}{exc}")
         rec = getattr(exc, "record", None)
         _RECORDS[run_id].extend([rec] if rec is not None else [])
         _RETRYABLE[run_id] = True
