@@ -91,7 +91,9 @@ def _environments(snapshot):
         return list(cat.environments(snapshot=snapshot))
 
 
-def _events(name: str, snapshot: int, timeout: float = 60) -> list[dict]:
+def _events(name: str, snapshot: int, timeout: float = 60, run_id: str | None = None) -> list[dict]:
+    """Events of one snapshot number; the session's Prefect server is shared by tests whose
+    catalogs each have a snapshot with that number, so ``run_id`` picks this run's events."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -103,8 +105,9 @@ def _events(name: str, snapshot: int, timeout: float = 60) -> list[dict]:
         while True:
             resp = client._client.post("/events/filter", json={
                 "filter": {"event": {"name": [name]}, "resource": {"id": [f"awm.catalog.snapshot.{snapshot}"]}},
-                "limit": 10})
-            events = resp.json()["events"]
+                "limit": 50})
+            events = [e for e in resp.json()["events"]
+                      if run_id is None or e.get("payload", {}).get("run_id") == run_id]
             if events or time.monotonic() > deadline:
                 return events
             time.sleep(1)
@@ -159,7 +162,7 @@ def test_fault_run_artifacts_list_failures_with_reasons_and_stage_pass_rates(fau
 
 def test_generate_run_emits_the_event_that_chains_the_gate(faulty_run, prefect_server):
     snapshot = faulty_run["summary"]["snapshot"]
-    events = _events("awm.generate.published", snapshot)
+    events = _events("awm.generate.published", snapshot, run_id=faulty_run["summary"]["run_id"])
     assert events, "no awm.generate.published event for the run's snapshot"
     payload = events[0]["payload"]
     assert payload["snapshot"] == snapshot and payload["run_id"] == faulty_run["summary"]["run_id"]
