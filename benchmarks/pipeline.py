@@ -146,7 +146,7 @@ def main() -> None:
     med = {k: statistics.median(r[k] for r in runs)
            for k in ("wall_s", "ideal_s", "flow_s", "build_s", "publish_s", "cpu_self_s", "cpu_sandbox_s", "load")}
     r0 = runs[0]
-    overhead = (med["wall_s"] - med["ideal_s"]) / med["ideal_s"]
+    overhead = (med["wall_s"] - med["ideal_s"]) / med["ideal_s"] if med["ideal_s"] else float("nan")
     print(f"\n{args.envs} environments, {args.latency:g} s per LLM call, concurrency {args.concurrency}, "
           f"{args.workers} sandbox workers, {os.cpu_count()} CPUs, median of {len(runs)} run(s)\n")
     print("| measure | value |\n|---|---:|")
