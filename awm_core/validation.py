@@ -170,10 +170,12 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
         what = f"raised: {out.error}" if out.verdict is None else f"returned \"{out.verdict}\""
         checks.append(ValidationCheck(
             name="verifier_solution", task_idx=task_idx, passed=False,
-            detail=(f"after replaying the reference solution (calls: {'; '.join(trace) or 'none'}; final_answer "
-                    f"{_short(solution.final_answer, 120) if solution.final_answer else None}) the task's verifier "
-                    f"{what}; evidence: {_short(out.evidence, 300)}. Either the calls do not do what the task "
-                    "asks, or the final answer lacks the value asked for.")[:DETAIL_CHARS * 2]))
+            # Verdict and evidence first: summaries cut long messages at the end.
+            detail=(f"the task's verifier {what} after replaying the reference solution; evidence: "
+                    f"{_short(out.evidence, 300)}; final_answer "
+                    f"{_short(solution.final_answer, 120) if solution.final_answer else None}; calls: "
+                    f"{'; '.join(trace) or 'none'}. Either the calls do not do what the task asks, or the final "
+                    "answer lacks the value asked for.")[:DETAIL_CHARS * 2]))
     else:
         checks.append(ValidationCheck(name="verifier_solution", task_idx=task_idx, passed=True))
     again, _, failure = _replay(handle, solution)

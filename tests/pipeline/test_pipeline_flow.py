@@ -173,3 +173,55 @@ def test_budget_cap_stops_cleanly_and_publishes_what_was_validated(prefect_serve
     assert summary["dropped"]["recipe_box"].startswith("LLM budget exhausted")
     run = catalog_rows(f"SELECT status, envs_published FROM generation_runs WHERE run_id = '{summary['run_id']}'")
     assert run == [{"status": "budget_exceeded", "envs_published": 1}]
+
+
+UNSAT_REPLY = '''```python
+def verify(initial_db, final_db, final_answer):
+    return {"verdict": "incomplete", "evidence": {"planted": "never satisfied"}}
+```'''
+
+
+def test_unsatisfiable_verifier_is_regenerated_or_its_task_dropped(prefect_server, awm_home, tmp_path, monkeypatch):
+    """verifier.4 starts unsatisfiable (passes the no-op check): the solution fails against it,
+    so the verifier is regenerated and the task kept. verifier.5 stays unsatisfiable: task 5
+    is dropped and recorded, the environment is still published."""
+    import shutil
+
+    from awm_core.settings import DEFAULT_FIXTURES, get_settings
+    from flows.generate import run_generate
+
+    fixtures = tmp_path / "fixtures"
+    shutil.copytree(DEFAULT_FIXTURES / "team_expenses", fixtures / "team_expenses")
+
+    def rewrite(name, contents):
+        path = fixtures / "team_expenses" / f"{name}.json"
+        data = json.loads(path.read_text())
+        good = data["attempts"][-1]
+        data["attempts"] = [dict(good, content=c) if c is not None else good for c in contents]
+        path.write_text(json.dumps(data))
+
+    rewrite("verifier.4", [UNSAT_REPLY, None])
+    rewrite("verifier.5", [UNSAT_REPLY])
+    rewrite("solution.4", [None])  # only the good solution: the verifier is what is wrong
+    monkeypatch.setenv("AWM_GENERATION__STAGE_RETRIES", "1")
+    get_settings.cache_clear()
+    summary = run_generate(scenarios=["team_expenses"], concurrency=1, fixtures_dir=str(fixtures))
+    assert summary["published"] == ["team_expenses"]
+    assert list(summary["dropped_tasks"]["team_expenses"]) == [5]
+    assert "verifier" in summary["dropped_tasks"]["team_expenses"][5] or "solution" in summary["dropped_tasks"]["team_expenses"][5]
+    rows = catalog_rows("SELECT stage, attempt, error FROM llm_calls WHERE stage IN ('verifier.4', 'solution.4', "
+                        "'verifier.5', 'solution.5') ORDER BY stage, attempt")
+    attempts = {}
+    for r in rows:
+        attempts.setdefault(r["stage"], []).append((r["attempt"], r["error"] is None))
+    # solution.4: attempts 1-2 rejected by the planted verifier; verifier.4 regenerated as
+    # attempt 2 (the recorded good one); solution.4 attempt 3 then passes.
+    assert attempts["verifier.4"] == [(1, True), (2, True)]
+    assert attempts["solution.4"] == [(1, False), (2, False), (3, True)]
+    assert [a for a, _ in attempts["verifier.5"]] == [1, 2] and not any(ok for _, ok in attempts["solution.5"])
+    from storage.catalog import Catalog
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        env = cat.get_environment("team_expenses")
+    assert [t.idx for t in env.tasks] == [0, 1, 2, 3, 4, 6, 7, 8, 9] and env.validation.dropped_tasks.keys() == {5}
+    assert "never satisfied" in env.validation.dropped_tasks[5] or "incomplete" in env.validation.dropped_tasks[5]
