@@ -200,6 +200,22 @@ def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = 
     return checks
 
 
+def _first_failure(bad: list[ValidationCheck]) -> str:
+    return f"{bad[0].name}: {bad[0].detail}"[:DETAIL_CHARS]
+
+
+def _report(env: Environment, checks: list[ValidationCheck], dropped: dict[int, str], env_ok: bool,
+            min_valid_tasks: int) -> ValidationReport:
+    """``passed`` only if the environment-level checks passed and at least ``min_valid_tasks`` tasks
+    were kept; falling short is recorded as a failed ``min_valid_tasks`` check."""
+    valid = len(env.tasks) - len(dropped)
+    passed = env_ok and valid >= min_valid_tasks
+    if env_ok and not passed:
+        checks.append(ValidationCheck(name="min_valid_tasks", passed=False,
+                                      detail=f"{valid} valid tasks, fewer than the {min_valid_tasks} required"))
+    return ValidationReport(passed=passed, checks=checks, dropped_tasks=dropped)
+
+
 def validate_environment(pool, env: Environment, *, min_valid_tasks: int = 1,
                          with_solutions: bool = True) -> ValidationReport:
     """Every check, recorded; tasks that fail any of theirs are listed in ``dropped_tasks``.
@@ -221,13 +237,8 @@ def validate_environment(pool, env: Environment, *, min_valid_tasks: int = 1,
         checks += tc
         bad = [c for c in tc if not c.passed]
         if bad:
-            dropped[task.idx] = f"{bad[0].name}: {bad[0].detail}"[:DETAIL_CHARS]
-    valid = len(env.tasks) - len(dropped)
-    passed = env_ok and valid >= min_valid_tasks
-    if env_ok and not passed:
-        checks.append(ValidationCheck(name="min_valid_tasks", passed=False,
-                                      detail=f"{valid} valid tasks, fewer than the {min_valid_tasks} required"))
-    return ValidationReport(passed=passed, checks=checks, dropped_tasks=dropped)
+            dropped[task.idx] = _first_failure(bad)
+    return _report(env, checks, dropped, env_ok, min_valid_tasks)
 
 
 REQUIRED_TASK_CHECKS = ("verifier_noop", "verifier_solution", "replay_determinism")
@@ -252,15 +263,10 @@ def report_from_checks(env: Environment, env_checks: list[ValidationCheck], task
         if not env_ok:
             dropped[task.idx] = "environment failed validation"
         elif bad:
-            dropped[task.idx] = f"{bad[0].name}: {bad[0].detail}"[:DETAIL_CHARS]
+            dropped[task.idx] = _first_failure(bad)
         elif missing:
             dropped[task.idx] = f"checks never run: {', '.join(missing)}"
-    valid = len(env.tasks) - len(dropped)
-    passed = env_ok and valid >= min_valid_tasks
-    if env_ok and not passed:
-        checks.append(ValidationCheck(name="min_valid_tasks", passed=False,
-                                      detail=f"{valid} valid tasks, fewer than the {min_valid_tasks} required"))
-    return ValidationReport(passed=passed, checks=checks, dropped_tasks=dropped)
+    return _report(env, checks, dropped, env_ok, min_valid_tasks)
 
 
 def publishable(env: Environment, report: ValidationReport) -> Environment:

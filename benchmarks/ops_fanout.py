@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pipeline import make_fixtures, start_server  # noqa: E402  (one place for the workload)
+from benchmarks.pipeline import make_fixtures, prefect_api  # noqa: E402  (one place for the workload)
 
 
 def one_run(kind: str, n: int, concurrency: int, latency: float) -> dict:
@@ -63,27 +62,11 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.25, help="seconds per LLM call")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    server = None
-    if "PREFECT_API_URL" not in os.environ:
-        home = Path(tempfile.mkdtemp(prefix="awm-fanout-prefect-"))
-        server, url = start_server(home)
-        os.environ["PREFECT_API_URL"] = url
-        os.environ["PREFECT_HOME"] = str(home)
     results: dict[str, list[dict]] = {"threads": [], "dask": []}
-    try:
+    with prefect_api("awm-fanout-prefect-"):
         for _ in range(args.runs):
             for kind in results:
                 results[kind].append(one_run(kind, args.envs, args.concurrency, args.latency))
-    finally:
-        if server is not None:
-            server.send_signal(2)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
     print(f"\n{args.envs} environments, {args.latency:g} s per LLM call, {args.concurrency} at a time, "
           f"{os.cpu_count()} CPUs, median of {args.runs} run(s) each, load {os.getloadavg()[0]:.1f}\n")
     print(f"| runner | wall time (s) | min-max (s) | published | LLM calls |\n|---|---:|---:|---:|---:|")

@@ -22,13 +22,12 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,24 +62,20 @@ def make_fixtures(root: Path, n: int) -> tuple[Path, Path, list[str], dict[str, 
     return fixtures, seed_list, names, chain
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the Prefect server did not come up")
+@contextmanager
+def prefect_api(prefix: str) -> Iterator[str]:
+    """The Prefect API a benchmark talks to: PREFECT_API_URL when set, else a temporary server of
+    its own (home: a fresh temporary folder whose name starts with ``prefix``) for the ``with`` block."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "PREFECT_API_URL" in os.environ:
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from flows.server import temporary_api_server
+
+    with temporary_api_server(Path(tempfile.mkdtemp(prefix=prefix)), timeout=180) as url:
+        yield url
 
 
 def one_run(n: int, concurrency: int, latency: float, workers: int) -> dict:
@@ -125,24 +120,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="sandbox worker processes")
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    server = None
-    if "PREFECT_API_URL" not in os.environ:
-        home = Path(tempfile.mkdtemp(prefix="awm-bench-prefect-"))
-        server, url = start_server(home)
-        os.environ["PREFECT_API_URL"] = url
-        os.environ["PREFECT_HOME"] = str(home)
-    try:
+    with prefect_api("awm-bench-prefect-"):
         runs = [one_run(args.envs, args.concurrency, args.latency, args.workers) for _ in range(args.runs)]
-    finally:
-        if server is not None:
-            server.send_signal(2)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
     med = {k: statistics.median(r[k] for r in runs)
            for k in ("wall_s", "ideal_s", "flow_s", "build_s", "publish_s", "cpu_self_s", "cpu_sandbox_s", "load")}
     r0 = runs[0]

@@ -9,19 +9,26 @@ Both run detached in their own sessions, with pid files and logs under ``AWM_HOM
 A process worker starts each flow run in a new session of its own, so stopping the worker's
 process group alone could leave a running flow behind. ``stop`` therefore snapshots every
 descendant before signalling and finishes off whatever survives the group shutdown.
+
+``start_api_server`` (a bare API server, no worker, for a given home and port) and ``stop_group``
+are the one way this project starts and stops a Prefect server: ``start`` uses them, and so do the
+test session's server and the benchmarks (through ``temporary_api_server``).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -172,16 +179,71 @@ def _tail(path: Path, lines: int = 20) -> str:
 # ------------------------------------------------------------------------------ start
 
 
-def _spawn(settings: Settings, role: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    log_path = _log_file(settings, role)
+def _launch(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         log.flush()
         # A session of its own: the process outlives this command and its group can be stopped as one.
-        proc = subprocess.Popen(argv, env=env, cwd=PROJECT_DIR, stdin=subprocess.DEVNULL, stdout=log,
+        return subprocess.Popen(argv, env=env, cwd=PROJECT_DIR, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _spawn(settings: Settings, role: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    proc = _launch(argv, env, _log_file(settings, role))
     _write_pid(settings, role, psutil.Process(proc.pid))
     return proc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_api_server(home: Path, port: int, host: str = "127.0.0.1", *, env: dict[str, str] | None = None,
+                     log: Path | None = None, timeout: float = 120.0,
+                     on_spawn: Callable[[subprocess.Popen], None] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a bare Prefect API server (no worker) with ``PREFECT_HOME=home``; wait until it is healthy.
+
+    Returns the process (leader of its own process group, for ``stop_group``) and the API URL.
+    ``env`` is the base environment (default ``os.environ``); the log goes to ``log`` (default
+    ``home/server.log``). ``on_spawn`` sees the process before the wait, so a caller can record its
+    pid while a fresh home is still migrating. A server that dies or stays unhealthy is stopped
+    and reported as a ServerError with the end of its log.
+    """
+    url = f"http://{host}:{port}/api"
+    home.mkdir(parents=True, exist_ok=True)
+    log = log or home / "server.log"
+    env = {**(os.environ if env is None else env), "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = _launch([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env, log)
+    if on_spawn is not None:
+        on_spawn(proc)
+    try:
+        _wait_healthy(url, proc, log, timeout)
+    except ServerError:
+        stop_group(proc)
+        raise
+    return proc, url
+
+
+@contextmanager
+def temporary_api_server(home: Path, port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """A bare API server for the ``with`` block; PREFECT_API_URL and PREFECT_HOME in os.environ point at
+    it meanwhile (restored afterwards), so clients and subprocesses started inside use it."""
+    proc, url = start_api_server(home, port or free_port(), timeout=timeout)
+    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_HOME"] = str(home)
+    try:
+        yield url
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stop_group(proc)
 
 
 def ensure_work_pool(settings: Settings, url: str | None = None) -> bool:
@@ -223,11 +285,12 @@ def start(settings: Settings | None = None, timeout: float = 120.0, worker: bool
         if is_healthy(url):
             raise ServerError(f"something else already answers at {url}; stop it or set server.port "
                               f"(AWM_SERVER__PORT) to a free port")
-        proc = _spawn(settings, "server", [python, "-m", "prefect", "server", "start",
-                                           "--host", settings.server.host, "--port", str(settings.server.port)], env)
         try:
-            _wait_healthy(url, proc, _log_file(settings, "server"), timeout)
+            start_api_server(settings.prefect_home, settings.server.port, settings.server.host, env=env,
+                             log=_log_file(settings, "server"), timeout=timeout,
+                             on_spawn=lambda proc: _write_pid(settings, "server", psutil.Process(proc.pid)))
         except ServerError:
+            # Already stopped by start_api_server; this also drops its pid file.
             _stop_role(settings, "server", timeout=10)
             raise
     elif not is_healthy(url):
@@ -256,6 +319,21 @@ def _descendants(proc: psutil.Process) -> list[psutil.Process]:
         return proc.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGINT (Prefect's clean stop), then SIGTERM, then SIGKILL to the group of a process started in a
+    session of its own, each after ``timeout`` seconds without it ending."""
+    if proc.poll() is not None:
+        return
+    for sig in STOP_SIGNALS:
+        if not _signal_group(proc.pid, sig):
+            return
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, stop_process
+from conftest import REPO
+from flows.server import stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def resumed(prefect_server, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        stop_process(proc)
+        stop_group(proc)
         log.close()
     killed = ledger_lines(home)
     assert len(killed) == 1 and FULL_RUN_CALLS > sum(killed.values()) >= 30
