@@ -92,12 +92,20 @@ class GenerationSettings(BaseModel):
 
 
 class SandboxSettings(BaseModel):
+    """Limits of the sandbox worker processes that run generated code (``SandboxPool``)."""
+
     workers: int = 2
     memory_mb: int = 1024
     cpu_s: int = 60
     call_timeout_s: float = 10.0
     open_files: int = 64
     file_size_mb: int = 64
+    max_threads: int = 32
+    max_result_bytes: int = 4 << 20
+    recycle_rss_fraction: float = Field(0.8, description="replace a worker whose memory passes this share of its limit")
+    startup_timeout_s: float = 60.0
+    network_namespace: bool = Field(True, description="put each worker in its own network namespace where permitted")
+    separate_uid: bool = Field(True, description="run each worker under its own uid where permitted")
 
 
 class RewardSettings(BaseModel):

@@ -28,6 +28,7 @@ import jsonschema
 from awm_core.errors import SqlExecutionError
 from awm_core.models import Environment
 from awm_core.runtime import protocol
+from awm_core.settings import SandboxSettings
 from awm_core.runtime.types import EnvLoadError, SandboxError, ToolInfo, ToolResult, VerifierOutcome
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -36,22 +37,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 class WorkerFailure(Exception):
     """The worker died, overran its time, broke the protocol, or was restarted."""
-
-
-@dataclass
-class PoolConfig:
-    workers: int = 2
-    memory_mb: int = 1024
-    cpu_s: int = 60
-    call_timeout_s: float = 10.0
-    open_files: int = 64
-    file_size_mb: int = 64
-    max_threads: int = 32
-    max_result_bytes: int = 4 << 20
-    recycle_rss_fraction: float = 0.8
-    startup_timeout_s: float = 60.0
-    network_namespace: bool = True
-    separate_uid: bool = True
 
 
 class _Worker:
@@ -256,7 +241,7 @@ class SandboxPool:
     """
 
     def __init__(self, settings: Any = None, **overrides: Any):
-        cfg = PoolConfig()
+        cfg = SandboxSettings()
         if settings is not None:
             data = settings.model_dump() if hasattr(settings, "model_dump") else dict(settings)
             for k, v in data.items():
