@@ -16,10 +16,41 @@ from typing import Any
 
 from awm_core.errors import SettingsError
 
-GENERATION_BACKENDS = ("transformers", "vllm")
+GENERATION_BACKENDS = ("transformers", "paged", "vllm")
+ROLLOUT_SCHEDULERS = ("continuous", "lockstep")
 SPLITS = ("train", "val", "all")
 INTERFACES = ("direct", "meta")
-ACCELERATE_CONFIGS = ("cpu", "single_gpu", "multi_gpu")
+ACCELERATE_CONFIGS = ("cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero3")
+# Config keys that existed once, with what replaced them: an old config file gets told, not a bare "unknown".
+RENAMED = {"grad_accum": "max_tokens_per_microbatch (micro-batches are now cut by a token budget)"}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through ``peft`` (``r = 0``: off, every weight trains)."""
+
+    r: int = 0
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
+            out.append(f"lora.r must be an integer >= 0, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            out.append(f"lora.alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            out.append(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if (not isinstance(self.target_modules, list) or not self.target_modules
+                or not all(isinstance(m, str) and m for m in self.target_modules)):
+            out.append(f"lora.target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        return out
 
 
 @dataclass
@@ -28,8 +59,10 @@ class TrainConfig:
 
     Batch shape: every optimizer step runs ``tasks_per_step`` tasks, each ``group_size`` times
     (one episode per completion of the GRPO group, each in its own fresh session), so
-    ``tasks_per_step * group_size`` episodes per step across all processes, cut into
-    ``grad_accum`` micro-batches per process.
+    ``tasks_per_step * group_size`` episodes per step across all processes. Each process turns its
+    episodes into per-step samples and cuts them into micro-batches of at most
+    ``max_tokens_per_microbatch`` padded tokens; the loss is the mean over every policy token of
+    the step, whatever the cut.
     """
 
     model: str = "random:tiny"
@@ -57,8 +90,18 @@ class TrainConfig:
     temperature: float = 1.0
     beta: float = 0.0
     """KL coefficient to the reference model (0 loads no reference model)."""
-    grad_accum: int = 1
+    max_tokens_per_microbatch: int = 32768
+    """Most tokens (rows x padded length) in one forward/backward pass. Must hold the longest
+    possible sample, ``max_prompt_tokens + max_tokens``."""
     generation_backend: str = "transformers"
+    """``transformers`` (``generate`` on batches the scheduler forms), ``paged`` (transformers'
+    continuous batching with paged attention: for GPUs) or ``vllm`` (through TRL)."""
+    rollout_scheduler: str = "continuous"
+    """``continuous``: an episode's next turn is queued as soon as its tool results are back and
+    generation never waits for the other episodes; ``lockstep``: a batch starts only when every
+    live episode waits (the old behaviour, kept for benchmarks)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """The GPU memory share vLLM may take in colocate mode (the rest is for training)."""
     vllm_mode: str = "colocate"
     checkpoint_dir: str | None = None
     """Where checkpoints go (None: the run folder's ``checkpoints``)."""
@@ -69,7 +112,17 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     bf16: bool = False
+    """bf16 autocast for forward and backward; the weights and the optimizer stay fp32 (a pure
+    bf16 model would round small AdamW steps away)."""
     gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    episode_timeout_s: float = 900.0
+    """An episode still running after this long ends as an environment error (masked)."""
+    sync_timeout_s: float = 1800.0
+    """Longest wait of one process for the others (collectives); then every process stops."""
+    judge: bool = False
+    """Reward episodes with the code-augmented LLM judge on the verifier's evidence (AWM §3.4)
+    instead of the verifier's verdict alone; needs an LLM (``settings.llm``)."""
     sandbox_workers: int = 2
     rollout_threads: int = 0
     """Episodes run at once per process (0: all of the process's episodes of a step)."""
@@ -93,8 +146,36 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
 
         for name in ("group_size", "tasks_per_step", "max_turns", "steps", "max_tokens", "max_prompt_tokens",
-                     "grad_accum", "sandbox_workers", "generation_batch"):
+                     "max_tokens_per_microbatch", "sandbox_workers", "generation_batch"):
             positive(name)
+        if not problems and self.max_tokens_per_microbatch < self.max_prompt_tokens + self.max_tokens:
+            problems.append(f"max_tokens_per_microbatch ({self.max_tokens_per_microbatch}) must hold the longest "
+                            f"possible sample, max_prompt_tokens + max_tokens = "
+                            f"{self.max_prompt_tokens + self.max_tokens}")
+        if self.rollout_scheduler not in ROLLOUT_SCHEDULERS:
+            problems.append(f"rollout_scheduler must be one of {', '.join(ROLLOUT_SCHEDULERS)}, "
+                            f"got {self.rollout_scheduler!r}")
+        if not (isinstance(self.vllm_gpu_memory_utilization, (int, float))
+                and 0 < self.vllm_gpu_memory_utilization < 1):
+            problems.append(f"vllm_gpu_memory_utilization must be a number in (0, 1), "
+                            f"got {self.vllm_gpu_memory_utilization!r}")
+        for name in ("episode_timeout_s", "sync_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                problems.append(f"{name} must be a number of seconds > 0, got {v!r}")
+        if not isinstance(self.judge, bool):
+            problems.append(f"judge must be true or false, got {self.judge!r}")
+        if isinstance(self.lora, dict):
+            try:
+                self.lora = LoraSettings(**self.lora)
+            except TypeError:
+                known = ", ".join(f.name for f in fields(LoraSettings))
+                problems.append(f"lora has unknown setting(s) {', '.join(sorted(self.lora))}; known: {known}")
+                self.lora = LoraSettings()
+        if isinstance(self.lora, LoraSettings):
+            problems += self.lora.problems()
+        else:
+            problems.append(f"lora must be a table of settings (r, alpha, dropout, target_modules), got {self.lora!r}")
         if self.group_size == 1:
             problems.append("group_size must be >= 2: GRPO compares episodes of the same task")
         if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
@@ -157,10 +238,14 @@ class TrainConfig:
                 raise SettingsError(f"{source}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
             base = asdict(PRESETS[preset])
         known = {f.name for f in fields(cls)}
+        for key in sorted(set(data) & set(RENAMED)):
+            raise SettingsError(f"{source}: {key} is no longer a setting; use {RENAMED[key]}")
         unknown = sorted(set(data) - known)
         if unknown:
             raise SettingsError(f"{source}: unknown training setting(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(sorted(known))}")
+        if isinstance(data.get("lora"), dict) and isinstance(base.get("lora"), dict):
+            data["lora"] = {**base["lora"], **data["lora"]}  # a file's [lora] table overrides the preset's keys
         base.update(data)
         try:
             return cls(**base)
@@ -191,14 +276,14 @@ def _paper() -> TrainConfig:
     # The paper's GRPO setting (AWM §4.2 / appendix): group 16, 64 tasks per step, lr 7e-7,
     # at most 20 turns, history window 3. The model is the user's choice of a Qwen3 folder.
     return TrainConfig(model="models/Qwen3-8B", group_size=16, tasks_per_step=64, learning_rate=7e-7, max_turns=20,
-                       window=3, max_tokens=1024, max_prompt_tokens=16384, grad_accum=16, bf16=True,
+                       window=3, max_tokens=1024, max_prompt_tokens=16384, max_tokens_per_microbatch=32768, bf16=True,
                        gradient_checkpointing=True, accelerate_config="multi_gpu", save_steps=10, steps=200)
 
 
 def _tiny() -> TrainConfig:
     # A CPU smoke run: a few small groups, short turns.
     return TrainConfig(model="random:tiny", group_size=2, tasks_per_step=2, learning_rate=1e-4, max_turns=3, window=2,
-                       interface="meta", max_tokens=16, max_prompt_tokens=4096, steps=2, grad_accum=1, accelerate_config="cpu",
+                       interface="meta", max_tokens=16, max_prompt_tokens=4096, steps=2, accelerate_config="cpu",
                        sandbox_workers=1)
 
 
@@ -217,4 +302,5 @@ def config_field_docs() -> dict[str, Any]:
     return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in fields(TrainConfig)}
 
 
-__all__ = ["TrainConfig", "PRESETS", "PAPER", "preset", "GENERATION_BACKENDS", "ACCELERATE_CONFIGS"]
+__all__ = ["TrainConfig", "LoraSettings", "PRESETS", "PAPER", "preset", "GENERATION_BACKENDS", "ROLLOUT_SCHEDULERS",
+           "ACCELERATE_CONFIGS"]

@@ -229,11 +229,14 @@ def build_dataset(tasks: Sequence[tuple[str, int, str]], tasks_per_step: int, se
 
 
 def grpo_args(config: TrainConfig, output_dir: Path, num_processes: int) -> GRPOConfig:
-    per_device, rem = divmod(config.episodes_per_step, config.grad_accum * num_processes)
+    # One TRL micro-step per optimizer step: the trainer itself cuts each process's samples into
+    # token-budget micro-batches (``AWMGRPOTrainer.training_step``), so TRL's row-count
+    # accumulation is not used.
+    per_device, rem = divmod(config.episodes_per_step, num_processes)
     if rem or per_device < 1:
         raise SettingsError(
-            f"tasks_per_step x group_size = {config.episodes_per_step} episodes per step must split evenly into "
-            f"grad_accum ({config.grad_accum}) x processes ({num_processes}) micro-batches")
+            f"tasks_per_step x group_size = {config.episodes_per_step} episodes per step must split evenly over "
+            f"{num_processes} processes")
     cuda = torch.cuda.is_available()
     if config.generation_backend == "vllm" and config.vllm_mode == "server" and num_processes > 1:
         raise SettingsError("vllm_mode=server gathers every process's prompts per call, which episodes of "
@@ -241,14 +244,15 @@ def grpo_args(config: TrainConfig, output_dir: Path, num_processes: int) -> GRPO
     save = config.save_steps > 0
     return GRPOConfig(
         output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=config.grad_accum, num_generations=config.group_size,
+        gradient_accumulation_steps=1, num_generations=config.group_size,
         max_completion_length=config.max_tokens, learning_rate=config.learning_rate, beta=config.beta,
         temperature=config.temperature, loss_type="dapo", logging_steps=1, report_to="none",
         save_strategy="steps" if save else "no", save_steps=config.save_steps if save else 500,
         use_cpu=not cuda, bf16=bool(config.bf16 and cuda), gradient_checkpointing=config.gradient_checkpointing,
         remove_unused_columns=False, seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
         use_vllm=config.generation_backend == "vllm", vllm_mode=config.vllm_mode,
-        vllm_importance_sampling_correction=False, log_completions=False,
+        vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        vllm_importance_sampling_correction=False, log_completions=False, ddp_timeout=int(config.sync_timeout_s),
     )
 
 
