@@ -74,3 +74,37 @@ def build_samples(steps: list[StepRecord], *, merge: bool = True) -> list[Sample
                      mask=[1] * len(step.completion_ids), steps=[t], spans=[(0, len(step.completion_ids))])
         samples.append(cur)
     return samples
+
+
+def microbatch_cost(lengths: list[tuple[int, int]]) -> int:
+    """Tokens one forward pass over these (prompt, completion) rows costs: prompts are padded on
+    the left to the longest prompt and completions on the right to the longest completion."""
+    if not lengths:
+        return 0
+    return len(lengths) * (max(p for p, _ in lengths) + max(c for _, c in lengths))
+
+
+def pack_microbatches(lengths: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Row indices grouped so that no group's padded cost exceeds ``budget`` tokens.
+
+    Rows are taken longest first and each goes to the first group it fits (first-fit decreasing),
+    so similar lengths share a pass and little is padding. A row longer than the budget on its
+    own is an error: the config guarantees the budget holds the longest possible sample.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-(lengths[i][0] + lengths[i][1]), i))
+    groups: list[list[int]] = []
+    shapes: list[list[int]] = []  # per group: rows, longest prompt, longest completion
+    for i in order:
+        p, c = lengths[i]
+        if p + c > budget:
+            raise ValueError(f"a sample of {p + c} tokens does not fit the micro-batch budget of {budget} tokens")
+        for g, shape in zip(groups, shapes):
+            n, mp, mc = shape
+            if (n + 1) * (max(mp, p) + max(mc, c)) <= budget:
+                g.append(i)
+                shape[:] = [n + 1, max(mp, p), max(mc, c)]
+                break
+        else:
+            groups.append([i])
+            shapes.append([1, p, c])
+    return groups

@@ -32,6 +32,7 @@ from trl import GRPOConfig, GRPOTrainer
 from awm_core.errors import AWMError, SettingsError
 from awm_core.train.config import TrainConfig
 from awm_core.train.rollout import EpisodeRollout, EpisodeRunner, episode_reward, hf_generate_fn
+from awm_core.train.samples import microbatch_cost, pack_microbatches
 
 FINAL = "final"
 
@@ -39,8 +40,9 @@ FINAL = "final"
 class AWMGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose rollouts are episodes and whose samples are the episodes' steps."""
 
-    def __init__(self, *args: Any, awm_rollout: EpisodeRollout, **kwargs: Any):
+    def __init__(self, *args: Any, awm_rollout: EpisodeRollout, token_budget: int = 32768, **kwargs: Any):
         self.awm_rollout = awm_rollout
+        self.awm_token_budget = token_budget
         super().__init__(*args, rollout_func=awm_rollout, reward_funcs=[episode_reward], **kwargs)
         self.awm_last: dict[str, Any] = {}
 
@@ -56,7 +58,23 @@ class AWMGRPOTrainer(GRPOTrainer):
         return out
 
     # ------------------------------------------------------------------ samples
+    def _prepare_inputs(self, generation_batch: Any) -> Any:
+        # One generation per optimizer step (steps_per_generation = 1, num_iterations = 1): the step's
+        # samples go to ``training_step`` whole, as token-budget micro-batches, without TRL's
+        # row-count split.
+        if self.model.training:
+            return self._generate_and_score_completions(generation_batch)
+        return super()._prepare_inputs(generation_batch)
+
     def _expand_to_samples(self, out: dict[str, Any], batch: Any) -> dict[str, Any]:
+        """This process's step samples as micro-batches of at most ``max_tokens_per_microbatch``.
+
+        ``num_items_in_batch`` (every policy token of the step, all processes) is the loss
+        normaliser of every micro-batch, so the summed gradient is the one of a single batch.
+        Every process runs as many micro-batches as the busiest one (fully masked stand-ins make
+        up the difference): sharded engines gather weights per forward pass and would otherwise
+        wait forever.
+        """
         device = self.accelerator.device
         pad_id = self._tokenizer.pad_token_id
         advantages = out["advantages"].tolist()
@@ -67,12 +85,27 @@ class AWMGRPOTrainer(GRPOTrainer):
                     rows.append((s.prompt_ids, s.completion_ids, [0] * len(s.mask), 0.0))
                 else:
                     rows.append((s.prompt_ids, s.completion_ids, s.mask, float(adv)))
-        # TRL cuts the batch into steps_per_generation equal chunks and drops any remainder:
-        # pad with fully masked one-token rows so every real sample is kept.
-        chunks = self.args.steps_per_generation
         real = len(rows)
-        while not rows or len(rows) % chunks:
-            rows.append(([pad_id], [pad_id], [0], 0.0))
+        groups = pack_microbatches([(len(r[0]), len(r[1])) for r in rows], self.awm_token_budget)
+        count = torch.tensor([len(groups)], device=device)
+        most = int(self.accelerator.gather(count).max())
+        filler = ([pad_id], [pad_id], [0], 0.0)
+        groups += [[len(rows)]] * (most - len(groups))
+        rows.append(filler)
+        policy = sum(sum(r[2]) for r in rows)
+        total = self.accelerator.gather(torch.tensor([policy], device=device)).sum()
+        micro = [self._microbatch([rows[i] for i in g], total, out) for g in groups]
+        self.awm_last = {"samples": real, "policy_tokens": policy, "microbatches": len(groups),
+                         "train_tokens": sum(len(rows[i][0]) + len(rows[i][1]) for g in groups for i in g
+                                             if i < real),
+                         "padded_tokens": sum(microbatch_cost([(len(rows[i][0]), len(rows[i][1])) for i in g])
+                                              for g in groups)}
+        return {"microbatches": micro, "num_items_in_batch": total}
+
+    def _microbatch(self, rows: list[tuple[list[int], list[int], list[int], float]], total: torch.Tensor,
+                    out: dict[str, Any]) -> dict[str, Any]:
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
 
         def left(seqs: list[list[int]], value: int) -> torch.Tensor:
             width = max(len(s) for s in seqs)
@@ -87,29 +120,52 @@ class AWMGRPOTrainer(GRPOTrainer):
         completion_ids = right([r[1] for r in rows], pad_id).to(device)
         completion_mask = right([[1] * len(r[1]) for r in rows], 0).to(device)
         tool_mask = right([r[2] for r in rows], 0).to(device)
-        new: dict[str, Any] = {
+        mb: dict[str, Any] = {
             "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "completion_ids": completion_ids, "completion_mask": completion_mask, "tool_mask": tool_mask,
             "advantages": torch.tensor([r[3] for r in rows], dtype=torch.float32, device=device),
-            "num_items_in_batch": self.accelerator.gather((completion_mask * tool_mask).sum()).sum(),
+            "num_items_in_batch": total,
         }
         if "old_per_token_logps" in out or "ref_per_token_logps" in out:
             ids = torch.cat([prompt_ids, completion_ids], dim=1)
             attn = torch.cat([prompt_mask, completion_mask], dim=1)
             keep = completion_ids.size(1)
-            bs = self.args.per_device_train_batch_size
             with torch.no_grad():
                 if "old_per_token_logps" in out:
-                    new["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
-                        self.model, ids, attn, keep, batch_size=bs)[0]
+                    mb["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                        self.model, ids, attn, keep, batch_size=len(rows))[0]
                 if "ref_per_token_logps" in out:
                     if self.ref_model is None:
                         raise SettingsError("beta > 0 with an adapter-only reference model is not supported")
-                    new["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
-                        self.ref_model, ids, attn, keep, batch_size=bs)[0]
-        self.awm_last = {"samples": real, "policy_tokens": int(tool_mask.sum()),
-                         "train_tokens": int(prompt_mask.sum() + completion_mask.sum())}
-        return new
+                    mb["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                        self.ref_model, ids, attn, keep, batch_size=len(rows))[0]
+        return mb
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; one gradient sync at the end."""
+        t0 = time.perf_counter()
+        model.train()
+        batch = self._prepare_inputs(inputs)
+        loss = self.backward_microbatches(model, batch["microbatches"])
+        self._step += 1
+        self._metrics["train"]["step_time"].append(time.perf_counter() - t0)
+        return loss
+
+    def backward_microbatches(self, model: Any, microbatches: list[dict[str, Any]]) -> torch.Tensor:
+        from accelerate.utils import DistributedType
+
+        ddp = self.accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        total = torch.zeros((), device=self.accelerator.device)
+        for i, mb in enumerate(microbatches):
+            last = i == len(microbatches) - 1
+            # DDP all-reduces on every backward; accumulate locally and sync once, on the last.
+            sync = contextlib.nullcontext() if last or not ddp else self.accelerator.no_sync(model)
+            with sync:
+                with self.compute_loss_context_manager():
+                    loss = self._compute_loss(model, mb)
+                self.accelerator.backward(loss)
+            total = total + loss.detach()
+        return total
 
     # ------------------------------------------------------------------ metrics
     def _record_rollout_metrics(self, batch: Any, out: dict[str, Any], expand_s: float) -> None:
@@ -119,6 +175,7 @@ class AWMGRPOTrainer(GRPOTrainer):
             sum(r.outcome.env_error for r in batch.results), batch.completion_tokens, batch.prompt_tokens,
             self.awm_last["train_tokens"], self.awm_last["policy_tokens"], self.awm_last["samples"],
             batch.rollout_s, batch.gen_s, batch.env_s, batch.verify_s,
+            self.awm_last["microbatches"], self.awm_last["padded_tokens"],
         ], dtype=torch.float64, device=self.accelerator.device)
         all_ranks = self.accelerator.gather(local.unsqueeze(0)).view(-1, local.numel())
         sums, slowest = all_ranks.sum(dim=0).tolist(), all_ranks.max(dim=0).values.tolist()
@@ -139,6 +196,8 @@ class AWMGRPOTrainer(GRPOTrainer):
         m["awm/generate_s"].append(slowest[10])
         m["awm/env_s"].append(slowest[11])
         m["awm/verify_s"].append(slowest[12])
+        m["awm/microbatches"].append(slowest[13])  # per process: every process runs the busiest one's count
+        m["awm/padded_tokens"].append(sums[14])
         m["awm/local_reward_mean"].append(
             sum(x for x in rewards if x is not None) / max(1, sum(x is not None for x in rewards)))
         self.awm_rollout_rows = [r.row(step=self.state.global_step + 1, rank=self.accelerator.process_index,
@@ -338,6 +397,7 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
         rollout = EpisodeRollout(runner, generation)
         ref: list = []
         trainer = AWMGRPOTrainer(model=model, args=args, awm_rollout=rollout, processing_class=tok,
+                                 token_budget=config.max_tokens_per_microbatch,
                                  train_dataset=build_dataset(tasks, config.tasks_per_step, config.seed),
                                  callbacks=[MetricsCallback(run_dir, ref, config.steps)])
         ref.append(trainer)

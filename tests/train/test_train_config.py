@@ -26,7 +26,7 @@ def test_paper_preset_has_the_papers_values():
     ({"group_size": 1}, "group_size must be >= 2"),
     ({"window": -1}, "window must be null or an integer >= 0"),
     ({"split": "test"}, "split must be one of train, val, all"),
-    ({"generation_backend": "tgi"}, "generation_backend must be one of transformers, vllm"),
+    ({"generation_backend": "tgi"}, "generation_backend must be one of transformers, paged, vllm"),
     ({"learning_rate": 0}, "learning_rate must be a number > 0"),
     ({"max_turns": 0}, "max_turns must be an integer >= 1"),
     ({"interface": "mcp"}, "interface must be one of direct, meta"),
@@ -58,13 +58,18 @@ def test_config_files_json_and_toml_with_preset_and_unknown_keys(tmp_path):
     assert TrainConfig.load(saved) == cfg
 
 
-def test_batch_must_split_into_micro_batches():
+def test_episodes_must_split_over_processes_and_the_token_budget_must_hold_a_sample():
     from awm_core.train.trainer import grpo_args
 
     with pytest.raises(SettingsError, match="must split evenly"):
-        grpo_args(preset("tiny", tasks_per_step=3, group_size=2, grad_accum=4), Path("/nonexistent"), 1)
-    args = grpo_args(preset("tiny", tasks_per_step=4, group_size=4, grad_accum=2), Path("out"), 2)
-    assert (args.per_device_train_batch_size, args.num_generations, args.loss_type) == (4, 4, "dapo")
+        grpo_args(preset("tiny", tasks_per_step=3, group_size=3), Path("/nonexistent"), 2)
+    args = grpo_args(preset("tiny", tasks_per_step=4, group_size=4), Path("out"), 2)
+    assert (args.per_device_train_batch_size, args.num_generations, args.loss_type) == (8, 4, "dapo")
+    assert args.gradient_accumulation_steps == 1  # micro-batches are the trainer's, cut by tokens
+    with pytest.raises(SettingsError, match="must hold the longest possible sample"):
+        preset("tiny", max_prompt_tokens=4096, max_tokens=16, max_tokens_per_microbatch=4000)
+    with pytest.raises(SettingsError, match="grad_accum is no longer a setting; use max_tokens_per_microbatch"):
+        TrainConfig.from_dict({"preset": "tiny", "grad_accum": 2})
 
 
 @pytest.mark.parametrize("name, distributed", [("cpu", "NO"), ("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU")])
