@@ -14,6 +14,8 @@
 5. Artifacts: the reward curve (image), a summary (markdown) and the per-step table.
 
 ``publish_run(run_dir)`` does step 4 alone, for a run folder whose flow died.
+``run_train(None, resume=run_id)`` (flow parameter ``resume``) relaunches a killed run's folder
+from its newest complete checkpoint (``awm_core.train.resume``), then publishes it once.
 """
 from __future__ import annotations
 
@@ -100,21 +102,28 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
     return run_dir, snapshot, new_splits
 
 
-def launch(run_dir: Path, config: TrainConfig, on_line: Callable[[str], None]) -> None:
-    """``accelerate launch`` the trainer on ``run_dir``; raises with the output's tail on failure."""
+def launch_command(run_dir: Path, config: TrainConfig, resume: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The ``accelerate launch`` command line and environment that train ``run_dir``."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(accelerate_config_path(config.accelerate_config)), "-m", "awm_core.train.launch", str(run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
+               p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    return cmd + (["--resume"] if resume else []), env
+
+
+def launch(run_dir: Path, config: TrainConfig, on_line: Callable[[str], None], resume: bool = False) -> None:
+    """``accelerate launch`` the trainer on ``run_dir`` (``resume``: from its newest complete
+    checkpoint); raises with the output's tail on failure."""
     import importlib.util
 
     missing = [m for m in ("torch", "transformers", "trl", "accelerate", "datasets")
                if importlib.util.find_spec(m) is None]
     if missing:
         raise AWMError(f"training needs {', '.join(missing)}: install the train extra (pip install -e '.[train]')")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(accelerate_config_path(config.accelerate_config)), "-m", "awm_core.train.launch", str(run_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
-               p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    cmd, env = launch_command(run_dir, config, resume)
     tail: list[str] = []
-    with open(run_dir / "launch.log", "w") as log:
+    with open(run_dir / "launch.log", "a" if resume else "w") as log:
         proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
         try:
@@ -123,7 +132,7 @@ def launch(run_dir: Path, config: TrainConfig, on_line: Callable[[str], None]) -
                 log.flush()
                 line = line.rstrip()
                 tail = (tail + [line])[-60:]
-                if line.startswith(("step ", "warm start")) or "Error" in line:
+                if line.startswith(("step ", "warm start", "resuming from")) or "Error" in line:
                     on_line(line)
             code = proc.wait()
         except BaseException:
@@ -194,6 +203,8 @@ def rollout_rows(run_id: str, snapshot: int, config: TrainConfig, episodes: list
             "completion_tokens": e["completion_tokens"], "tool_calls": e["tool_calls"],
             "duration_s": e["duration_s"], "env_time_s": e["env_time_s"], "initial_digest": e["initial_digest"],
             "final_digest": e["final_digest"], "final_answer": e["final_answer"], "error": e["error"],
+            "termination": e.get("termination"), "interface": config.interface, "window": config.window,
+            "judge_reasoning": e.get("judge_reasoning"),
             "messages_json": json.dumps(e.get("messages"), ensure_ascii=False),
             "created_at": datetime.now(timezone.utc),
         })
@@ -245,32 +256,22 @@ def publish_run(run_dir: str | Path, settings: Settings | None = None, flow_run_
             if info.get("new_splits"):
                 pub.add_splits(info["new_splits"])
     final = ckpt_dir / "final"
+    # Recorded so a resume refuses a run whose rows are already in the catalog (republishing the
+    # same folder is harmless: training_runs replace by (run_id, step), rollouts keep their ids).
+    info["published"] = {"catalog_snapshot": pub.snapshot_id, "steps": len(m_rows),
+                         "finished": (run_dir / "result.json").exists()}
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(info, default=str))
+    os.replace(tmp, run_dir / "run.json")
     return {"run_id": run_id, "snapshot": snapshot, "catalog_snapshot": pub.snapshot_id, "steps": len(m_rows),
             "episodes": len(episodes), "telemetry": len(t_rows), "run_dir": str(run_dir),
             "final_checkpoint": str(final) if final.exists() else None, "metrics": metrics}
 
 
 def reward_curve_png(metrics: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
+    from awm_core.train.report import reward_curves_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    mean = [m.get("reward") if m.get("reward") is not None else float("nan") for m in metrics]
-    std = [m.get("reward_std") or 0.0 for m in metrics]
-    comp = [m.get("awm/completion_rate") or 0.0 for m in metrics]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot(steps, mean, marker="o", label="reward mean")
-    ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.2)
-    ax.plot(steps, comp, marker=".", linestyle="--", label="completion rate")
-    ax.set_xlabel("step")
-    ax.set_title("GRPO training")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return reward_curves_png({"run": metrics}, path)
 
 
 def summary_markdown(summary: dict[str, Any], config: TrainConfig) -> str:
@@ -292,30 +293,76 @@ def summary_markdown(summary: dict[str, Any], config: TrainConfig) -> str:
     ])
 
 
-def run_train(config: TrainConfig, settings: Settings | None = None, *, flow_run_id: str | None = None,
-              on_line: Callable[[str], None] = print) -> dict[str, Any]:
-    """The flow's work as a plain function: prepare, launch, publish."""
+def resume_target(settings: Settings, run_id: str) -> tuple[Path, TrainConfig, int]:
+    """(run folder, its config, checkpoint step) of a run that can be resumed; ``ResumeError``
+    names what is wrong otherwise (unknown run, finished or published run, no checkpoint)."""
+    from awm_core.train.resume import LOCK, ResumeError, require_resumable, run_is_active
+
+    run_dir = settings.runs_dir / f"train-{run_id}"
+    if not (run_dir / "run.json").exists():
+        known = sorted(p.name[len("train-"):] for p in settings.runs_dir.glob("train-*")
+                       if (p / "run.json").exists()) if settings.runs_dir.is_dir() else []
+        raise ResumeError(f"no training run {run_id!r} in {settings.runs_dir}; runs there: "
+                          f"{', '.join(known) if known else 'none'}")
+    if run_is_active(run_dir):
+        raise ResumeError(f"training run {run_id} is still running (a process holds {run_dir / LOCK}); "
+                          "stop it before resuming")
+    info = json.loads((run_dir / "run.json").read_text())
+    published = info.get("published")
+    if published and published.get("finished"):
+        raise ResumeError(f"training run {run_id} already finished and was published (catalog snapshot "
+                          f"{published['catalog_snapshot']}); nothing to resume")
+    if (run_dir / "result.json").exists():
+        raise ResumeError(f"training run {run_id} already finished; publish it with awm train --publish {run_dir}")
+    if published:
+        raise ResumeError(f"training run {run_id} was published unfinished (catalog snapshot "
+                          f"{published['catalog_snapshot']}, {published['steps']} steps); resuming would publish "
+                          "its replayed steps over those rows: start a new run")
+    config = TrainConfig.load(run_dir / "config.json")
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
+    step, _ = require_resumable(run_dir, ckpt_dir, config.save_steps)
+    return run_dir, config, step
+
+
+def run_train(config: TrainConfig | None, settings: Settings | None = None, *, flow_run_id: str | None = None,
+              on_line: Callable[[str], None] = print, resume: str | None = None) -> dict[str, Any]:
+    """The flow's work as a plain function: prepare, launch, publish. ``resume``: a run id whose
+    folder is relaunched from its newest complete checkpoint (its own config, tasks and split; no
+    new run id), then published once."""
     settings = settings or get_settings()
-    run_id = uuid.uuid4().hex[:12]
-    run_dir, snapshot, _ = prepare_run(config, settings, run_id)
-    on_line(f"training run {run_id} on snapshot {snapshot}: {run_dir}")
-    launch(run_dir, config, on_line)
+    if resume:
+        if config is not None:
+            raise SettingsError("a resumed run keeps the settings in its folder: give a run id or a config, not both")
+        run_dir, config, step = resume_target(settings, resume)
+        on_line(f"resuming training run {resume} from step {step} of {config.steps}: {run_dir}")
+        launch(run_dir, config, on_line, resume=True)
+    else:
+        if config is None:
+            raise SettingsError("run_train needs a config (or a run id to resume)")
+        run_id = uuid.uuid4().hex[:12]
+        run_dir, snapshot, _ = prepare_run(config, settings, run_id)
+        on_line(f"training run {run_id} on snapshot {snapshot}: {run_dir}")
+        launch(run_dir, config, on_line)
     summary = publish_run(run_dir, settings, flow_run_id)
     summary["reward_curve"] = str(reward_curve_png(summary["metrics"], run_dir / "reward_curve.png"))
     return summary
 
 
 @flow(name="train")
-def train(snapshot: int | None = None, config: dict[str, Any] | None = None, preset: str | None = None) -> dict[str, Any]:
+def train(snapshot: int | None = None, config: dict[str, Any] | None = None, preset: str | None = None,
+          resume: str | None = None) -> dict[str, Any]:
     """GRPO training on a gated snapshot. ``config`` holds ``TrainConfig`` fields (and may name a
     ``preset``); ``snapshot`` overrides the config's; with neither config nor preset the ``tiny``
-    preset runs."""
+    preset runs. ``resume``: the id of a killed run to continue from its last checkpoint (the
+    run's own settings; give no other parameter)."""
     import base64
 
     from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
     from prefect.runtime import flow_run
 
     log = get_run_logger()
+    if resume and (snapshot is not None or config or preset):
+        raise SettingsError("resume takes the run's own settings: give no snapshot, config or preset with it")
     data = dict(config or {})
     if preset or not data:
         # No settings at all (a bare trigger) runs the small CPU preset rather than the dataclass
@@ -323,8 +370,9 @@ def train(snapshot: int | None = None, config: dict[str, Any] | None = None, pre
         data.setdefault("preset", preset or "tiny")
     if snapshot is not None:
         data["snapshot"] = int(snapshot)
-    cfg = TrainConfig.from_dict(data, source="train parameters")
-    summary = run_train(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, on_line=log.info)
+    cfg = None if resume else TrainConfig.from_dict(data, source="train parameters")
+    summary = run_train(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, on_line=log.info, resume=resume)
+    cfg = cfg or TrainConfig.load(Path(summary["run_dir"]) / "config.json")
     png = Path(summary["reward_curve"]).read_bytes()
     create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
                           key="train-reward-curve", description=f"reward per step of run {summary['run_id']}")

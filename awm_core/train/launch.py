@@ -1,10 +1,11 @@
-"""Entry point that ``accelerate launch`` runs on every process: ``-m awm_core.train.launch RUN_DIR``.
+"""Entry point that ``accelerate launch`` runs on every process: ``-m awm_core.train.launch RUN_DIR [--resume]``.
 
 The run folder is self-contained, so training needs no catalog, no Prefect and no network:
 ``config.json`` (a ``TrainConfig``), ``environments.jsonl`` (one Environment bundle per line)
 and ``tasks.json`` (``[[env_id, task_idx, text], ...]``). ``write_run_dir`` makes one.
 Rank 0 writes ``result.json`` at the end; a crash leaves the metrics and rollouts already
-written (each line is flushed and synced).
+written (each line is flushed and synced). ``--resume`` continues a killed run from its newest
+complete checkpoint (``awm_core.train.resume``).
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def read_run_dir(run_dir: str | Path) -> tuple[TrainConfig, list[Environment], l
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    resume = "--resume" in argv
+    argv = [a for a in argv if a != "--resume"]
     if len(argv) != 1:
-        print("usage: accelerate launch -m awm_core.train.launch RUN_DIR", file=sys.stderr)
+        print("usage: accelerate launch -m awm_core.train.launch RUN_DIR [--resume]", file=sys.stderr)
         return 2
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,9 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(argv[0])
     config, envs, tasks = read_run_dir(run_dir)
-    result: dict[str, Any] = run_training(config, envs, tasks, run_dir, load_settings())
-    if os.environ.get("RANK", "0") == "0":
-        (run_dir / "result.json").write_text(json.dumps(result))
+    main_process = os.environ.get("RANK", "0") == "0"
+    if main_process:  # held until this process ends: a second launch on the folder is refused
+        from awm_core.train.resume import hold_run_lock
+
+        hold_run_lock(run_dir)
+    result: dict[str, Any] = run_training(config, envs, tasks, run_dir, load_settings(), resume=resume)
+    if main_process:  # written whole or not at all: its presence means the run finished
+        tmp = run_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, run_dir / "result.json")
     return 0
 
 
