@@ -112,14 +112,14 @@ def model_config(shape: str, tokenizer: Any, *, max_positions: int = 32768):
 
 
 def random_model(shape: str, tokenizer: Any, *, seed: int = 0, dtype: Any = None, max_positions: int = 32768):
-    """A randomly initialised Qwen3-architecture causal LM of ``shape`` for ``tokenizer``."""
+    """A randomly initialised Qwen3-architecture causal LM of ``shape`` for ``tokenizer``, in fp32
+    unless ``dtype`` says otherwise (training keeps fp32 weights: see ``load_model``)."""
     import torch
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(model_config(shape, tokenizer, max_positions=max_positions))
-    if dtype is not None:
-        model = model.to(dtype)
+    model = model.to(dtype if dtype is not None else torch.float32)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(EOS), tokenizer.pad_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -130,14 +130,20 @@ def parameter_count(model: Any) -> int:
 
 
 def load_model(path: str | Path, *, dtype: Any = None):
+    """A saved model folder, in fp32 unless ``dtype`` says otherwise.
+
+    transformers 5 loads in the dtype the folder was saved in (``dtype="auto"``), so a bf16
+    checkpoint would come back bf16 and AdamW steps of ~1e-6 would round away; fp32 is asked for
+    explicitly. Compute in bf16 is autocast (``TrainConfig.bf16``), not the weights' dtype.
+    """
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise SettingsError(f"model folder {path} not found or has no config.json; set `model` to a saved "
                             "model folder or random:<shape>")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else torch.float32)
 
 
 def corpus(environments: Iterable[Any]) -> list[str]:

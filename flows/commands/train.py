@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+# Enough for a fresh tiny model to write well-formed calls on the demo environments (docs/train.md).
+WARM_START_STEPS = 200
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,10 +18,15 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting; VALUE is read as JSON when it parses (--set window=null)")
     p.add_argument("--snapshot", type=int, default=None, help="catalog snapshot (default: newest gated one)")
+    p.add_argument("--warm-start", nargs="?", type=int, const=WARM_START_STEPS, default=None, metavar="STEPS",
+                   help="first take STEPS supervised steps on the training tasks' reference solutions (default "
+                        f"{WARM_START_STEPS}; sets warmstart_steps), so a fresh model starts out writing tool calls")
     p.add_argument("--no-flow", action="store_true", help="run without Prefect (no flow run, no artifacts)")
     p.add_argument("--show", action="store_true", help="print the effective config and exit")
     p.add_argument("--publish", metavar="RUN_DIR",
                    help="publish an existing run folder (metrics, episodes, telemetry) and exit")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue a killed run from its last checkpoint (its own settings), then publish it")
     p.set_defaults(func=run)
 
 
@@ -29,18 +37,34 @@ def effective_config(args):
     cfg = TrainConfig.load(args.config) if args.config else preset(args.preset or "tiny")
     if args.config and args.preset:
         raise SettingsError("give --config or --preset, not both (a config file can say preset = \"paper\")")
-    changes = {}
+    data = cfg.to_dict()
+    changed = False
     for item in args.set:
         if "=" not in item:
             raise SettingsError(f"--set needs KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         try:
-            changes[key.strip()] = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            changes[key.strip()] = value
+            pass
+        # a dotted key sets one setting of a nested table: --set lora.r=16
+        *parents, leaf = key.strip().split(".")
+        table = data
+        for i, part in enumerate(parents):
+            if part not in table:
+                table[part] = {}  # an unknown key: from_dict names it
+            elif not isinstance(table[part], dict):
+                raise SettingsError(f"--set {key.strip()}: {'.'.join(parents[:i + 1])} is not a table of settings")
+            table = table[part]
+        table[leaf] = value
+        changed = True
     if args.snapshot is not None:
-        changes["snapshot"] = args.snapshot
-    return TrainConfig.from_dict({**cfg.to_dict(), **changes}, source="--set") if changes else cfg
+        data["snapshot"] = args.snapshot
+        changed = True
+    if getattr(args, "warm_start", None) is not None:
+        data["warmstart_steps"] = args.warm_start
+        changed = True
+    return TrainConfig.from_dict(data, source="--set") if changed else cfg
 
 
 def run(args) -> int:
@@ -51,6 +75,8 @@ def run(args) -> int:
         print(f"published run {summary['run_id']}: {summary['steps']} steps, {summary['episodes']} episodes "
               f"(catalog snapshot {summary['catalog_snapshot']})")
         return 0
+    if args.resume:
+        return _resume(args)
     cfg = effective_config(args)
     if args.show:
         print(cfg.to_json())
@@ -69,4 +95,33 @@ def run(args) -> int:
         summary = state.result()
     print(f"training run {summary['run_id']} finished: {summary['steps']} steps on snapshot {summary['snapshot']}, "
           f"final checkpoint {summary['final_checkpoint']}, metrics in catalog snapshot {summary['catalog_snapshot']}")
+    return 0
+
+
+def _resume(args) -> int:
+    from awm_core.errors import SettingsError
+    from awm_core.settings import get_settings
+    from flows.train import resume_target
+
+    given = [flag for flag, v in (("--config", args.config), ("--preset", args.preset), ("--set", args.set),
+                                  ("--snapshot", args.snapshot is not None), ("--show", args.show),
+                                  ("--warm-start", args.warm_start is not None)) if v]
+    if given:
+        raise SettingsError(f"--resume continues a run with the settings in its folder; drop {', '.join(given)}")
+    resume_target(get_settings(), args.resume)  # unknown, finished or checkpoint-less runs fail here, before Prefect
+    if args.no_flow:
+        from flows.train import run_train
+
+        summary = run_train(None, resume=args.resume)
+    else:
+        from flows.train import train
+
+        state = train(resume=args.resume, return_state=True)
+        if not state.is_completed():
+            state.result()
+            return 1
+        summary = state.result()
+    print(f"training run {summary['run_id']} resumed and finished: {summary['steps']} steps on snapshot "
+          f"{summary['snapshot']}, final checkpoint {summary['final_checkpoint']}, metrics in catalog snapshot "
+          f"{summary['catalog_snapshot']}")
     return 0
