@@ -11,6 +11,7 @@ curves as a PNG (``--png``). Repeat with ``--seeds 0 1 2`` for the spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     env, tasks = learning_family()
     reports = []
     for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
+        # The trainer's progress lines go to stderr with the log, so stdout is just the tables.
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
             reports.append(learning_run(config(args, seed), [env], tasks, tmp, load_settings(),
                                         episodes_per_task=args.episodes, log=lambda m: print(m, file=sys.stderr)))
 

@@ -51,7 +51,7 @@ def build_config(args, mode: str):
         model=f"random:{args.shape}", group_size=args.group, tasks_per_step=args.tasks_per_step,
         max_turns=args.max_turns, window=args.window, interface=args.interface, learning_rate=1e-6,
         steps=args.steps, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, temperature=1.0,
-        grad_accum=args.grad_accum, bf16=cuda, gradient_checkpointing=cuda, sandbox_workers=args.sandbox_workers,
+        max_tokens_per_microbatch=args.max_tokens_per_microbatch, bf16=cuda, gradient_checkpointing=cuda, sandbox_workers=args.sandbox_workers,
         generation_batch=1 if mode == "unbatched" else args.generation_batch, accelerate_config="single_gpu" if cuda
         else "cpu", warmstart_steps=args.warmstart_steps, warmstart_lr=args.warmstart_lr, seed=0)
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per turn")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longer contexts end the episode (default 8192; 1024 with --tiny: CPU attention is quadratic)")
-    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--max-tokens-per-microbatch", type=int, default=None)
     p.add_argument("--generation-batch", type=int, default=64)
     p.add_argument("--warmstart-steps", type=int, default=None)
     p.add_argument("--warmstart-lr", type=float, default=None)
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = args.tiny
     defaults = dict(shape="tiny" if tiny else "qwen3-0.6b", max_prompt_tokens=1024 if tiny else 8192, modes="batched,unbatched" if tiny else "batched",
                     steps=2 if tiny else 4, tasks_per_step=2 if tiny else 4, group=2 if tiny else 8,
-                    max_turns=3 if tiny else 8, max_tokens=24 if tiny else 128, grad_accum=1 if tiny else 4,
+                    max_turns=3 if tiny else 8, max_tokens=24 if tiny else 128,
+                    max_tokens_per_microbatch=4096 if tiny else 32768,
                     warmstart_steps=20 if tiny else 200, warmstart_lr=1e-3 if tiny else 3e-4)
     for k, v in defaults.items():
         if getattr(args, k) is None:

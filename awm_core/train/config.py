@@ -82,6 +82,15 @@ class TrainConfig:
     w turns, and every step becomes its own sample. None trains on whole trajectories."""
     interface: str = "direct"
     learning_rate: float = 7e-7
+    updates_per_batch: int = 1
+    """Optimizer steps on each batch of episodes (PPO's epochs, TRL's ``num_iterations``). With 1
+    every update is on-policy and the clipped ratio is always 1, so nothing bounds how far one
+    update pushes down the tokens of a failed episode; with 2 or more, a sample stops pulling once
+    its probability ratio leaves [1 - 0.2, 1 + 0.2]. ``steps`` counts optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warm-up. Adam's first steps move every weight by
+    about the learning rate whatever its gradient, which a small model's noisy first GRPO steps
+    do not survive at a high rate."""
     steps: int = 100
     max_tokens: int = 1024
     """Most new tokens per policy turn."""
@@ -108,7 +117,8 @@ class TrainConfig:
     save_steps: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     accelerate_config: str = "cpu"
-    """``cpu``, ``single_gpu``, ``multi_gpu`` (the files in deployments/accelerate) or a path."""
+    """``cpu``, ``single_gpu``, ``multi_gpu``, ``fsdp``, ``deepspeed_zero3`` (the files in
+    deployments/accelerate) or a path."""
     seed: int = 0
     split_seed: int = 0
     bf16: bool = False
@@ -132,6 +142,9 @@ class TrainConfig:
     """Supervised steps on the training tasks' reference solutions before GRPO (0: none), so a
     fresh model starts out calling tools."""
     warmstart_lr: float = 1e-3
+    negate_advantages: bool = False
+    """A control experiment: train against the reward (every advantage negated). A run with this
+    set should get worse; one that does not is not learning from the reward at all."""
     run_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -163,6 +176,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
                 problems.append(f"{name} must be a number of seconds > 0, got {v!r}")
+        if not isinstance(self.negate_advantages, bool):
+            problems.append(f"negate_advantages must be true or false, got {self.negate_advantages!r}")
         if not isinstance(self.judge, bool):
             problems.append(f"judge must be true or false, got {self.judge!r}")
         if isinstance(self.lora, dict):
@@ -196,6 +211,11 @@ class TrainConfig:
             problems.append(f"temperature must be a number > 0, got {self.temperature!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
             problems.append(f"beta must be a number >= 0, got {self.beta!r}")
+        if not isinstance(self.updates_per_batch, int) or isinstance(self.updates_per_batch, bool) \
+                or self.updates_per_batch < 1:
+            problems.append(f"updates_per_batch must be an integer >= 1, got {self.updates_per_batch!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.save_steps, int) or self.save_steps < 0:
             problems.append(f"save_steps must be an integer >= 0, got {self.save_steps!r}")
         if not isinstance(self.warmstart_steps, int) or self.warmstart_steps < 0:

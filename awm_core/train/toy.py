@@ -97,10 +97,80 @@ def paint_shop(colours: Sequence[str] = COLOURS, items: Sequence[str] = ITEMS, *
     )
 
 
+_COUNTER_CODE = '''
+import sqlite3
+
+
+def get_counter(conn: sqlite3.Connection, name: str) -> dict:
+    """Read a counter.
+
+    Args:
+        name: Name of the counter.
+    """
+    row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise ToolError(f"no counter {name}")
+    return {"name": name, "value": row[0]}
+
+
+def add(conn: sqlite3.Connection, name: str, amount: int) -> dict:
+    """Add an amount to a counter.
+
+    Args:
+        name: Name of the counter.
+        amount: How much to add.
+    """
+    if not conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (amount, name)).rowcount:
+        raise ToolError(f"no counter {name}")
+    return get_counter(conn, name)
+'''
+
+_COUNTER_VERIFY = '''
+def verify(initial_db, final_db, final_answer):
+    rows = dict(final_db.execute("SELECT name, value FROM counters").fetchall())
+    return {{"verdict": "complete" if rows == {expected!r} else "incomplete", "evidence": rows}}
+'''
+
+
+COUNTER_PLANS = [
+    ("Add 2 to the counter named apples.", [ToolCall(tool="get_counter", arguments={"name": "apples"}),
+                                            ToolCall(tool="add", arguments={"name": "apples", "amount": 2})],
+     {"apples": 7, "pears": 1}),
+    ("Add 3 to the counter named pears.", [ToolCall(tool="get_counter", arguments={"name": "pears"}),
+                                           ToolCall(tool="add", arguments={"name": "pears", "amount": 3})],
+     {"apples": 5, "pears": 4}),
+]
+
+
+def counters(plans: Sequence[tuple[str, list[ToolCall], dict[str, int]]] = COUNTER_PLANS) -> Environment:
+    """Two named counters (apples 5, pears 1) with ``get_counter`` and ``add``; one task per plan
+    ``(text, reference calls, expected final values)``, verified against the expected values."""
+    p = lambda t, d, ex: ParamSpec(type=t, description=d, example=ex, required=True)  # noqa: E731
+    return Environment(
+        id="counters",
+        scenario=Scenario(id="counters", name="counters", description="Named counters.", category="tools"),
+        tasks=[Task(scenario_id="counters", idx=i, text=text) for i, (text, _, _) in enumerate(plans)],
+        db_schema=DbSchema(tables=[TableSchema(
+            name="counters", ddl="CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")]),
+        seed_data=SeedData(tables=[TableSeed(table_name="counters", insert_statements=[
+            "INSERT INTO counters VALUES ('apples', 5)", "INSERT INTO counters VALUES ('pears', 1)"])]),
+        api_spec=ApiSpec(tools=[
+            ToolSpec(name="get_counter", description="Read a counter",
+                     parameters={"name": p("string", "name", "apples")}),
+            ToolSpec(name="add", description="Add an amount to a counter",
+                     parameters={"name": p("string", "name", "apples"), "amount": p("integer", "amount", 1)}),
+        ]),
+        code=EnvCode(flavour="native", source=_COUNTER_CODE),
+        verifiers=[Verifier(task_idx=i, code=_COUNTER_VERIFY.format(expected=exp)) for i, (_, _, exp) in enumerate(plans)],
+        solutions=[ReferenceSolution(task_idx=i, calls=calls, final_answer="Done.")
+                   for i, (_, calls, _) in enumerate(plans)],
+    )
+
+
 def tasks_of(env: Environment) -> list[tuple[str, int, str]]:
     """``(env_id, task_idx, text)`` for every task, the shape training takes."""
     return [(env.id, t.idx, t.text) for t in env.tasks]
 
 
 __all__ = ["COLOURS", "ITEMS", "LEARNING_COLOURS", "LEARNING_ITEMS", "LEARNING_PRESET", "LEARNING_TASKS",
-           "learning_family", "paint_shop", "tasks_of"]
+           "COUNTER_PLANS", "counters", "learning_family", "paint_shop", "tasks_of"]

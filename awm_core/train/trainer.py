@@ -40,9 +40,11 @@ FINAL = "final"
 class AWMGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose rollouts are episodes and whose samples are the episodes' steps."""
 
-    def __init__(self, *args: Any, awm_rollout: EpisodeRollout, token_budget: int = 32768, **kwargs: Any):
+    def __init__(self, *args: Any, awm_rollout: EpisodeRollout, token_budget: int = 32768,
+                 negate_advantages: bool = False, **kwargs: Any):
         self.awm_rollout = awm_rollout
         self.awm_token_budget = token_budget
+        self.awm_advantage_sign = -1.0 if negate_advantages else 1.0
         super().__init__(*args, rollout_func=awm_rollout, reward_funcs=[episode_reward], **kwargs)
         self.awm_last: dict[str, Any] = {}
 
@@ -59,11 +61,15 @@ class AWMGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ samples
     def _prepare_inputs(self, generation_batch: Any) -> Any:
-        # One generation per optimizer step (steps_per_generation = 1, num_iterations = 1): the step's
+        # One generation per ``num_iterations`` optimizer steps (steps_per_generation = 1): the
         # samples go to ``training_step`` whole, as token-budget micro-batches, without TRL's
         # row-count split.
         if self.model.training:
-            return self._generate_and_score_completions(generation_batch)
+            # With updates_per_batch > 1 the same episodes serve that many optimizer steps (their
+            # sampling-time log-probabilities are kept, so the clipped ratio bounds every update).
+            if self._step % self.num_iterations == 0 or getattr(self, "_awm_batch", None) is None:
+                self._awm_batch = self._generate_and_score_completions(generation_batch)
+            return self._awm_batch
         return super()._prepare_inputs(generation_batch)
 
     def _expand_to_samples(self, out: dict[str, Any], batch: Any) -> dict[str, Any]:
@@ -77,7 +83,8 @@ class AWMGRPOTrainer(GRPOTrainer):
         """
         device = self.accelerator.device
         pad_id = self._tokenizer.pad_token_id
-        advantages = out["advantages"].tolist()
+        sign = getattr(self, "awm_advantage_sign", 1.0)
+        advantages = [sign * a for a in out["advantages"].tolist()]
         rows: list[tuple[list[int], list[int], list[int], float]] = []
         for adv, r in zip(advantages, batch.results, strict=True):
             for s in r.samples:
@@ -135,10 +142,16 @@ class AWMGRPOTrainer(GRPOTrainer):
                     mb["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
                         self.model, ids, attn, keep, batch_size=len(rows))[0]
                 if "ref_per_token_logps" in out:
-                    if self.ref_model is None:
-                        raise SettingsError("beta > 0 with an adapter-only reference model is not supported")
-                    mb["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
-                        self.ref_model, ids, attn, keep, batch_size=len(rows))[0]
+                    if self.ref_model is None:  # LoRA (peft): the reference is the policy without its adapters
+                        from trl.trainer.utils import use_adapter
+
+                        peft_model = self.accelerator.unwrap_model(self.model)
+                        with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
+                            mb["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                                self.model, ids, attn, keep, batch_size=len(rows))[0]
+                    else:
+                        mb["ref_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                            self.ref_model, ids, attn, keep, batch_size=len(rows))[0]
         return mb
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -160,12 +173,34 @@ class AWMGRPOTrainer(GRPOTrainer):
             last = i == len(microbatches) - 1
             # DDP all-reduces on every backward; accumulate locally and sync once, on the last.
             sync = contextlib.nullcontext() if last or not ddp else self.accelerator.no_sync(model)
-            with sync:
+            with sync, self._uneven_row_gather():
                 with self.compute_loss_context_manager():
                     loss = self._compute_loss(model, mb)
                 self.accelerator.backward(loss)
             total = total + loss.detach()
         return total
+
+    @contextlib.contextmanager
+    def _uneven_row_gather(self):
+        """TRL's loss gathers one clip statistic per row for its min/max metrics, which needs the same
+        row count on every process; a micro-batch of packed samples has its own. Rows are padded
+        with NaN for that gather (TRL reduces them with nanmin/nanmax)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            yield
+            return
+        plain = acc.gather
+
+        def gather(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point():
+                t = acc.pad_across_processes(t, dim=0, pad_index=float("nan"))
+            return plain(t)
+
+        acc.gather = gather
+        try:
+            yield
+        finally:
+            del acc.gather
 
     # ------------------------------------------------------------------ metrics
     def _record_rollout_metrics(self, batch: Any, out: dict[str, Any], expand_s: float) -> None:
@@ -247,6 +282,15 @@ class MetricsCallback(TrainerCallback):
             os.fsync(fh.fileno())
         print(progress_line(rec, self.total), flush=True)
 
+    def on_save(self, args, state, control, **kw):
+        # HF writes no end mark: once every process has saved, mark the folder resumable.
+        from awm_core.train.resume import mark_complete
+
+        trainer = self.trainer_ref[0]
+        trainer.accelerator.wait_for_everyone()
+        if state.is_world_process_zero:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
 
 def _plain(v: Any) -> Any:
     if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
@@ -261,6 +305,9 @@ def progress_line(rec: dict[str, Any], total: int) -> str:
         v = rec.get(key)
         return "n/a" if v is None else fmt.format(v)
 
+    if rec.get("reward") is None:  # updates_per_batch > 1: this step reused the last batch of episodes
+        return (f"step {rec.get('step')}/{total} (same episodes as the step before) loss {f('loss', '{:.4f}')} "
+                f"update {f('update_s', '{:.1f}')}s")
     return (f"step {rec.get('step')}/{total} reward {f('reward')}±{f('reward_std')} "
             f"completed {f('awm/completion_rate', '{:.0%}')} format-errors {f('awm/format_error_rate', '{:.0%}')} "
             f"env-errors {f('awm/env_error_rate', '{:.0%}')} loss {f('loss', '{:.4f}')} "
@@ -301,37 +348,171 @@ def grpo_args(config: TrainConfig, output_dir: Path, num_processes: int) -> GRPO
         raise SettingsError("vllm_mode=server gathers every process's prompts per call, which episodes of "
                             "different lengths cannot do in step; use vllm_mode=colocate with several processes")
     save = config.save_steps > 0
-    return GRPOConfig(
+    args = GRPOConfig(
         output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=1, num_generations=config.group_size,
         max_completion_length=config.max_tokens, learning_rate=config.learning_rate, beta=config.beta,
+        warmup_steps=config.warmup_steps, num_iterations=config.updates_per_batch,
         temperature=config.temperature, loss_type="dapo", logging_steps=1, report_to="none",
         save_strategy="steps" if save else "no", save_steps=config.save_steps if save else 500,
-        use_cpu=not cuda, bf16=bool(config.bf16 and cuda), gradient_checkpointing=config.gradient_checkpointing,
+        use_cpu=not cuda, bf16=bool(config.bf16), gradient_checkpointing=config.gradient_checkpointing,
         remove_unused_columns=False, seed=config.seed, disable_tqdm=True, dataloader_num_workers=0,
         use_vllm=config.generation_backend == "vllm", vllm_mode=config.vllm_mode,
         vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
         vllm_importance_sampling_correction=False, log_completions=False, ddp_timeout=int(config.sync_timeout_s),
     )
+    # bf16 is autocast (CPU or CUDA) over fp32 weights. ``config.bf16`` decides it, not the accelerate
+    # yaml: the yaml's mixed_precision reaches TrainingArguments through ACCELERATE_MIXED_PRECISION and
+    # would otherwise switch autocast on behind a bf16 = false config. DeepSpeed takes its own.
+    if args.deepspeed_plugin is None:
+        args.mixed_precision = "bf16" if config.bf16 else "no"
+    return args
 
 
 def load_policy(config: TrainConfig, environments: Sequence[Any], work_dir: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``config.model``: a saved folder or ``random:<shape>``."""
+    """(model, tokenizer) for ``config.model``: a saved folder or ``random:<shape>``.
+
+    The weights are fp32 whatever ``config.bf16`` says or the folder was saved in: bf16 is autocast
+    (``grpo_args``), and AdamW steps at the paper's lr 7e-7 round away on bf16 weights (a bf16
+    weight of 1.0 moves only in steps of 2**-7).
+    """
     from awm_core.train import models
 
-    dtype = torch.bfloat16 if config.bf16 and torch.cuda.is_available() else None
+    dtype = torch.float32
     if config.model.startswith("random:"):
         shape = config.model.split(":", 1)[1]
         if config.tokenizer:
             tok = models.load_tokenizer(config.tokenizer)
         else:
             vocab = 1024 if shape in ("tiny", "small") else 8192
-            tok = models.train_tokenizer(models.corpus(environments), vocab_size=vocab, out_dir=work_dir / "tokenizer")
+            # every process trains the same tokenizer (deterministic); only the first one writes it
+            main = os.environ.get("RANK", "0") == "0"
+            tok = models.train_tokenizer(models.corpus(environments), vocab_size=vocab,
+                                         out_dir=work_dir / "tokenizer" if main else None)
         model = models.random_model(shape, tok, seed=config.seed, dtype=dtype)
         return model, tok
     tok = models.load_tokenizer(config.tokenizer or config.model)
     model = models.load_model(config.model, dtype=dtype)
     return model, tok
+
+
+def check_master_weights(model: Any, args: Any) -> None:
+    """Refuse trainable weights that are not fp32 when no engine keeps fp32 master copies.
+
+    DDP and FSDP step the weights in the dtype they hold, so bf16/fp16 trainable weights would
+    round the optimizer's small steps away and the run would not learn; DeepSpeed's bf16
+    optimizer keeps fp32 masters of whatever the module holds, so it is let through.
+    """
+    if getattr(args, "deepspeed_plugin", None) is not None:
+        return
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        dtypes = ", ".join(sorted({str(d).replace("torch.", "") for _, d in low}))
+        raise SettingsError(
+            f"{len(low)} trainable parameter(s) are {dtypes}, not fp32 (first: {low[0][0]}): optimizer steps at "
+            f"learning rate {args.learning_rate:g} round away in {dtypes}, so this run would not learn. Keep the "
+            "trainable weights fp32 (load_policy loads every model so) and set bf16 = true for bf16 autocast, or "
+            "train under DeepSpeed (deployments/accelerate/deepspeed_zero3.yaml), whose optimizer keeps fp32 "
+            "master weights")
+
+
+def lora_config(config: TrainConfig, model: Any = None) -> Any:
+    """``config.lora`` as a peft ``LoraConfig`` for ``GRPOTrainer(peft_config=...)``; None when off.
+
+    TRL wraps the policy (adapters in fp32 over the frozen base), and with ``beta > 0`` the reference
+    is the same model with its adapters disabled, so no second copy is loaded. With ``model``, every
+    target module must exist in it: peft itself only refuses a list of which none matches, so a
+    misspelt name would silently leave those layers untrained.
+    """
+    if not config.lora.enabled:
+        return None
+    if model is not None:
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+        missing = [t for t in config.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise SettingsError(f"lora.target_modules {', '.join(missing)} name no linear layer of {config.model}; "
+                                f"its linear layers: {', '.join(linear)}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise SettingsError("lora.r > 0 needs peft: install the train extra (pip install -e '.[train]')") from None
+    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
+
+
+def save_merged_lora(trainer: Any, tok: Any, final: Path, config: TrainConfig) -> Path | None:
+    """``final/merged``: base and adapter merged into one model folder, when the adapter alone is
+    no use (the base is a ``random:`` model or was changed by the warm start, so no folder holds
+    it). Not for sharded engines (no process holds the whole model). Merges a copy: the trained
+    model keeps its adapters."""
+    if not (config.model.startswith("random:") or config.warmstart_steps):
+        return None
+    from accelerate.utils import DistributedType
+
+    if trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    out = final / "merged"
+    if trainer.accelerator.is_main_process:
+        import copy
+
+        merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model_wrapped)).merge_and_unload()
+        merged.save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+    return out
+
+
+def describe_precision(trainer: Any) -> dict[str, Any]:
+    """What the run trains in: weight dtypes, autocast, trainable share (and a line saying so)."""
+    acc = trainer.accelerator
+    params = list(trainer.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
+    autocast = acc.mixed_precision if acc.mixed_precision != "no" else "off"
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold ds_numel)
+    n_train, n_all = sum(size(p) for p in trainable), sum(size(p) for p in params)
+    line = (f"precision: trainable weights {'/'.join(dtypes)}, autocast {autocast} on {acc.device.type}, "
+            f"{n_train:,} of {n_all:,} parameters trained")
+    return {"weights": dtypes, "autocast": autocast, "device": acc.device.type, "trainable_params": n_train,
+            "params": n_all, "line": line}
+
+
+def parameter_sums(model: Any) -> torch.Tensor:
+    """Per parameter (``named_parameters`` order), the int64 sum of its fp32 bit patterns."""
+    with torch.no_grad():
+        return torch.stack([p.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)
+                            for p in model.parameters()])
+
+
+def checksum_digest(sums: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def weights_checksum(trainer: Any) -> dict[str, Any]:
+    """Checks that every process ends with the same weights; raises when they diverged.
+
+    Each process reduces every parameter to the integer sum of its fp32 bit patterns on its device
+    (exact and independent of summation order, so equal weights always give equal sums and a change
+    in one bit shows); the vectors are gathered and must be identical (DDP all-reduces gradients,
+    so replicas that drifted apart mean a broken step). Sharded engines (FSDP, DeepSpeed) hold
+    different shards per process and are not compared.
+    """
+    from accelerate.utils import DistributedType
+
+    acc = trainer.accelerator
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return {"weights_checksum": None, "weights_compared": f"not compared ({acc.distributed_type.value} shards)"}
+    model = acc.unwrap_model(trainer.model_wrapped)
+    named = list(model.named_parameters())
+    every = acc.gather(parameter_sums(model).unsqueeze(0)).view(acc.num_processes, -1).cpu()
+    digests = [checksum_digest(row) for row in every]
+    if len(set(digests)) > 1:
+        bad = int((every != every[0]).any(dim=0).nonzero()[0])
+        raise AWMError(f"the {acc.num_processes} processes ended training with different weights (checksums "
+                       f"{', '.join(digests)}; first differing parameter {named[bad][0]}): the replicas diverged")
+    return {"weights_checksum": digests[0], "weights_compared": acc.num_processes}
 
 
 def warm_start(model: Any, tok: Any, runner: EpisodeRunner, tasks: Sequence[tuple[str, int, str]],
@@ -354,9 +535,21 @@ def warm_start(model: Any, tok: Any, runner: EpisodeRunner, tasks: Sequence[tupl
     return losses
 
 
+def training_judge(config: TrainConfig, settings: Any, run_dir: Path, state: Any) -> Any:
+    """The code-augmented LLM judge when ``config.judge`` (the paper's reward labels: the verifier's
+    code and evidence, the task's criteria and the trajectory go to the judge role's LLM). Each
+    process keeps its own call ledger; a judge that cannot answer falls back to the verdict."""
+    if not config.judge:
+        return None
+    from awm_core.agent import LLMJudge
+
+    return LLMJudge.from_settings(settings, ledger=run_dir / f"llm_calls.rank{state.process_index}.jsonl")
+
+
 def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]],
-                 run_dir: str | Path, settings: Any) -> dict[str, Any]:
-    """Train; returns a summary (final checkpoint folder, steps). Meant to run under accelerate launch."""
+                 run_dir: str | Path, settings: Any, *, resume: bool = False) -> dict[str, Any]:
+    """Train; returns a summary (final checkpoint folder, steps). Meant to run under accelerate launch.
+    ``resume``: continue from the newest complete checkpoint (``awm_core.train.resume``)."""
     from accelerate import PartialState
 
     from awm_core.runtime import SandboxPool
@@ -373,13 +566,20 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
         runner = EpisodeRunner(pool, envs, settings, tokenizer=tok, interface=config.interface,
                                max_turns=config.max_turns, window=config.window,
                                max_prompt_tokens=config.max_prompt_tokens, threads=config.rollout_threads,
-                               max_batch=config.generation_batch)
-        if config.warmstart_steps:
+                               max_batch=config.generation_batch, scheduler=config.rollout_scheduler,
+                               episode_timeout_s=config.episode_timeout_s, judge=training_judge(config, settings,
+                                                                                               run_dir, state))
+        if config.warmstart_steps and not resume:  # a resumed run loads the checkpoint's weights
             warm_start(model, tok, runner, tasks, config, run_dir, state)
 
         @contextlib.contextmanager
         def generation(trainer: Any):
+            # The rollout's engine (awm_core.train.rollout; docs/train.md "Rollouts"). Sampling is
+            # always plain: temperature from the config, top_p 1, top_k off, as the loss assumes.
             if config.generation_backend == "vllm":
+                # TRL's colocated vLLM (vllm_gpu_memory_utilization of the GPU); one call per batch
+                # the scheduler forms, so tensor parallelism must stay 1 (its per-call all-gather
+                # would pair calls of different processes).
                 def gen(prompts: list[list[int]]) -> list[list[int]]:
                     _, completion_ids, _, _ = trainer.vllm_generation.generate(prompts, None, 1)
                     return [list(c) for c in completion_ids]
@@ -391,22 +591,64 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
             with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                              gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
                                              ) as unwrapped:
+                if config.generation_backend == "paged":
+                    from awm_core.train.rollout import PagedEngine
+
+                    per_process = max(1, config.episodes_per_step // max(1, state.num_processes))
+                    yield PagedEngine(unwrapped, tok, max_new_tokens=config.max_tokens,
+                                      temperature=config.temperature, eos_token_ids=trainer.eos_token_ids,
+                                      memory_share=config.vllm_gpu_memory_utilization,
+                                      max_requests=min(config.generation_batch, per_process),
+                                      max_context=config.max_prompt_tokens)
+                    return
+                if config.rollout_scheduler == "continuous":  # requests join and leave the batch per token
+                    from awm_core.train.rollout import HFStepEngine
+
+                    yield HFStepEngine(unwrapped, tok, max_new_tokens=config.max_tokens,
+                                       temperature=config.temperature, eos_token_ids=trainer.eos_token_ids,
+                                       max_rows=config.generation_batch)
+                    return
                 yield hf_generate_fn(unwrapped, tok, max_new_tokens=config.max_tokens,
                                      temperature=config.temperature, eos_token_ids=trainer.eos_token_ids)
 
         rollout = EpisodeRollout(runner, generation)
         ref: list = []
         trainer = AWMGRPOTrainer(model=model, args=args, awm_rollout=rollout, processing_class=tok,
-                                 token_budget=config.max_tokens_per_microbatch,
+                                 token_budget=config.max_tokens_per_microbatch, peft_config=lora_config(config, model),
+                                 negate_advantages=config.negate_advantages,
                                  train_dataset=build_dataset(tasks, config.tasks_per_step, config.seed),
                                  callbacks=[MetricsCallback(run_dir, ref, config.steps)])
         ref.append(trainer)
+        check_master_weights(trainer.model, args)
+        precision = describe_precision(trainer)
+        if state.is_main_process:
+            print(precision["line"], flush=True)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line per step instead
-        trainer.train()
+        resumed = None
+        if resume:  # every process checks (and fails alike); the main one drops later rows, then all go on
+            from awm_core.train.resume import prepare_resume, require_resumable
+
+            resumed = require_resumable(run_dir, ckpt_dir, config.save_steps)
+            if state.is_main_process:
+                prepare_resume(run_dir, ckpt_dir, config.save_steps)
+            state.wait_for_everyone()
+            if state.is_main_process:
+                print(f"resuming from {resumed[1]} (step {resumed[0]})", flush=True)
+        trainer.train(resume_from_checkpoint=str(resumed[1]) if resumed else None)
+        checksum = weights_checksum(trainer)
         final = ckpt_dir / FINAL
         trainer.save_model(str(final))
         if trainer.accelerator.is_main_process:
             tok.save_pretrained(str(final))
-    return {"final_checkpoint": str(final), "steps": config.steps}
+            print(f"weights checksum {checksum['weights_checksum']} (processes compared: "
+                  f"{checksum['weights_compared']})", flush=True)
+        merged = save_merged_lora(trainer, tok, final, config) if config.lora.enabled else None
+        if trainer.accelerator.is_main_process and config.lora.enabled:
+            print(f"final checkpoint {final} holds the LoRA adapter only (adapter_config.json, "
+                  f"adapter_model.safetensors), to load over the base model {config.model}"
+                  + (f"; base and adapter merged into {merged}" if merged else ""), flush=True)
+    return {"final_checkpoint": str(final), "steps": config.steps, "adapter": config.lora.enabled,
+            "merged_checkpoint": str(merged) if merged else None,
+            "precision": {k: v for k, v in precision.items() if k != "line"}, **checksum}

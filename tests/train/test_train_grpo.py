@@ -1,8 +1,8 @@
 """The GRPO update itself: rewards of real episodes become advantages that move the weights, every
 step sample carries its episode's advantage, and environment-error episodes stay out of the loss.
 
-Uses a two-tool counter application (short prompts, so a CPU step takes seconds) and runs the
-trainer in-process; the accelerate-launched path is covered by test_train_flow.py.
+Uses the two-tool counter application of ``awm_core.train.toy`` (short prompts, so a CPU step takes
+seconds) and runs the trainer in-process; the accelerate-launched path is covered by test_train_flow.py.
 """
 from __future__ import annotations
 
@@ -12,73 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from awm_core.models import (
-    ApiSpec, DbSchema, EnvCode, Environment, ParamSpec, ReferenceSolution, Scenario, SeedData, TableSchema, TableSeed,
-    Task, ToolCall, ToolSpec, Verifier,
-)
+from awm_core.models import Environment
 from awm_core.settings import load_settings
 from awm_core.train.config import TrainConfig
 from awm_core.train.samples import Sample
-
-CODE = '''
-import sqlite3
-
-
-def get_counter(conn: sqlite3.Connection, name: str) -> dict:
-    """Read a counter.
-
-    Args:
-        name: Name of the counter.
-    """
-    row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-    if row is None:
-        raise ToolError(f"no counter {name}")
-    return {"name": name, "value": row[0]}
-
-
-def add(conn: sqlite3.Connection, name: str, amount: int) -> dict:
-    """Add an amount to a counter.
-
-    Args:
-        name: Name of the counter.
-        amount: How much to add.
-    """
-    if not conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (amount, name)).rowcount:
-        raise ToolError(f"no counter {name}")
-    return get_counter(conn, name)
-'''
-
-VERIFY = '''
-def verify(initial_db, final_db, final_answer):
-    before = initial_db.execute("SELECT value FROM counters WHERE name = '{name}'").fetchone()[0]
-    after = final_db.execute("SELECT value FROM counters WHERE name = '{name}'").fetchone()[0]
-    return {{"verdict": "complete" if after == before + {amount} else "incomplete", "evidence": {{"after": after}}}}
-'''
-
+from awm_core.train.toy import counters
 
 def counter_environment() -> Environment:
-    tasks = [("apples", 2), ("pears", 3)]
-    p = lambda t, d, ex: ParamSpec(type=t, description=d, example=ex, required=True)  # noqa: E731
-    return Environment(
-        id="counters",
-        scenario=Scenario(id="counters", name="counters", description="Named counters.", category="tools"),
-        tasks=[Task(scenario_id="counters", idx=i, text=f"Add {a} to the counter named {n}.")
-               for i, (n, a) in enumerate(tasks)],
-        db_schema=DbSchema(tables=[TableSchema(
-            name="counters", ddl="CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")]),
-        seed_data=SeedData(tables=[TableSeed(table_name="counters", insert_statements=[
-            "INSERT INTO counters VALUES ('apples', 5)", "INSERT INTO counters VALUES ('pears', 1)"])]),
-        api_spec=ApiSpec(tools=[
-            ToolSpec(name="get_counter", description="Read a counter", parameters={"name": p("string", "name", "apples")}),
-            ToolSpec(name="add", description="Add an amount to a counter",
-                     parameters={"name": p("string", "name", "apples"), "amount": p("integer", "amount", 1)}),
-        ]),
-        code=EnvCode(flavour="native", source=CODE),
-        verifiers=[Verifier(task_idx=i, code=VERIFY.format(name=n, amount=a)) for i, (n, a) in enumerate(tasks)],
-        solutions=[ReferenceSolution(task_idx=i, calls=[ToolCall(tool="get_counter", arguments={"name": n}),
-                                                        ToolCall(tool="add", arguments={"name": n, "amount": a})],
-                                     final_answer="Done.") for i, (n, a) in enumerate(tasks)],
-    )
+    return counters()
 
 
 def test_grpo_step_turns_episode_rewards_into_a_weight_update(tmp_path):
