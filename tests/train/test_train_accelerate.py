@@ -105,10 +105,12 @@ def test_two_cpu_processes_end_a_grpo_step_with_identical_weights(tmp_path):
     from flows.server import free_port
 
     env = counter_environment()
-    # window None: each episode is one merged sample, so both ranks run one micro-batch of 4 rows
-    cfg = TrainConfig(model="random:tiny", group_size=4, tasks_per_step=2, max_turns=3, window=None,
+    # window 1 and a budget of about two samples: each rank packs its own number of samples into
+    # several micro-batches whose row counts differ between the ranks (TRL's per-row gather of
+    # clip statistics must still line up, and the pass counts must match)
+    cfg = TrainConfig(model="random:tiny", group_size=4, tasks_per_step=2, max_turns=3, window=1,
                       interface="direct", learning_rate=1e-3, steps=1, max_tokens=40, max_prompt_tokens=2048,
-                      max_tokens_per_microbatch=16384, warmstart_steps=80, warmstart_lr=3e-3, sandbox_workers=1,
+                      max_tokens_per_microbatch=2100, warmstart_steps=80, warmstart_lr=3e-3, sandbox_workers=1,
                       seed=1, bf16=True)
     run_dir = write_run_dir(tmp_path / "run", cfg, [env], [(env.id, t.idx, t.text) for t in env.tasks])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -126,6 +128,7 @@ def test_two_cpu_processes_end_a_grpo_step_with_identical_weights(tmp_path):
     assert f"weights checksum {result['weights_checksum']} (processes compared: 2)" in out
     (metrics,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics["awm/episodes"] == 8 and metrics["reward_std"] > 0 and metrics["grad_norm"] > 0
+    assert metrics["awm/microbatches"] > 1  # several budget-cut passes on the busiest rank
     assert {p.name for p in run_dir.glob("rollouts.rank*.jsonl")} == {"rollouts.rank0.jsonl", "rollouts.rank1.jsonl"}
     # the checksum both ranks agreed on is the one of the weights rank 0 saved
     final = models.load_model(result["final_checkpoint"])
