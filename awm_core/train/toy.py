@@ -142,14 +142,15 @@ COUNTER_PLANS = [
 ]
 
 
-def counters(plans: Sequence[tuple[str, list[ToolCall], dict[str, int]]] = COUNTER_PLANS) -> Environment:
+def counters(plans: Sequence[tuple[str, list[ToolCall], dict[str, int]]] = COUNTER_PLANS, *,
+             env_id: str = "counters") -> Environment:
     """Two named counters (apples 5, pears 1) with ``get_counter`` and ``add``; one task per plan
     ``(text, reference calls, expected final values)``, verified against the expected values."""
     p = lambda t, d, ex: ParamSpec(type=t, description=d, example=ex, required=True)  # noqa: E731
     return Environment(
-        id="counters",
-        scenario=Scenario(id="counters", name="counters", description="Named counters.", category="tools"),
-        tasks=[Task(scenario_id="counters", idx=i, text=text) for i, (text, _, _) in enumerate(plans)],
+        id=env_id,
+        scenario=Scenario(id=env_id, name="counters", description="Named counters.", category="tools"),
+        tasks=[Task(scenario_id=env_id, idx=i, text=text) for i, (text, _, _) in enumerate(plans)],
         db_schema=DbSchema(tables=[TableSchema(
             name="counters", ddl="CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")]),
         seed_data=SeedData(tables=[TableSeed(table_name="counters", insert_statements=[

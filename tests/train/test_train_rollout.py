@@ -20,55 +20,17 @@ import pytest
 import torch
 
 from awm_core.errors import AWMError
-from awm_core.models import (
-    ApiSpec, DbSchema, EnvCode, Environment, ParamSpec, ReferenceSolution, Scenario, SeedData, TableSchema, TableSeed,
-    Task, ToolCall, ToolSpec, Verifier,
-)
+from awm_core.models import Environment, ToolCall
 from awm_core.settings import load_settings
 from awm_core.train import models
 from awm_core.train import rollout as R
 from awm_core.train.samples import build_samples
-
-CODE = '''
-import sqlite3
-
-
-def add(conn: sqlite3.Connection, name: str, amount: int) -> dict:
-    """Add an amount to a counter.
-
-    Args:
-        name: Name of the counter.
-        amount: How much to add.
-    """
-    if not conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (amount, name)).rowcount:
-        raise ToolError(f"no counter {name}")
-    return {"name": name}
-'''
-
-VERIFY = '''
-def verify(initial_db, final_db, final_answer):
-    after = final_db.execute("SELECT value FROM counters WHERE name = 'apples'").fetchone()[0]
-    return {"verdict": "complete" if after == 7 else "incomplete", "evidence": {"after": after}}
-'''
-
+from awm_core.train.toy import counters
 
 def counter_environment(env_id: str = "counters") -> Environment:
-    p = lambda t, d, ex: ParamSpec(type=t, description=d, example=ex, required=True)  # noqa: E731
-    return Environment(
-        id=env_id, scenario=Scenario(id=env_id, name=env_id, description="Named counters.", category="tools"),
-        tasks=[Task(scenario_id=env_id, idx=i, text=f"Add 2 to the counter named apples ({i}).") for i in range(2)],
-        db_schema=DbSchema(tables=[TableSchema(
-            name="counters", ddl="CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")]),
-        seed_data=SeedData(tables=[TableSeed(table_name="counters",
-                                             insert_statements=["INSERT INTO counters VALUES ('apples', 5)"])]),
-        api_spec=ApiSpec(tools=[ToolSpec(name="add", description="Add an amount to a counter", parameters={
-            "name": p("string", "name", "apples"), "amount": p("integer", "amount", 1)})]),
-        code=EnvCode(flavour="native", source=CODE),
-        verifiers=[Verifier(task_idx=i, code=VERIFY) for i in range(2)],
-        solutions=[ReferenceSolution(task_idx=i, final_answer="Done.",
-                                     calls=[ToolCall(tool="add", arguments={"name": "apples", "amount": 2})])
-                   for i in range(2)],
-    )
+    add = ToolCall(tool="add", arguments={"name": "apples", "amount": 2})
+    return counters([(f"Add 2 to the counter named apples ({i}).", [add], {"apples": 7, "pears": 1})
+                     for i in range(2)], env_id=env_id)
 
 
 @pytest.fixture(scope="module")
