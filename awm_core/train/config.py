@@ -184,8 +184,9 @@ class TrainConfig:
             try:
                 self.lora = LoraSettings(**self.lora)
             except TypeError:
-                known = ", ".join(f.name for f in fields(LoraSettings))
-                problems.append(f"lora has unknown setting(s) {', '.join(sorted(self.lora))}; known: {known}")
+                known = [f.name for f in fields(LoraSettings)]
+                unknown = sorted(set(self.lora) - set(known)) if isinstance(self.lora, dict) else []
+                problems.append(f"lora has unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
                 self.lora = LoraSettings()
         if isinstance(self.lora, LoraSettings):
             problems += self.lora.problems()

@@ -94,13 +94,13 @@ class AWMGRPOTrainer(GRPOTrainer):
                     rows.append((s.prompt_ids, s.completion_ids, s.mask, float(adv)))
         real = len(rows)
         groups = pack_microbatches([(len(r[0]), len(r[1])) for r in rows], self.awm_token_budget)
-        count = torch.tensor([len(groups)], device=device)
-        most = int(self.accelerator.gather(count).max())
+        policy = sum(sum(r[2]) for r in rows)
+        # One exchange for both: the busiest process's pass count and the step's policy tokens.
+        counts = self.accelerator.gather(torch.tensor([[len(groups), policy]], device=device)).view(-1, 2)
+        most, total = int(counts[:, 0].max()), counts[:, 1].sum()
         filler = ([pad_id], [pad_id], [0], 0.0)
         groups += [[len(rows)]] * (most - len(groups))
         rows.append(filler)
-        policy = sum(sum(r[2]) for r in rows)
-        total = self.accelerator.gather(torch.tensor([policy], device=device)).sum()
         micro = [self._microbatch([rows[i] for i in g], total, out) for g in groups]
         self.awm_last = {"samples": real, "policy_tokens": policy, "microbatches": len(groups),
                          "train_tokens": sum(len(rows[i][0]) + len(rows[i][1]) for g in groups for i in g

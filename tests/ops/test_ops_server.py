@@ -77,12 +77,13 @@ def test_start_run_stop_leaves_no_process(server_env, awm_home):
                 time.sleep(0.5)
             assert client.read_flow_run(run.id).state.is_running()
     flow_pid, grandchild_pid = map(int, marker.read_text().split())
-    family = set()
+    family, roots = set(), {}
     for role in ("server", "worker"):
         root = psutil.Process(json.loads((awm_home / "server" / f"{role}.pid").read_text())["pid"])
+        roots[role] = root.pid
         family |= {root.pid, *(p.pid for p in root.children(recursive=True))}
     assert {flow_pid, grandchild_pid} <= family  # the run really is the worker's descendant
-    assert os.getpgid(flow_pid) != os.getpgid(next(iter(family)))  # and in another session
+    assert os.getpgid(flow_pid) != os.getpgid(roots["worker"])  # and in another session than its worker
 
     stopped = awm("server", "stop", "--timeout", "10")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

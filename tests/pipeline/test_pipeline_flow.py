@@ -95,7 +95,7 @@ def resumed(prefect_server, tmp_path_factory):
 
 
 def test_resume_after_sigkill_redoes_only_unfinished_work(resumed):
-    killed_run, killed_calls = next(iter(resumed["killed"].items()))
+    ((killed_run, killed_calls),) = resumed["killed"].items()  # the fixture asserts exactly one killed run
     summary = resumed["summary"]
     new_calls = ledger_lines(resumed["home"])[summary["run_id"]]
     # Stages finished before the kill came from the cache; at most the in-flight ones (one

@@ -56,9 +56,9 @@ def test_grpo_step_turns_episode_rewards_into_a_weight_update(tmp_path):
 def _fake_trainer(budget: int, busiest: int = 0):
     # gather() stands in for a second process whose count is ``busiest``: max() then picks it up.
     def gather(t):
-        t = t.reshape(-1)
-        return torch.cat([t, torch.tensor([busiest], dtype=t.dtype)]) if t.numel() == 1 and t.dtype == torch.long \
-            else t
+        if t.shape == (1, 2):  # (passes, policy tokens) of this process: the other one adds its row
+            return torch.cat([t, torch.tensor([[busiest, 0]], dtype=t.dtype)])
+        return t.reshape(-1)
 
     fake = SimpleNamespace(
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=gather),
