@@ -106,6 +106,11 @@ class SandboxSettings(BaseModel):
     startup_timeout_s: float = 60.0
     network_namespace: bool = Field(True, description="put each worker in its own network namespace where permitted")
     separate_uid: bool = Field(True, description="run each worker under its own uid where permitted")
+    user_namespace: bool = Field(True, description="when not root: a user namespace of its own around the network namespace")
+    landlock: bool = Field(True, description="Landlock filesystem and TCP rules for each worker")
+    seccomp: bool = Field(True, description="a seccomp filter for each worker (no exec, fork, ptrace, sockets but AF_UNIX)")
+    allow_weak_sandbox: bool = Field(
+        False, description="run generated code even where Landlock or seccomp cannot be applied (in-process guards only)")
 
 
 class RewardSettings(BaseModel):

@@ -18,7 +18,8 @@ from awm_core.runtime.types import (
     ToolInfo,
     ToolResult,
     VerifierOutcome,
+    WeakSandboxError,
 )
 
 __all__ = ["SandboxPool", "EnvHandle", "Session", "ToolCheck", "ToolInfo", "ToolResult", "VerifierOutcome",
-           "SandboxError", "EnvLoadError"]
+           "SandboxError", "EnvLoadError", "WeakSandboxError"]

@@ -27,9 +27,9 @@ import jsonschema
 
 from awm_core.errors import SqlExecutionError
 from awm_core.models import Environment
-from awm_core.runtime import protocol
+from awm_core.runtime import kernel, protocol
 from awm_core.settings import SandboxSettings
-from awm_core.runtime.types import EnvLoadError, SandboxError, ToolInfo, ToolResult, VerifierOutcome
+from awm_core.runtime.types import EnvLoadError, SandboxError, WeakSandboxError, ToolInfo, ToolResult, VerifierOutcome
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -72,6 +72,7 @@ class _Worker:
             "memory_mb": cfg.memory_mb, "cpu_s": cfg.cpu_s, "open_files": cfg.open_files,
             "file_size_mb": cfg.file_size_mb, "max_threads": cfg.max_threads,
             "max_result_bytes": cfg.max_result_bytes, "netns": cfg.network_namespace,
+            "user_namespace": cfg.user_namespace, "landlock": cfg.landlock, "seccomp": cfg.seccomp,
             "uid_base": 200_000 if cfg.separate_uid else None, "parent_pid": os.getpid(),
         }
         # Only what Python needs: no API keys or other secrets of this process.
@@ -101,6 +102,13 @@ class _Worker:
             self._kill()
             raise SandboxError(f"sandbox worker did not start: {reason}") from None
         self.protections = hello.get("protections", {})
+        missing = kernel.missing_layers(self.protections)
+        if missing and not cfg.allow_weak_sandbox:
+            self._kill()
+            raise WeakSandboxError(
+                "refusing to run generated code: the sandbox could not apply " + " and ".join(missing)
+                + ", so deliberately hostile environment code could reach this machine's files, network or "
+                "processes; pass --allow-weak-sandbox (setting sandbox.allow_weak_sandbox) to run it anyway")
 
     def _death_reason(self) -> str:
         code = None

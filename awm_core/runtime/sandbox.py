@@ -3,18 +3,22 @@ and restricted builtins for generated modules.
 
 Layers, strongest first:
 
-1. Kernel: the worker runs as its own throw-away uid (when started as root), in its own
-   network namespace with no interfaces (when permitted), under RLIMIT_AS/CPU/NOFILE/
-   FSIZE/NPROC/CORE; the parent kills it when a call overruns its wall-clock limit.
+1. Kernel (``kernel.py``): an empty network namespace (inside a user namespace of its own
+   when not root), a Landlock ruleset (reads: the interpreter, libraries, this package;
+   writes: the scratch folder; no TCP; signals scoped to the worker), a seccomp filter
+   (no exec, fork, ptrace, mount, namespaces, non-UNIX sockets, signals to others), a
+   throw-away uid when started as root, RLIMIT_AS/CPU/NOFILE/FSIZE/NPROC/CORE; the parent
+   kills it when a call overruns its wall-clock limit.
 2. ``sys.addaudithook``: refuses sockets, subprocesses, fork/exec, signals, ctypes,
    setrlimit, loading SQLite extensions, and file access outside the allowed folders
    (writes only inside the scratch folder).
 3. Generated modules get a private copy of the builtins whose ``__import__`` only admits
    an allow-list of modules, with a harmless ``os`` stand-in for the AWM-1K flavour.
 
-Layers 2 and 3 are in-process and can be bypassed by deliberately hostile Python (the
+Layers 2 and 3 are in-process and can be switched off by deliberately hostile Python (the
 hostile-code tests do exactly that); they turn the mistakes an LLM makes into clear
-errors, while layer 1 contains the rest.
+errors. Layer 1 is the boundary: the pool refuses to run generated code where Landlock or
+seccomp cannot be applied, unless told ``allow_weak_sandbox``.
 """
 from __future__ import annotations
 
@@ -182,14 +186,19 @@ def default_read_roots() -> list[str]:
 
 def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
     """Set the kernel-level limits; returns which protections are active (for the hello)."""
-    active: dict[str, bool] = {}
-    if cfg.get("netns") and os.geteuid() == 0:
-        import ctypes
+    from awm_core.runtime import kernel
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        active["network_namespace"] = libc.unshare(0x40000000) == 0  # CLONE_NEWNET
-    else:
-        active["network_namespace"] = False
+    active: dict[str, Any] = {"user_namespace": False, "network_namespace": False}
+    if not sys.platform.startswith("linux"):
+        pass
+    elif not kernel.single_threaded():
+        raise RuntimeError("the sandbox worker has more than one thread before its kernel layers are applied")
+    elif os.geteuid() == 0:
+        # Root isolates by uid below; a user namespace would add nothing over it.
+        if cfg.get("netns"):
+            active["network_namespace"] = kernel._libc.unshare(kernel.CLONE_NEWNET) == 0
+    elif cfg.get("netns") and cfg.get("user_namespace", True):
+        active.update(kernel.enter_namespaces())
     mb = 1 << 20
     limits = {
         resource.RLIMIT_AS: cfg["memory_mb"] * mb,
@@ -239,6 +248,22 @@ def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
         active["dies_with_parent"] = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
         if os.getppid() != cfg.get("parent_pid", os.getppid()):
             os._exit(0)
+    active.update(apply_kernel_layers(cfg))
+    return active
+
+
+def apply_kernel_layers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Landlock, then seccomp (last: it refuses the calls the steps before it make)."""
+    from awm_core.runtime import kernel
+
+    active: dict[str, Any] = {"landlock": 0, "landlock_network": False, "landlock_scoped_signals": False,
+                              "seccomp": False}
+    if not sys.platform.startswith("linux"):
+        return active
+    if cfg.get("landlock", True):
+        active.update(kernel.apply_landlock([*default_read_roots(), *kernel.SYSTEM_READ_ROOTS], [cfg["scratch"]]))
+    if cfg.get("seccomp", True):
+        active["seccomp"] = kernel.apply_seccomp(os.getpid())
     return active
 
 

@@ -65,6 +65,11 @@ class SandboxError(AWMError):
     """The sandbox itself could not do what was asked (worker would not start, session lost)."""
 
 
+class WeakSandboxError(SandboxError):
+    """The kernel layers that confine generated code are not available here, and running
+    with the in-process guards alone was not allowed."""
+
+
 class EnvLoadError(StageError):
     """Environment code could not be loaded into the sandbox.
 
