@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from awm_core.errors import AWMError
@@ -24,18 +25,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="awm",
         description="Agent World Model: synthesise, validate, catalog, serve and train on tool-use environments.",
     )
+    parser.add_argument("--allow-weak-sandbox", action="store_true",
+                        help="run generated code even where the kernel layers (Landlock, seccomp) cannot be applied; "
+                             "accepted after any command too (setting: sandbox.allow_weak_sandbox)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_GROUPS:
         importlib.import_module(f"flows.commands.{name}").register(sub)
     return parser
 
 
+WEAK_SANDBOX_FLAG = "--allow-weak-sandbox"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if WEAK_SANDBOX_FLAG in argv:
+        # Through the environment, so training processes started by accelerate see it too.
+        argv = [a for a in argv if a != WEAK_SANDBOX_FLAG]
+        os.environ["AWM_SANDBOX__ALLOW_WEAK_SANDBOX"] = "true"
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "func", None)
     if handler is None:  # a group given without its sub-command
-        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        parser.parse_args([*argv, "--help"])
         return 2
     try:
         return int(handler(args) or 0)

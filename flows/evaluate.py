@@ -448,6 +448,7 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     if config.judge:
         judge = LLMJudge.from_settings(settings, ledger=settings.runs_dir / run_id / "llm_calls.jsonl")
     with SandboxPool(settings.sandbox) as pool:
+        sandbox = pool.protections()
         run = EvalRun(config, settings, environments, split_of, pool=pool, run_id=run_id, snapshot=snapshot,
                       judge=judge, total=total, on_update=on_update)
         try:
@@ -465,7 +466,7 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
         raise AWMError(f"every episode failed; first failure: {result.failures[0] if result.failures else '?'}")
     result.rows.sort(key=lambda r: r["rollout_id"])
     with Catalog.open(settings) as cat:
-        with cat.publish(made_by=made_by(settings, flow_run_id, evaluate_run=run_id),
+        with cat.publish(made_by=made_by(settings, flow_run_id, evaluate_run=run_id, sandbox=sandbox),
                          message=f"evaluate {config.policy} ({run.model}) on snapshot {snapshot}: "
                                  f"{len(result.rows)} rollout(s)") as pub:
             pub.add_rollouts(result.rows)

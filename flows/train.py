@@ -233,6 +233,10 @@ def telemetry_rows(run_id: str, episodes: list[dict[str, Any]]) -> list[dict[str
     return rows
 
 
+def _json_or_none(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def publish_run(run_dir: str | Path, settings: Settings | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
     """Publish a run folder's metrics, episodes, new split and telemetry as one catalog snapshot."""
     from storage.catalog import Catalog, made_by
@@ -248,7 +252,8 @@ def publish_run(run_dir: str | Path, settings: Settings | None = None, flow_run_
     m_rows = metric_rows(run_id, snapshot, config, metrics, ckpt_dir)
     t_rows = telemetry_rows(run_id, episodes)
     with Catalog.open(settings) as cat:
-        with cat.publish(made_by=made_by(settings, flow_run_id, train_run_id=run_id, trained_snapshot=snapshot),
+        with cat.publish(made_by=made_by(settings, flow_run_id, train_run_id=run_id, trained_snapshot=snapshot,
+                                         sandbox=_json_or_none(run_dir / "sandbox.json")),
                          message=f"train run {run_id} on snapshot {snapshot}: {len(m_rows)} steps") as pub:
             pub.add_training_metrics(m_rows)
             pub.add_rollouts(rollout_rows(run_id, snapshot, config, episodes))

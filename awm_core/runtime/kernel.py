@@ -267,3 +267,26 @@ REQUIRED = {"landlock": "Landlock (filesystem rules; Linux 5.13+ with landlock a
 def missing_layers(protections: dict) -> list[str]:
     """Human descriptions of the required kernel layers a worker reported as not in force."""
     return [desc for key, desc in REQUIRED.items() if not protections.get(key)]
+
+
+def describe(protections: dict) -> str:
+    """One line for people: the layers in force, strongest first."""
+    parts = []
+    if protections.get("user_namespace"):
+        parts.append("user namespace")
+    if protections.get("network_namespace"):
+        parts.append("network namespace (no network)")
+    if protections.get("landlock"):
+        extra = [x for k, x in (("landlock_network", "no TCP"), ("landlock_scoped_signals", "scoped signals"))
+                 if protections.get(k)]
+        parts.append(f"Landlock ABI {protections['landlock']}" + (f" ({', '.join(extra)})" if extra else ""))
+    if protections.get("seccomp"):
+        parts.append("seccomp filter")
+    if protections.get("separate_uid"):
+        parts.append("separate uid")
+    for key, name in (("rlimits", "rlimits"), ("audit_hook", "audit hook")):
+        if protections.get(key):
+            parts.append(name)
+    missing = missing_layers(protections)
+    line = ", ".join(parts) or "none"
+    return line + (f"; WEAK, missing: {'; '.join(missing)}" if missing else "")

@@ -282,6 +282,14 @@ class SandboxPool:
         self._closed = True
         self._finalizer()
 
+    def protections(self) -> dict[str, Any]:
+        """What confines generated code here, as a worker reports it (one is started if none
+        runs yet; raises ``WeakSandboxError`` where the required layers are missing)."""
+        worker = next((w for w in self._workers if w.protections), self._workers[0])
+        if not worker.protections:
+            worker.request({"op": "ping"}, timeout=self.config.startup_timeout_s)
+        return {**worker.protections, "allow_weak_sandbox": self.config.allow_weak_sandbox}
+
     def stats(self) -> dict[str, Any]:
         """Live facts per worker: pid, RSS, restarts, protections in force."""
         return {"workers": [{"slot": w.slot, "pid": w.proc.pid if w.proc else None, "rss_mb": w.rss_bytes() / 2**20,

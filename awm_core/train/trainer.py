@@ -563,6 +563,8 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
     wanted = {e for e, _, _ in tasks}
     envs = [e for e in environments if e.id in wanted]
     with SandboxPool(settings.sandbox, workers=config.sandbox_workers) as pool:
+        if state.is_main_process:  # recorded with the run's catalog snapshot (flows/train.py)
+            (run_dir / "sandbox.json").write_text(json.dumps(pool.protections()))
         runner = EpisodeRunner(pool, envs, settings, tokenizer=tok, interface=config.interface,
                                max_turns=config.max_turns, window=config.window,
                                max_prompt_tokens=config.max_prompt_tokens, threads=config.rollout_threads,

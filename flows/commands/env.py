@@ -116,8 +116,11 @@ def cmd_call(args) -> int:
 
 def cmd_check(args) -> int:
     env = resolve_environment(args.env, args.snapshot)
+    from awm_core.runtime import kernel
+
     with _pool() as pool:
         checks = pool.check_tools(env)
+        sandbox = kernel.describe(pool.protections())
     failed = [c for c in checks if not c.ok]
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2, default=str))
@@ -128,6 +131,7 @@ def cmd_check(args) -> int:
             detail = "" if c.ok else f"  [{c.result.error_kind}] {(c.result.error or '')[:200]}"
             print(f"{status} {c.tool:<{width}}{detail}".rstrip())
         print(f"{len(checks) - len(failed)}/{len(checks)} tools passed with their example arguments")
+        print(f"sandbox: {sandbox}")
     return 1 if failed else 0
 
 
