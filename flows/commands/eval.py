@@ -66,9 +66,11 @@ def register(sub) -> None:
 class _ProgressLine:
     """One self-rewriting line on stderr: episodes done / total and the running mean reward."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        # Looked up per instance: a default bound at import would keep whatever stderr was
+        # then (a test's capture, long closed).
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.last_printed = -1
 
     def __call__(self, state) -> None:

@@ -112,6 +112,10 @@ def test_awm_eval_on_the_generated_demo_snapshot(awm_home, prefect_server, capsy
     assert sum(r["n"] for r in by_env) == 30 and {(r["lo"], r["hi"]) for r in by_env} == {(1.0, 1.0)}
     assert {r["env_id"] for r in by_env} == {"clinic_booking", "recipe_box", "team_expenses"}
     assert sum(r["n"] for r in by_env if r["split"] == "val") == 6
+    with Catalog.open(settings, read_only=True) as cat:
+        made = {x["snapshot_id"]: x for x in cat.snapshots()}[summary["published_snapshot"]]["made_by"]
+    # What confined the environments' code is recorded with the run.
+    assert made["sandbox"]["seccomp"] is True and made["sandbox"]["landlock"] >= 1, made
 
     async def artifacts():
         async with get_client() as client:

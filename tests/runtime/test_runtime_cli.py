@@ -51,6 +51,18 @@ def test_check_reports_the_failing_tool(bundle, capsys):
     assert main(["env", "check", str(bundle)]) == 1
     out = capsys.readouterr().out
     assert "FAIL buggy_count" in out and "ZeroDivisionError" in out and "4/5 tools passed" in out
+    assert "sandbox: " in out and "seccomp filter" in out and "Landlock ABI" in out and "WEAK" not in out
+
+
+def test_allow_weak_sandbox_flag_anywhere_lets_a_weak_pool_run(bundle, capsys, monkeypatch):
+    monkeypatch.setenv("AWM_SANDBOX__LANDLOCK", "false")
+    monkeypatch.setenv("AWM_SANDBOX__ALLOW_WEAK_SANDBOX", "false")  # restored after the flag sets it
+    assert main(["env", "call", str(bundle), "list_notes", "{}"]) == 1
+    assert "refusing to run generated code" in capsys.readouterr().err
+    assert main(["env", "call", str(bundle), "list_notes", "{}", "--allow-weak-sandbox"]) == 0
+    capsys.readouterr()
+    assert main(["env", "check", str(bundle)]) == 1
+    assert "WEAK, missing: Landlock" in capsys.readouterr().out
 
 
 def test_missing_bundle_file_is_a_clear_error(tmp_path, awm_home, capsys):
