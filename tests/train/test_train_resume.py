@@ -147,6 +147,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_publishes_each_step_o
     assert len(ids) == len(set(ids)) == STEPS * cfg.episodes_per_step
     publish_run(run_dir, settings)  # publishing the same folder again adds nothing
     assert catalog_counts() == (steps, ids)
+    with Catalog.open(settings, read_only=True) as cat:
+        made = [x["made_by"] for x in cat.snapshots() if (x["made_by"] or {}).get("train_run_id") == run_id]
+    assert made and all(m["sandbox"]["seccomp"] and m["sandbox"]["landlock"] for m in made), made
 
 
 def test_resume_refuses_unknown_finished_and_checkpointless_runs(awm_home, capsys):
