@@ -106,6 +106,8 @@ class SandboxSettings(BaseModel):
     startup_timeout_s: float = 60.0
     network_namespace: bool = Field(True, description="put each worker in its own network namespace where permitted")
     separate_uid: bool = Field(True, description="run each worker under its own uid where permitted")
+    awm1k_asgi: bool = Field(False, description="call AWM-1K route handlers through the whole ASGI app, "
+                                                "not the direct route-handler fast path")
 
 
 class RewardSettings(BaseModel):
