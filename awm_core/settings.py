@@ -111,6 +111,8 @@ class SandboxSettings(BaseModel):
     seccomp: bool = Field(True, description="a seccomp filter for each worker (no exec, fork, ptrace, sockets but AF_UNIX)")
     allow_weak_sandbox: bool = Field(
         False, description="run generated code even where Landlock or seccomp cannot be applied (in-process guards only)")
+    awm1k_asgi: bool = Field(False, description="call AWM-1K route handlers through the whole ASGI app, "
+                                                "not the direct route-handler fast path")
 
 
 class RewardSettings(BaseModel):

@@ -430,7 +430,8 @@ class EnvHandle:
             spec = {t.name: {k: p.model_dump(include={"type", "description"}) for k, p in t.parameters.items()}
                     for t in env.api_spec.tools}
         return {"op": "load", "key": self.key, "env_id": env.id, "flavour": env.flavour,
-                "source": env.code.source, "spec": spec}
+                "source": env.code.source, "spec": spec,
+                "asgi": bool(getattr(self.pool.config, "awm1k_asgi", False))}
 
     def _on_loaded(self, resp: dict[str, Any]) -> None:
         if not resp.get("ok"):

@@ -7,6 +7,7 @@ at a time; the parent enforces the wall-clock limit by killing it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import json
@@ -34,6 +35,11 @@ import sqlalchemy.dialects.sqlite  # noqa: F401
 import sqlalchemy.orm
 import sqlalchemy.pool
 import starlette.applications  # noqa: F401
+from fastapi import exception_handlers as _fh
+from fastapi.exceptions import RequestValidationError as _RVE, WebSocketRequestValidationError as _WSRVE
+from starlette.exceptions import HTTPException as _HTTPExc
+from starlette.requests import Request as _Request
+from starlette.routing import Match as _Match
 
 from awm_core.errors import ToolError
 
@@ -146,7 +152,7 @@ class _Awm1kEnv(_Env):
     flavour = "awm1k"
 
     def __init__(self, key: str, snapshot: bytes, source: str, env_id: str, loop: asyncio.AbstractEventLoop,
-                 guard: sandbox.Guard):
+                 guard: sandbox.Guard, force_asgi: bool = False):
         super().__init__(key, snapshot)
         self.problems = []
         self.loop = loop
@@ -169,6 +175,7 @@ class _Awm1kEnv(_Env):
         for t in openapi_tools(self.app.openapi()):
             self.tools[t["name"]] = t
             self.infos.append({k: t[k] for k in ("name", "description", "input_schema")})
+        self.routes = {} if force_asgi or not _plain_app(self.app) else _api_routes(self.app, self.tools)
 
     def _bind(self, session: _Session) -> None:
         if session.engine is None:
@@ -205,7 +212,10 @@ class _Awm1kEnv(_Env):
         raw = b"" if body is None else json.dumps(body).encode()
         self._bind(session)
         try:
+            direct = self.routes.get(tool)
             status, content_type, data = self.loop.run_until_complete(
+                _direct_call(self.app, direct, route["method"], path, urllib.parse.urlencode(query), raw)
+                if direct is not None else
                 _asgi_call(self.app, route["method"], path, urllib.parse.urlencode(query), raw))
         finally:
             if session.conn.in_transaction:
@@ -230,8 +240,71 @@ def _qs(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
-    scope = {
+def _plain_app(app) -> bool:
+    """True when skipping the middleware stack and router changes nothing: no user middleware and
+    only FastAPI's default exception handlers (the fast path reproduces exactly those)."""
+    defaults = {_HTTPExc: _fh.http_exception_handler, _RVE: _fh.request_validation_exception_handler,
+                _WSRVE: _fh.websocket_request_validation_exception_handler}
+    handlers = dict(app.exception_handlers)
+    return not app.user_middleware and all(defaults.get(k) is v for k, v in handlers.items())
+
+
+def _api_routes(app, tools: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+    """tool -> (APIRoute, its request handler). Whether the router would pick that route for a
+    concrete path is checked per call (``_direct_call``), since an earlier route may shadow it."""
+    out = {}
+    for name, t in tools.items():
+        for r in app.router.routes:
+            if isinstance(r, fastapi.routing.APIRoute) and r.path == t["path"] and t["method"] in r.methods:
+                out[name] = (r, r.get_route_handler())
+                break
+    return out
+
+
+async def _direct_call(app, direct, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
+    """FastAPI's own request handler for the route (binding, validation, serialization), without
+    the middleware stack and router; falls back to ASGI when the router would match elsewhere."""
+    route, handler = direct
+    scope = _scope(method, path, query, body)
+    scope["app"] = app
+    matches = [r for r in app.router.routes if r.matches(scope)[0] is _Match.FULL]
+    if not matches or matches[0] is not route:
+        return await _asgi_call(app, method, path, query, body)
+    _, child = route.matches(scope)
+    scope.update(child)
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    request = _Request(scope, receive)
+    try:
+        # The exit stacks FastAPI's middleware and request wrapper would open: dependencies with
+        # yield and uploaded files are closed through them, in the same order.
+        async with contextlib.AsyncExitStack() as middleware_stack:
+            scope["fastapi_middleware_astack"] = middleware_stack
+            async with contextlib.AsyncExitStack() as request_stack:
+                scope["fastapi_inner_astack"] = request_stack
+                async with contextlib.AsyncExitStack() as function_stack:
+                    scope["fastapi_function_astack"] = function_stack
+                    response = await handler(request)
+    except _HTTPExc as exc:
+        response = await _fh.http_exception_handler(request, exc)
+    except _RVE as exc:
+        response = await _fh.request_validation_exception_handler(request, exc)
+    except Exception as exc:
+        raise ToolError(f"HTTP 500 (server error in the environment code): {_exc_text(exc)}") from exc
+    if not hasattr(response, "body"):  # streaming responses: let ASGI drive them
+        return await _asgi_call(app, method, path, query, body)
+    return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
+
+
+def _scope(method: str, path: str, query: str, body: bytes) -> dict[str, Any]:
+    return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
         "query_string": query.encode(), "root_path": "",
@@ -239,6 +312,10 @@ async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tu
                     (b"content-length", str(len(body)).encode())],
         "client": ("127.0.0.1", 1), "server": ("environment", 80), "state": {},
     }
+
+
+async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
+    scope = _scope(method, path, query, body)
     sent_body = False
     status = 500
     ctype = ""
@@ -343,7 +420,8 @@ class Worker:
             return {"ok": True, "tools": env.infos, "problems": getattr(env, "problems", [])}, []
         try:
             if req["flavour"] == "awm1k":
-                env = _Awm1kEnv(key, blobs[0], req["source"], req["env_id"], self.loop, self.guard)
+                env = _Awm1kEnv(key, blobs[0], req["source"], req["env_id"], self.loop, self.guard,
+                                force_asgi=bool(req.get("asgi")))
             else:
                 env = _NativeEnv(key, blobs[0], req["source"], req.get("spec"), req["env_id"], self.guard)
         except SyntaxError as exc:

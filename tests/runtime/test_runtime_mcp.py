@@ -126,3 +126,49 @@ def test_streamable_http(pool, awm1k_samples):
         thread.join(timeout=10)
         srv.close()
     assert not thread.is_alive()
+
+
+def test_many_concurrent_http_clients_each_keep_their_own_database(pool, awm1k_samples):
+    """Eight clients at once on one server, half with MCP sessions and half stateless (their
+    environment session named in _meta): each sees only its own subscription."""
+    import uvicorn
+
+    srv = EnvMCPServer(pool, [awm1k_environment(awm1k_samples)])
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(http_app(srv), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/mcp"
+    seen: dict[int, list[int]] = {}
+
+    async def client(i: int) -> None:
+        legacy = i % 2 == 0
+        meta = None if legacy else {"awm/session": f"conc-{i}"}
+        async with mcp.Client(url, **({"mode": "legacy"} if legacy else {})) as c:
+            r = await c.call_tool("subscribe_to_channel", {"channel_id": 1 + i}, meta=meta)
+            assert not r.is_error, r.content[0].text
+            subs = json.loads((await c.call_tool("list_user_subscriptions", {}, meta=meta)).content[0].text)
+            seen[i] = [s["channel_id"] for s in subs["subscriptions"]]
+
+    async def main():
+        async with mcp.Client(url, mode="legacy") as c:
+            subs = json.loads((await c.call_tool("list_user_subscriptions", {})).content[0].text)
+            seen[-1] = [s["channel_id"] for s in subs["subscriptions"]]  # the seed data's own
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(client, i)
+
+    try:
+        anyio.run(main)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        srv.close()
+    # Each client subscribed to its own channel; a shared database would show the others' too.
+    seed = set(seen.pop(-1))
+    assert len(seen) == 8 and len(set(range(1, 9)) - seed) >= 2
+    for i, subs in seen.items():
+        assert set(subs) == seed | {1 + i}, (i, subs)
