@@ -42,7 +42,7 @@ from awm_core.db import build_database  # noqa: E402
 from awm_core.models import (  # noqa: E402
     ApiSpec, DbSchema, EnvCode, Environment, ParamSpec, Scenario, SeedData, TableSchema, TableSeed, ToolSpec,
 )
-from awm_core.runtime import SandboxPool  # noqa: E402
+from awm_core.runtime import SandboxPool, kernel  # noqa: E402
 
 NATIVE_CODE = '''
 import sqlite3
@@ -404,7 +404,7 @@ def main() -> int:
                   official["persistent"]),
                  ("official agent style: new MCP session per call", "content_platform_1", official["fresh"])]
     print()
-    print(f"Sandbox protections in force: {', '.join(k for k, v in protections.items() if v)}")
+    print(f"Sandbox protections in force: {kernel.describe(protections)}")
     print()
     print("| path | environment | calls | median ms | p90 ms | official median / this median |")
     print("|---|---|---:|---:|---:|---:|")
