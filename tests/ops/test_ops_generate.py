@@ -204,7 +204,9 @@ def test_finished_run_page_shows_its_artifacts_in_headless_chromium(faulty_run, 
         # The header (run name, state, flow) and the tabs: the page has its data.
         b.wait_for_text(_flow_run_name(run_id), "Completed", "Flow\ngenerate", "Artifacts")
         assert b.click_text("Artifacts")
-        text = b.wait_for_text("generate-environments", timeout=60)
+        # The artifact list renders one card at a time: wait for every card, not the first.
+        text = b.wait_for_text("generate-environments", "generate-summary", "one row per scenario", "generate-stages",
+                               "generate-failures", timeout=60)
         assert "generate-summary" in text and "one row per scenario" in text
         assert "generate-stages" in text and "generate-failures" in text  # this run had faults
         b.screenshot(SCREENSHOTS / "flow-run-artifacts.png")
