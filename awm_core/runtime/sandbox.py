@@ -189,15 +189,14 @@ def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
     from awm_core.runtime import kernel
 
     active: dict[str, Any] = {"user_namespace": False, "network_namespace": False}
-    if not sys.platform.startswith("linux"):
-        pass
-    elif not kernel.single_threaded():
+    linux = sys.platform.startswith("linux")
+    if linux and not kernel.single_threaded():
         raise RuntimeError("the sandbox worker has more than one thread before its kernel layers are applied")
-    elif os.geteuid() == 0:
+    elif linux and os.geteuid() == 0:
         # Root isolates by uid below; a user namespace would add nothing over it.
         if cfg.get("netns"):
-            active["network_namespace"] = kernel._libc.unshare(kernel.CLONE_NEWNET) == 0
-    elif cfg.get("netns") and cfg.get("user_namespace", True):
+            active["network_namespace"] = kernel.enter_network_namespace()
+    elif linux and cfg.get("netns") and cfg.get("user_namespace", True):
         active.update(kernel.enter_namespaces())
     mb = 1 << 20
     limits = {

@@ -272,16 +272,7 @@ async def _direct_call(app, direct, method: str, path: str, query: str, body: by
         return await _asgi_call(app, method, path, query, body)
     _, child = route.matches(scope)
     scope.update(child)
-    sent = False
-
-    async def receive():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    request = _Request(scope, receive)
+    request = _Request(scope, _receive_once(body))
     try:
         # The exit stacks FastAPI's middleware and request wrapper would open: dependencies with
         # yield and uploaded files are closed through them, in the same order.
@@ -303,6 +294,20 @@ async def _direct_call(app, direct, method: str, path: str, query: str, body: by
     return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
 
 
+def _receive_once(body: bytes):
+    """An ASGI ``receive``: the whole request body once, then a disconnect."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 def _scope(method: str, path: str, query: str, body: bytes) -> dict[str, Any]:
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
@@ -316,17 +321,10 @@ def _scope(method: str, path: str, query: str, body: bytes) -> dict[str, Any]:
 
 async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
     scope = _scope(method, path, query, body)
-    sent_body = False
+    receive = _receive_once(body)
     status = 500
     ctype = ""
     chunks: list[bytes] = []
-
-    async def receive():
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
 
     async def send(message):
         nonlocal status, ctype

@@ -88,26 +88,33 @@ def test_several_environments_are_prefixed(pool, awm1k_samples):
         srv.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_streamable_http(pool, awm1k_samples):
+def _serve_http(pool, samples, main) -> None:
+    """content_platform_1 behind ``awm env serve``'s HTTP app under uvicorn, on a socket bound
+    here (no free-port race); ``main(url)`` runs against it, then the server stops."""
     import uvicorn
 
-    srv = EnvMCPServer(pool, [awm1k_environment(awm1k_samples)])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(http_app(srv), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    srv = EnvMCPServer(pool, [awm1k_environment(samples)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(http_app(srv), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        anyio.run(main, f"http://127.0.0.1:{sock.getsockname()[1]}/mcp")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        srv.close()
+        sock.close()
+    assert not thread.is_alive()
 
-    async def main():
+
+def test_streamable_http(pool, awm1k_samples):
+
+    async def main(url):
         async with mcp.Client(url, mode="legacy") as a, mcp.Client(url, mode="legacy") as b:
             assert len((await a.list_tools()).tools) == 34 + 2
             r = await a.call_tool("subscribe_to_channel", {"channel_id": 1})
@@ -119,32 +126,15 @@ def test_streamable_http(pool, awm1k_samples):
         async with mcp.Client(url) as modern:
             r = await modern.call_tool("search_channels", {"query": "Kurz"}, meta={"awm/session": "m1"})
             assert not r.is_error
-    try:
-        anyio.run(main)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        srv.close()
-    assert not thread.is_alive()
+    _serve_http(pool, awm1k_samples, main)
 
 
 def test_many_concurrent_http_clients_each_keep_their_own_database(pool, awm1k_samples):
     """Eight clients at once on one server, half with MCP sessions and half stateless (their
     environment session named in _meta): each sees only its own subscription."""
-    import uvicorn
-
-    srv = EnvMCPServer(pool, [awm1k_environment(awm1k_samples)])
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(http_app(srv), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/mcp"
     seen: dict[int, list[int]] = {}
 
-    async def client(i: int) -> None:
+    async def client(url: str, i: int) -> None:
         legacy = i % 2 == 0
         meta = None if legacy else {"awm/session": f"conc-{i}"}
         async with mcp.Client(url, **({"mode": "legacy"} if legacy else {})) as c:
@@ -153,20 +143,15 @@ def test_many_concurrent_http_clients_each_keep_their_own_database(pool, awm1k_s
             subs = json.loads((await c.call_tool("list_user_subscriptions", {}, meta=meta)).content[0].text)
             seen[i] = [s["channel_id"] for s in subs["subscriptions"]]
 
-    async def main():
+    async def main(url):
         async with mcp.Client(url, mode="legacy") as c:
             subs = json.loads((await c.call_tool("list_user_subscriptions", {})).content[0].text)
             seen[-1] = [s["channel_id"] for s in subs["subscriptions"]]  # the seed data's own
         async with anyio.create_task_group() as tg:
             for i in range(8):
-                tg.start_soon(client, i)
+                tg.start_soon(client, url, i)
 
-    try:
-        anyio.run(main)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        srv.close()
+    _serve_http(pool, awm1k_samples, main)
     # Each client subscribed to its own channel; a shared database would show the others' too.
     seed = set(seen.pop(-1))
     assert len(seen) == 8 and len(set(range(1, 9)) - seed) >= 2
