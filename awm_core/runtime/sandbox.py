@@ -30,7 +30,7 @@ import sys
 import threading
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 NATIVE_IMPORTS = frozenset({
     "sqlite3", "json", "datetime", "re", "math", "typing", "collections", "itertools",
@@ -184,8 +184,9 @@ def default_read_roots() -> list[str]:
     return sorted(roots)
 
 
-def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
-    """Set the kernel-level limits; returns which protections are active (for the hello)."""
+def apply_limits(cfg: dict[str, Any], read_roots: Sequence[str]) -> dict[str, Any]:
+    """Set the kernel-level limits (``read_roots``: what Landlock lets the worker read, the
+    guard's own list); returns which protections are active (for the hello)."""
     from awm_core.runtime import kernel
 
     active: dict[str, Any] = {"user_namespace": False, "network_namespace": False}
@@ -247,11 +248,11 @@ def apply_limits(cfg: dict[str, Any]) -> dict[str, bool]:
         active["dies_with_parent"] = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
         if os.getppid() != cfg.get("parent_pid", os.getppid()):
             os._exit(0)
-    active.update(apply_kernel_layers(cfg))
+    active.update(apply_kernel_layers(cfg, read_roots))
     return active
 
 
-def apply_kernel_layers(cfg: dict[str, Any]) -> dict[str, Any]:
+def apply_kernel_layers(cfg: dict[str, Any], read_roots: Sequence[str]) -> dict[str, Any]:
     """Landlock, then seccomp (last: it refuses the calls the steps before it make)."""
     from awm_core.runtime import kernel
 
@@ -260,7 +261,7 @@ def apply_kernel_layers(cfg: dict[str, Any]) -> dict[str, Any]:
     if not sys.platform.startswith("linux"):
         return active
     if cfg.get("landlock", True):
-        active.update(kernel.apply_landlock([*default_read_roots(), *kernel.SYSTEM_READ_ROOTS], [cfg["scratch"]]))
+        active.update(kernel.apply_landlock([*read_roots, *kernel.SYSTEM_READ_ROOTS], [cfg["scratch"]]))
     if cfg.get("seccomp", True):
         active["seccomp"] = kernel.apply_seccomp(os.getpid())
     return active

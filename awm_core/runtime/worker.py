@@ -612,7 +612,7 @@ def main() -> None:
     guard = sandbox.Guard(scratch, sandbox.default_read_roots(), cfg["max_threads"])
     sys.setrecursionlimit(cfg.get("recursion_limit", 2000))
     worker = Worker(cfg, guard)
-    active = sandbox.apply_limits(cfg)
+    active = sandbox.apply_limits(cfg, guard.read_roots)
     sys.addaudithook(guard.hook)
     guard.enforcing = True
     active["audit_hook"] = True
