@@ -1,7 +1,11 @@
-"""Exception types shared by every layer.
+"""Exception types shared by every layer, each attributed to one boundary.
 
 They live in one module so that a task wrapper, a flow and the command line can catch
-them without importing the code that raises them.
+them without importing the code that raises them. Boundaries: settings and documents
+(``SettingsError``, ``ArtifactError``), the LLM (``LLMError``), a synthesis stage
+(``StageError``, ``StageFailed``), the sandbox (``SandboxError``, ``EnvLoadError``,
+``ToolError``), the catalog (``CatalogError``) and the quality gate (``GateFailed``,
+``GateRefused``). Every one is an ``AWMError``: the command line prints it as one line.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ class ArtifactError(AWMError, ValueError):
         self.model = model
         self.problems = problems
         super().__init__(f"invalid {model}: " + "; ".join(problems))
+
+
+class InputError(AWMError, ValueError):
+    """A file or value the user handed in is unusable (missing, a folder, not UTF-8, not JSON)."""
 
 
 class SettingsError(AWMError, ValueError):
@@ -48,6 +56,22 @@ class SqlExecutionError(StageError):
     """One or more SQL statements failed when building a database."""
 
 
+class StageFailed(AWMError):
+    """A stage ran out of attempts. Picklable (Prefect may persist the failure)."""
+
+    def __init__(self, stage: str, scenario_id: str, errors: list[str], records: list | None = None,
+                 attempts: int = 0, budget: bool = False):
+        self.stage, self.scenario_id, self.errors = stage, scenario_id, list(errors)
+        self.records = list(records or [])
+        self.attempts = attempts
+        self.budget = budget
+        last = list(dict.fromkeys(" ".join(str(e).split())[:300] for e in self.errors))[-3:]
+        super().__init__(f"{stage}[{scenario_id}] failed after {attempts} attempt(s): {'; '.join(last)}")
+
+    def __reduce__(self):
+        return (StageFailed, (self.stage, self.scenario_id, self.errors, self.records, self.attempts, self.budget))
+
+
 class LLMError(AWMError):
     """The LLM endpoint could not produce an answer (after transport retries)."""
 
@@ -63,8 +87,35 @@ class ToolError(AWMError):
     """
 
 
+class SandboxError(AWMError):
+    """The sandbox itself could not do what was asked (worker would not start, session lost)."""
+
+
+class WeakSandboxError(SandboxError):
+    """The kernel layers that confine generated code are not available here, and running
+    with the in-process guards alone was not allowed."""
+
+
+class EnvLoadError(StageError):
+    """Environment code could not be loaded into the sandbox.
+
+    A ``StageError`` of stage ``code`` so the synthesis repair loop can feed ``errors`` to the
+    next attempt as they are.
+    """
+
+    def __init__(self, env_id: str, errors: list[str]):
+        super().__init__("code", errors, scenario_id=env_id)
+
+    def __reduce__(self):
+        return (EnvLoadError, (self.scenario_id, self.errors))
+
+
 class CatalogError(AWMError):
     """A catalog operation failed (bad query, missing snapshot, unknown environment)."""
+
+
+class GateFailed(AWMError):
+    """The quality gate found defects in a snapshot (the report is stored all the same)."""
 
 
 class GateRefused(AWMError):

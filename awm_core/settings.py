@@ -12,9 +12,10 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +27,60 @@ from awm_core.errors import SettingsError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_FIXTURES = PACKAGE_DIR / "fixtures" / "demo"
+HOME_NAME = ".awm"
+
+# Ranges every setting of a kind obeys; a bad value fails when the settings are read, naming the
+# setting and where it came from, instead of deep inside the first component that uses it.
+Count = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Rate = Annotated[float, Field(ge=0, le=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _url(schemes: tuple[str, ...]):
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ValueError(f"must be a URL like {schemes[0]}://host:port/..., got {value!r}")
+        try:
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError(f"the port of {value!r} is not a number from 0 to 65535") from None
+        return value
+    return AfterValidator(check)
+
+
+HttpUrl = Annotated[str | None, _url(("http", "https"))]
+
+
+def _timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Paris)") from None
+    return value
+
+
+def _cron(value: str) -> str:
+    if len(value.split()) != 5:
+        raise ValueError(f"a cron schedule has 5 fields (minute hour day month weekday), got {value!r}")
+    return value
+
+
+def find_home(start: Path | None = None) -> Path:
+    """The data folder when AWM_HOME is not set: the nearest ``.awm`` in this folder or one above
+    it (the way git finds ``.git``), else ``./.awm``."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / HOME_NAME).is_dir():
+            return folder / HOME_NAME
+    return Path(HOME_NAME)
 
 
 class RoleSettings(BaseModel):
@@ -34,17 +89,17 @@ class RoleSettings(BaseModel):
     backend: Literal["http", "offline"] = Field(
         "offline", description="http: an OpenAI-compatible endpoint; offline: recorded fixtures"
     )
-    base_url: str | None = None
+    base_url: HttpUrl = None
     api_key: SecretStr | None = None
-    model: str = "awm-offline"
-    temperature: float = 1.0
-    max_tokens: int = 16_000
-    timeout_s: float = 300.0
+    model: str = Field("awm-offline", min_length=1)
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    max_tokens: Count = 16_000
+    timeout_s: Seconds = 300.0
 
 
 class Price(BaseModel):
-    prompt_per_mtok: float = 0.0
-    completion_per_mtok: float = 0.0
+    prompt_per_mtok: NonNegative = 0.0
+    completion_per_mtok: NonNegative = 0.0
 
 
 class LLMSettings(BaseModel):
@@ -54,13 +109,13 @@ class LLMSettings(BaseModel):
     policy: RoleSettings = RoleSettings()
     fixtures_dir: Path = DEFAULT_FIXTURES
     cache: bool = Field(True, description="on-disk response cache under AWM_HOME/llm-cache")
-    offline_latency_s: float = Field(0.0, description="simulated seconds per offline-backend call")
+    offline_latency_s: NonNegative = Field(0.0, description="simulated seconds per offline-backend call")
     record_dir: Path | None = Field(
         None, description="when set, every http reply is also saved as a fixture file here (replay offline)"
     )
-    max_http_retries: int = 4
-    backoff_base_s: float = 1.0
-    budget_usd: float = Field(25.0, description="hard cap on estimated spend per run")
+    max_http_retries: NonNegativeInt = 4
+    backoff_base_s: NonNegative = 1.0
+    budget_usd: Seconds = Field(25.0, description="hard cap on estimated spend per run")
     prices: dict[str, Price] = Field(
         default_factory=lambda: {
             "gpt-5": Price(prompt_per_mtok=1.25, completion_per_mtok=10.0),
@@ -76,34 +131,34 @@ class LLMSettings(BaseModel):
 
 
 class GenerationSettings(BaseModel):
-    scenarios: int = 3
-    tasks_per_scenario: int = 10
-    target_tools: int = Field(35, description="tool count the spec stage aims at (paper: ~35)")
-    stage_retries: int = Field(5, description="Prefect retries per stage; each sees earlier errors")
-    dedup_threshold: float = Field(0.85, description="cosine similarity above which scenarios are duplicates")
-    category_cap: int = Field(80, description="most scenarios kept per category")
-    min_valid_tasks: int = Field(5, description="environments with fewer valid tasks are not published")
-    concurrency: int = 4
+    scenarios: Count = 3
+    tasks_per_scenario: Count = 10
+    target_tools: Count = Field(35, description="tool count the spec stage aims at (paper: ~35)")
+    stage_retries: NonNegativeInt = Field(5, description="Prefect retries per stage; each sees earlier errors")
+    dedup_threshold: Rate = Field(0.85, description="cosine similarity above which scenarios are duplicates")
+    category_cap: Count = Field(80, description="most scenarios kept per category")
+    min_valid_tasks: Count = Field(5, description="environments with fewer valid tasks are not published")
+    concurrency: Count = 4
     seed_list: Path | None = None
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="fan-out of scenarios: threads, or Dask (local worker processes, or dask_address)"
     )
-    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
+    dask_address: Annotated[str | None, _url(("tcp", "tls", "inproc", "ucx"))] = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
 
 
 class SandboxSettings(BaseModel):
     """Limits of the sandbox worker processes that run generated code (``SandboxPool``)."""
 
-    workers: int = 2
-    memory_mb: int = 1024
-    cpu_s: int = 60
-    call_timeout_s: float = 10.0
-    open_files: int = 64
-    file_size_mb: int = 64
-    max_threads: int = 32
-    max_result_bytes: int = 4 << 20
-    recycle_rss_fraction: float = Field(0.8, description="replace a worker whose memory passes this share of its limit")
-    startup_timeout_s: float = 60.0
+    workers: Count = 2
+    memory_mb: Annotated[int, Field(ge=64)] = 1024
+    cpu_s: Count = 60
+    call_timeout_s: Seconds = 10.0
+    open_files: Annotated[int, Field(ge=16)] = 64
+    file_size_mb: Count = 64
+    max_threads: Count = 32
+    max_result_bytes: Annotated[int, Field(ge=1024)] = 4 << 20
+    recycle_rss_fraction: Annotated[float, Field(gt=0, le=1)] = Field(0.8, description="replace a worker whose memory passes this share of its limit")
+    startup_timeout_s: Seconds = 60.0
     network_namespace: bool = Field(True, description="put each worker in its own network namespace where permitted")
     separate_uid: bool = Field(True, description="run each worker under its own uid where permitted")
     user_namespace: bool = Field(True, description="when not root: a user namespace of its own around the network namespace")
@@ -124,9 +179,9 @@ class RewardSettings(BaseModel):
 
 
 class GateSettings(BaseModel):
-    min_env_pass_rate: float = 0.8
-    min_task_pass_rate: float = 0.8
-    max_tokens_per_call: int = 1_000_000
+    min_env_pass_rate: Rate = 0.8
+    min_task_pass_rate: Rate = 0.8
+    max_tokens_per_call: Count = 1_000_000
 
 
 class CatalogSettings(BaseModel):
@@ -138,11 +193,11 @@ class CatalogSettings(BaseModel):
 
 
 class ServerSettings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = 4200
-    work_pool: str = "awm-local"
-    nightly_cron: str = "0 2 * * *"
-    timezone: str = "UTC"
+    host: str = Field("127.0.0.1", min_length=1)
+    port: Port = 4200
+    work_pool: str = Field("awm-local", min_length=1)
+    nightly_cron: Annotated[str, AfterValidator(_cron)] = "0 2 * * *"
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
     train_after_gate: bool = Field(False, description="automation: start `train` when a gate run passes")
 
 
@@ -151,7 +206,9 @@ class Settings(BaseSettings):
         env_prefix="AWM_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    home: Path = Field(Path(".awm"), description="data folder (catalog, caches, Prefect state)")
+    home: Path = Field(default_factory=find_home,
+                       description="data folder (catalog, caches, Prefect state); default: the nearest .awm "
+                                   "in this folder or one above it, else ./.awm")
     llm: LLMSettings = LLMSettings()
     generation: GenerationSettings = GenerationSettings()
     sandbox: SandboxSettings = SandboxSettings()
@@ -169,7 +226,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = Path(os.environ.get("AWM_CONFIG", "awm.toml"))
+        toml_path = config_file()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml_path.exists():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
@@ -230,14 +287,72 @@ def _mask(value: Any, key: str = "") -> Any:
     return value
 
 
+def config_file() -> Path:
+    return Path(os.environ.get("AWM_CONFIG", "awm.toml"))
+
+
+def source_of(path: tuple[str, ...], overrides: dict[str, Any] | None = None) -> str:
+    """Where the value of a setting came from, in words a user can act on."""
+    node: Any = overrides or {}
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is not None:
+        return "given by the caller"
+    env = "AWM_" + "__".join(path).upper()
+    if any(k.upper() == env for k in os.environ):
+        return f"environment variable {env}"
+    toml = config_file()
+    if toml.is_file():
+        line = _toml_line(toml, path)
+        if line:
+            return f"{toml}:{line}"
+    return "default"
+
+
+def _toml_line(toml: Path, path: tuple[str, ...]) -> int | None:
+    """The line of ``awm.toml`` that sets ``path`` ([a.b] table + key, or a dotted key)."""
+    import re
+
+    table: tuple[str, ...] = ()
+    for n, raw in enumerate(toml.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        head = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", line)
+        if head:
+            table = tuple(p.strip().strip('"') for p in head.group(1).split("."))
+            continue
+        if "=" in line:
+            key = tuple(p.strip().strip('"') for p in line.split("=", 1)[0].split("."))
+            full = table + key
+            if full == path[: len(full)] and len(full) >= 1:
+                return n
+    return None
+
+
+def home_source() -> str:
+    """How the data folder was chosen (for ``awm config show`` and "not found" errors)."""
+    if os.environ.get("AWM_HOME"):
+        return "environment variable AWM_HOME"
+    toml = config_file()
+    if toml.is_file() and _toml_line(toml, ("home",)):
+        return f"{toml}:{_toml_line(toml, ('home',))}"
+    found = find_home()
+    return "found above this folder" if found.is_absolute() else "default ./.awm (none found above this folder)"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build the effective settings, turning validation problems into a SettingsError."""
+    """Build the effective settings, turning validation problems into a SettingsError that names
+    each bad setting, what it was given, where that came from and what is allowed."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        from awm_core.models import describe_validation_error
-
-        raise SettingsError("invalid settings: " + "; ".join(describe_validation_error(exc))) from None
+        problems = []
+        for err in exc.errors(include_url=False):
+            path = tuple(str(p) for p in err.get("loc", ()))
+            given = err.get("input")
+            msg = err.get("msg", "invalid").removeprefix("Value error, ")
+            shown = "" if isinstance(given, (dict, list)) else f" = {given!r}"
+            problems.append(f"{'.'.join(path) or '(settings)'}{shown} ({source_of(path, overrides)}): {msg}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
     except (OSError, ValueError) as exc:
         raise SettingsError(f"cannot read settings: {exc}") from None
 

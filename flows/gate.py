@@ -30,23 +30,18 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from awm_core.errors import AWMError
+from awm_core.agent.rewards import LABELS
+from awm_core.errors import GateFailed
 from awm_core.models import utcnow
 from awm_core.settings import Settings, get_settings
 from flows.events import GATE_PASSED, emit_snapshot_event
 from storage.catalog import Catalog, made_by
-
-LABELS = ["completed", "partial", "agent_error", "environment_error", "format_error"]
 
 KEYS = {  # table -> key columns checked for nulls and uniqueness
     "scenarios": ["env_id"], "environments": ["env_id"], "tasks": ["env_id", "task_idx"],
     "verifiers": ["env_id", "task_idx", "style"], "reference_solutions": ["env_id", "task_idx"],
     "validation_results": ["env_id", "check_idx"], "llm_calls": ["call_id"], "rollouts": ["rollout_id"],
 }
-
-
-class GateFailed(AWMError):
-    """The quality gate found defects in a snapshot (the report is stored all the same)."""
 
 
 @dataclass
@@ -172,7 +167,7 @@ def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[An
                                                        min_value=settings.gate.min_task_pass_rate, max_value=1.0))
     suites["pass_rates"] = rates
     suites["rollouts"] += [gxe.ExpectColumnValuesToBeBetween(column="reward", min_value=lo, max_value=hi),
-                           gxe.ExpectColumnValuesToBeInSet(column="label", value_set=LABELS),
+                           gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABELS)),
                            gxe.ExpectColumnValuesToNotBeNull(column="env_error")]
     top = settings.gate.max_tokens_per_call
     suites["llm_calls"] += [gxe.ExpectColumnValuesToBeBetween(column="prompt_tokens", min_value=0, max_value=top),

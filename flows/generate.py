@@ -231,6 +231,7 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
                     outcomes.append(G.EnvOutcome(s.id, "dropped", f"internal error: {type(exc).__name__}: {exc}"[:500]))
     except G.StageFailed as exc:  # only the run-wide scenario stage gets here
         status = "budget_exceeded" if exc.budget else "failed"
+        scenario_info["attempts"] = exc.attempts
         message = f"{exc.stage} stage: {exc.errors[-1] if exc.errors else exc}"[:500]
     finally:
         timings["build_s"] = round(time.perf_counter() - t_build, 2) if t_build else 0.0
@@ -253,7 +254,7 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
         "published": [o.scenario_id for o in published],
         "dropped": {o.scenario_id: o.reason for o in outcomes if o.status != "published"},
         "scenario_drops": scenario_info.get("dropped", []),
-        "repairs": _repairs(outcomes), "llm_calls": len(records), "tokens": tokens, "cost_usd": round(cost, 6),
+        "repairs": _repairs(outcomes, scenario_info.get("attempts", 1)), "llm_calls": len(records), "tokens": tokens, "cost_usd": round(cost, 6),
         "seconds": round(time.perf_counter() - t0, 2), "snapshot": None,
         "tasks": {o.scenario_id: (len(o.environment.tasks) if o.environment and o.status == "published" else 0)
                   for o in outcomes},
@@ -291,8 +292,9 @@ def _embedder(settings: Settings):
     return embed
 
 
-def _repairs(outcomes: list[G.EnvOutcome]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _repairs(outcomes: list[G.EnvOutcome], scenario_attempts: int = 1) -> dict[str, int]:
+    """Extra attempts per stage kind, the run-wide scenario stage included."""
+    out: dict[str, int] = {"scenario": scenario_attempts - 1} if scenario_attempts > 1 else {}
     for o in outcomes:
         for k, v in o.repairs.items():
             out[k] = out.get(k, 0) + v

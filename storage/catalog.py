@@ -7,7 +7,12 @@ who made it in DuckLake's own commit fields: author ``awm``, the publish message
 ``made_by`` (flow run id, git commit, settings digest) as JSON in ``commit_extra_info``.
 
 Queries go through a separate read-only attachment, so ``Catalog.sql`` can never write, and
-``snapshot=N`` attaches the catalog as of version N (DuckLake time travel).
+``snapshot=N`` attaches the catalog as of version N (DuckLake time travel). That connection is
+confined to the catalog: DuckDB's external access is off except for the catalog's metadata file,
+its data path and the folder of attached environment databases, its configuration is locked,
+and ``Catalog.sql`` runs only queries (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN). So SQL over the
+catalog cannot read or write other files, attach databases, load extensions or change settings,
+even where the query comes from someone else (a deployment parameter, a shared server).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from storage import rows as R
 from storage.schema import ENV_TABLES, SCHEMA_VERSION, TABLES, ddl
 
 ALIAS = "awm"
+QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # what Catalog.sql runs; everything else is refused
 AUTHOR = "awm"
 # Test hook: the publishing process SIGKILLs itself after this many write statements, so
 # tests can prove a crash at any point of a publish leaves no partial snapshot behind.
@@ -111,6 +117,22 @@ class Location:
         return f"ATTACH {_lit('ducklake:' + self.metadata)} AS {alias} ({', '.join(opts)})"
 
 
+def check_query(query: str) -> None:
+    """Refuse anything but queries, naming the statement that is not one."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise CatalogError(str(exc).splitlines()[0]) from None
+    if not statements:
+        raise CatalogError("no SQL statement given")
+    for st in statements:
+        kind = st.type.name
+        if kind not in QUERY_STATEMENTS:
+            text = " ".join(st.query.split())
+            raise CatalogError(f"refused: SQL over the catalog is read-only queries (SELECT, WITH, SHOW, DESCRIBE, "
+                               f"EXPLAIN); this is a {kind} statement: {text[:120]}")
+
+
 def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -129,6 +151,14 @@ def made_by(settings: Any, flow_run_id: str | None = None, **extra: Any) -> dict
     return {"flow_run_id": flow_run_id, "git_commit": git_commit(), "settings_digest": settings.digest(), **extra}
 
 
+def _home_note(settings: Any) -> str:
+    """Which data folder a "not found" refers to, so a command run from the wrong folder says so."""
+    from awm_core.settings import home_source
+
+    home = getattr(settings, "home_dir", None)
+    return f"(AWM_HOME {home}, {home_source()})" if home is not None else ""
+
+
 class Catalog:
     """Handle on one DuckLake catalog. Cheap to open; close it (or use ``with``) when done."""
 
@@ -139,8 +169,10 @@ class Catalog:
         self._lock = threading.RLock()
         self._rw: duckdb.DuckDBPyConnection | None = None
         self._ro: duckdb.DuckDBPyConnection | None = None
-        self._snap_aliases: dict[int, str] = {}
+        self._snap_cons: dict[int, duckdb.DuckDBPyConnection] = {}
         self._env_files: list[str] = []
+        self._env_attached: list[tuple[str, str]] = []  # (file, alias) on every query connection
+        self._env_dir: str | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -149,7 +181,7 @@ class Catalog:
         cat = cls(loc, settings, read_only)
         if read_only:
             if loc.exists() is False:
-                raise CatalogError(f"no catalog yet at {loc.metadata.split(':', 1)[1]} "
+                raise CatalogError(f"no catalog yet at {loc.metadata.split(':', 1)[1]} {_home_note(settings)} "
                                    "(publish something first, e.g. `awm import awm1k DIR` or `awm generate`)")
         else:
             if loc.backend == "sqlite":
@@ -160,9 +192,29 @@ class Catalog:
             with cat._write_lock():
                 cat._rw = cat._attach(ALIAS, read_only=False)
                 cat._ensure_schema()
+        cat._env_dir = tempfile.mkdtemp(prefix="awm-catalog-envs-")
         cat._ro = cat._attach(ALIAS, read_only=True)
         cat._ro.execute(f"USE {ALIAS}")
+        cat._confine(cat._ro)
         return cat
+
+    def _confine(self, con: duckdb.DuckDBPyConnection) -> None:
+        """External access off but for the catalog's own files; then no setting can change."""
+        loc = self.location
+        dirs = [self._env_dir + "/"]
+        if "://" not in loc.data_path:
+            dirs.append(loc.data_path)
+        paths = []
+        if loc.backend in ("sqlite", "duckdb"):
+            meta = loc.metadata.split(":", 1)[1]
+            paths += [meta, meta + "-wal", meta + "-journal", meta + ".wal"]
+        try:
+            con.execute("SET allowed_directories = ?", [dirs])
+            con.execute("SET allowed_paths = ?", [paths])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except duckdb.Error as exc:
+            raise CatalogError(f"cannot confine catalog queries to the catalog: {exc}") from None
 
     def _attach(self, alias: str, *, read_only: bool, con: duckdb.DuckDBPyConnection | None = None,
                 snapshot: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -214,15 +266,20 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
-            for con in (self._rw, self._ro):
+            for con in (self._rw, self._ro, *self._snap_cons.values()):
                 if con is not None:
                     con.close()
             self._rw = self._ro = None
-            self._snap_aliases.clear()
+            self._snap_cons.clear()
+            self._env_attached.clear()
             for f in self._env_files:
                 with contextlib.suppress(OSError):
                     os.unlink(f)
             self._env_files.clear()
+            if self._env_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._env_dir)
+                self._env_dir = None
 
     def __enter__(self) -> "Catalog":
         return self
@@ -272,6 +329,10 @@ class Catalog:
     def latest_snapshot(self) -> int:
         return int(self._query(f"FROM {ALIAS}.current_snapshot()")[0][0])
 
+    def check_snapshot(self, snapshot: int) -> None:
+        """Raise a CatalogError naming the valid range when ``snapshot`` does not exist."""
+        self._check_snapshot(snapshot)
+
     def _check_snapshot(self, snapshot: int) -> None:
         latest = self.latest_snapshot()
         if not isinstance(snapshot, int) or snapshot < 0 or snapshot > latest:
@@ -284,30 +345,38 @@ class Catalog:
             con = self._ro
             if con is None:
                 raise CatalogError("the catalog is closed")
-            alias = ALIAS
             if snapshot is not None:
-                alias = self._snapshot_alias(snapshot)
+                con = self._snapshot_con(snapshot)
             try:
-                con.execute(f"USE {alias}")
                 result = con.execute(query, params or [])
                 return result.to_arrow_table() if arrow else result.fetchall()
+            except duckdb.PermissionException as exc:
+                raise CatalogError("refused: SQL over the catalog reads only the catalog and the environment "
+                                   f"databases attached with --attach-env ({str(exc).splitlines()[0]})") from None
             except duckdb.Error as exc:
                 raise CatalogError(str(exc)) from None
-            finally:
-                if alias != ALIAS:
-                    con.execute(f"USE {ALIAS}")
 
-    def _snapshot_alias(self, snapshot: int) -> str:
-        if snapshot not in self._snap_aliases:
+    def _snapshot_con(self, snapshot: int) -> duckdb.DuckDBPyConnection:
+        """A confined connection of its own per snapshot: once a connection is confined it may
+        not attach anything new (a PostgreSQL catalog would be refused), so time travel opens one
+        with the catalog as of ``snapshot`` attached before it is locked."""
+        if snapshot not in self._snap_cons:
             if snapshot != self.latest_snapshot():
                 self._check_snapshot(snapshot)
-            alias = f"{ALIAS}_v{int(snapshot)}"
-            self._attach(alias, read_only=True, con=self._ro, snapshot=snapshot)
-            self._snap_aliases[snapshot] = alias
-        return self._snap_aliases[snapshot]
+            con = self._attach(ALIAS, read_only=True, snapshot=snapshot)
+            con.execute(f"USE {ALIAS}")
+            for path, alias in self._env_attached:
+                con.execute(f'ATTACH {_lit(path)} AS "{alias}" (TYPE sqlite, READ_ONLY)')
+            self._confine(con)
+            self._snap_cons[snapshot] = con
+        return self._snap_cons[snapshot]
 
     def sql(self, query: str, snapshot: int | None = None, params: list[Any] | None = None) -> pa.Table:
-        """Run a read-only query; tables are named without prefix. Returns a pyarrow Table."""
+        """Run a read-only query; tables are named without prefix. Returns a pyarrow Table.
+
+        Only queries run (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN); COPY, ATTACH,
+        INSTALL/LOAD, SET, PRAGMA and every write are refused with a ``CatalogError``."""
+        check_query(query)
         with self._lock:
             return self._query(query, params, snapshot, arrow=True)
 
@@ -322,7 +391,7 @@ class Catalog:
         found = self._query("SELECT bundle FROM environments WHERE env_id = ?", [env_id], snapshot)
         if not found:
             where = f" at snapshot {snapshot}" if snapshot is not None else ""
-            raise CatalogError(f"no environment {env_id!r} in the catalog{where}")
+            raise CatalogError(f"no environment {env_id!r} in the catalog{where} {_home_note(self.settings)}")
         return Environment.from_json(found[0][0])
 
     def environments(self, snapshot: int | None = None, ids: list[str] | None = None,
@@ -360,16 +429,18 @@ class Catalog:
         if env.db_schema is None:
             raise CatalogError(f"environment {env_id!r} has no database schema to build")
         data = build_database(env.db_schema, env.seed_data)
-        fd, path = tempfile.mkstemp(prefix=f"awm-{env_id}-", suffix=".sqlite")
+        fd, path = tempfile.mkstemp(prefix=f"awm-{env_id}-", suffix=".sqlite", dir=self._env_dir)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         self._env_files.append(path)
         alias = alias or env_id
         with self._lock:
             try:
-                self._ro.execute(f'ATTACH {_lit(path)} AS "{alias}" (TYPE sqlite, READ_ONLY)')
+                for con in (self._ro, *self._snap_cons.values()):
+                    con.execute(f'ATTACH {_lit(path)} AS "{alias}" (TYPE sqlite, READ_ONLY)')
             except duckdb.Error as exc:
                 raise CatalogError(f"cannot attach the database of {env_id!r}: {exc}") from None
+            self._env_attached.append((path, alias))
         return alias
 
 

@@ -3,8 +3,8 @@ the scenario selection, per-environment assembly and validation.
 
 Repair loop: a stage attempt that fails raises; Prefect retries the task
 (``settings.generation.stage_retries`` times). Each failed attempt's errors and LLM call
-records are remembered under the task-run id, and the next attempt's prompt carries all
-earlier errors (summarised by ``awm_core.stages.base.summarise_errors``). The attempt number
+records are kept in the run's ``RunResources`` under the task-run id (an ``AttemptHistory``),
+and the next attempt's prompt carries all earlier errors (summarised by ``awm_core.stages.base.summarise_errors``). The attempt number
 the LLM sees is ``attempt_offset + prefect.runtime.task_run.run_count``, so a stage that is
 run again later (a verifier regenerated after its solution kept failing) goes on counting.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.runtime import task_run as runtime_task_run
 from prefect.transactions import CommitMode, transaction
 
-from awm_core.errors import AWMError, BudgetExceeded, LLMError, StageError
+from awm_core.errors import AWMError, BudgetExceeded, LLMError, StageError, StageFailed
 from awm_core.models import (
     Environment, Provenance, ReferenceSolution, Scenario, StageProvenance, ValidationCheck, ValidationReport,
     Verifier,
@@ -53,6 +52,16 @@ class RunResources:
     embed: Callable[[list[str]], Any] | None = None
     progress: Callable[[str], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    attempts: dict[str, "AttemptHistory"] = field(default_factory=dict)
+
+    def history(self, task_run_id: str) -> "AttemptHistory":
+        """The earlier attempts of one task run (a new, empty history for its first attempt)."""
+        with self.lock:
+            return self.attempts.setdefault(task_run_id, AttemptHistory())
+
+    def forget(self, task_run_id: str) -> "AttemptHistory":
+        with self.lock:
+            return self.attempts.pop(task_run_id, None) or AttemptHistory()
 
     def say(self, line: str) -> None:
         if self.progress is not None:
@@ -101,33 +110,43 @@ class StageOutput:
     checks: list[Any] = field(default_factory=list)  # sandbox checks the value passed
 
 
-class StageFailed(AWMError):
-    """A stage ran out of attempts. Picklable (Prefect may persist the failure)."""
-
-    def __init__(self, stage: str, scenario_id: str, errors: list[str], records: list[Any] | None = None,
-                 attempts: int = 0, budget: bool = False):
-        self.stage, self.scenario_id, self.errors = stage, scenario_id, list(errors)
-        self.records = list(records or [])
-        self.attempts = attempts
-        self.budget = budget
-        last = "; ".join(summarise_errors(self.errors)[-3:])
-        super().__init__(f"{stage}[{scenario_id}] failed after {attempts} attempt(s): {last}")
-
-    def __reduce__(self):
-        return (StageFailed, (self.stage, self.scenario_id, self.errors, self.records, self.attempts, self.budget))
-
-
 TRANSPORT_PREFIX = "the model endpoint failed: "
 
-# Keyed by task-run id: what earlier attempts of that run said, and their call records.
-_ERRORS: dict[str, list[str]] = defaultdict(list)
-_RECORDS: dict[str, list[Any]] = defaultdict(list)
-_RETRYABLE: dict[str, bool] = {}
+
+@dataclass
+class AttemptHistory:
+    """What the failed attempts of one stage run said, and the LLM calls they made."""
+
+    errors: list[str] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
+
+    def for_prompt(self, extra: list[str] = ()) -> list[str]:
+        # Transport failures are recorded but say nothing the model could repair.
+        return list(extra) + [e for e in self.errors if not e.startswith(TRANSPORT_PREFIX)]
+
+    def failed(self, exc: Exception, res: "RunResources", stage: str, scenario_id: str, attempt: int) -> StageFailed:
+        """Record one failed attempt and say so; the StageFailed the task raises (Prefect retries it
+        unless the budget is spent)."""
+        if isinstance(exc, BudgetExceeded):
+            return StageFailed(stage, scenario_id, [str(exc)], self.records, attempt, budget=True)
+        if isinstance(exc, StageError):
+            records = list(getattr(exc, "records", []))
+            res.note_rejection(records, exc.errors)
+            self.errors.extend(exc.errors)
+            self.records.extend(records)
+            res.say(f"  {stage}[{scenario_id}] attempt {attempt} rejected: {summarise_errors(exc.errors)[0][:160]}")
+        else:  # the endpoint failed after its own transport retries; the stage may still retry
+            self.errors.append(f"{TRANSPORT_PREFIX}{exc}")
+            rec = getattr(exc, "record", None)
+            self.records.extend([rec] if rec is not None else [])
+            res.say(f"  {stage}[{scenario_id}] attempt {attempt} LLM error: {str(exc)[:160]}")
+        return StageFailed(stage, scenario_id, self.errors, self.records, attempt)
 
 
 def _retry_condition(task, task_run, state) -> bool:
     """Retry a rejected reply or a transient LLM failure; never retry a spent budget."""
-    return _RETRYABLE.pop(str(task_run.id), True)
+    failure = getattr(state.data, "result", state.data)  # the exception, or a result record holding it
+    return not getattr(failure, "budget", False)
 
 
 def _cache_policy():
@@ -164,34 +183,17 @@ def run_stage_task(label: str, stage: str, ctx_json: str, prompt_version: str, m
     res = resources(run_key)
     ctx = StageContext.model_validate_json(ctx_json)
     module = STAGES[stage]
-    run_id = str(runtime_task_run.id)
+    task_run_id = str(runtime_task_run.id)
     attempt = attempt_offset + runtime_task_run.run_count
-    # Transport failures are recorded but say nothing the model could repair.
-    previous = list(extra_errors) + [e for e in _ERRORS[run_id] if not e.startswith(TRANSPORT_PREFIX)]
+    history = res.history(task_run_id)
     name = stage_name(module, ctx)
     try:
-        result = module.run(res.client, ctx, attempt=attempt, previous_errors=previous, pool=res.pool)
-    except StageError as exc:
-        records = getattr(exc, "records", [])
-        res.note_rejection(records, exc.errors)
-        _ERRORS[run_id].extend(exc.errors)
-        _RECORDS[run_id].extend(records)
-        _RETRYABLE[run_id] = True
-        res.say(f"  {name}[{ctx.scenario_id}] attempt {attempt} rejected: {summarise_errors(exc.errors)[0][:160]}")
-        raise StageFailed(name, ctx.scenario_id, _ERRORS[run_id], _RECORDS[run_id], attempt) from None
-    except BudgetExceeded as exc:
-        _RETRYABLE[run_id] = False
-        raise StageFailed(name, ctx.scenario_id, [str(exc)], _RECORDS[run_id], attempt, budget=True) from None
-    except LLMError as exc:
-        # The endpoint failed after its own transport retries; the stage may still retry.
-        _ERRORS[run_id].append(f"{TRANSPORT_PREFIX}{exc}")
-        rec = getattr(exc, "record", None)
-        _RECORDS[run_id].extend([rec] if rec is not None else [])
-        _RETRYABLE[run_id] = True
-        res.say(f"  {name}[{ctx.scenario_id}] attempt {attempt} LLM error: {str(exc)[:160]}")
-        raise StageFailed(name, ctx.scenario_id, _ERRORS[run_id], _RECORDS[run_id], attempt) from None
-    errors = _ERRORS.pop(run_id, [])
-    records = _RECORDS.pop(run_id, []) + list(result.records)
+        result = module.run(res.client, ctx, attempt=attempt, previous_errors=history.for_prompt(extra_errors),
+                            pool=res.pool)
+    except (StageError, LLMError) as exc:
+        raise history.failed(exc, res, name, ctx.scenario_id, attempt) from None
+    res.forget(task_run_id)
+    errors, records = history.errors, history.records + list(result.records)
     repaired = f" (repaired, attempt {attempt})" if attempt > 1 else ""
     res.say(f"  {name}[{ctx.scenario_id}] ok{repaired}")
     return StageOutput(stage=name, value=result.value, attempts=attempt, errors=list(extra_errors) + errors,
@@ -216,10 +218,11 @@ def select_scenarios_task(seed_list: str | None, n: int, existing: list[Scenario
                           category_cap: int, model: str, prompt_version: str, run_key: str) -> dict[str, Any]:
     """Expand the seed list with the model, keep stateful, deduplicated, balanced scenarios."""
     res = resources(run_key)
-    run_id = str(runtime_task_run.id)
+    task_run_id = str(runtime_task_run.id)
     attempt = runtime_task_run.run_count
+    history = res.history(task_run_id)
     seeds = scenario_stage.load_seeds(seed_list)
-    records: list[Any] = list(_RECORDS[run_id])
+    records: list[Any] = list(history.records)
     candidates: list[scenario_stage.Candidate] = []
     rounds = 0
     selection = None
@@ -228,18 +231,11 @@ def select_scenarios_task(seed_list: str | None, n: int, existing: list[Scenario
     while rounds < max(1, -(-n // 10)) + 2:
         try:
             new, recs = scenario_stage.run(res.client, seeds, max(n - (len(selection.scenarios) if selection else 0), 1) + 2,
-                                           attempt=attempt, previous_errors=_ERRORS[run_id],
+                                           attempt=attempt, previous_errors=history.for_prompt(),
                                            avoid=[c.name for c in candidates] + [s.name for s in existing],
                                            offset=rounds * scenario_stage.EXAMPLES_SHOWN)
-        except StageError as exc:
-            res.note_rejection(getattr(exc, "records", []), exc.errors)
-            _ERRORS[run_id].extend(exc.errors)
-            _RECORDS[run_id].extend(getattr(exc, "records", []))
-            _RETRYABLE[run_id] = True
-            raise StageFailed("scenario", "_", _ERRORS[run_id], _RECORDS[run_id], attempt) from None
-        except BudgetExceeded as exc:
-            _RETRYABLE[run_id] = False
-            raise StageFailed("scenario", "_", [str(exc)], records, attempt, budget=True) from None
+        except (StageError, LLMError) as exc:
+            raise history.failed(exc, res, "scenario", "_", attempt) from None
         records += recs
         rounds += 1
         before = len(selection.scenarios) if selection else 0
@@ -249,8 +245,7 @@ def select_scenarios_task(seed_list: str | None, n: int, existing: list[Scenario
                                           already=existing)
         if len(selection.scenarios) >= n or len(selection.scenarios) == before:
             break
-    _ERRORS.pop(run_id, None)
-    _RECORDS.pop(run_id, None)
+    res.forget(task_run_id)
     res.say(f"  scenario[_] {len(selection.scenarios)} selected from {len(candidates)} candidates, "
             f"{len(selection.dropped)} dropped")
     return {"scenarios": selection.scenarios, "dropped": selection.dropped, "candidates": len(candidates),

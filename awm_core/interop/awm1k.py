@@ -106,15 +106,33 @@ def read_dir(path: str | Path) -> ImportResult:
     if not root.is_dir():
         raise ArtifactError("awm1k", [f"{root} is not a directory"])
     lines: dict[str, list[tuple[int, str]]] = {}
+    unreadable: list[Problem] = []
     for name in FILES:
         f = root / f"{name}.jsonl"
-        if f.exists():
-            with f.open(encoding="utf-8") as fh:
-                lines[name] = [(i + 1, text) for i, text in enumerate(fh) if text.strip()]
-    if not lines:
+        if not f.exists():
+            continue
+        try:
+            data = f.read_bytes()
+        except OSError as exc:  # a directory of that name, no permission, an I/O error
+            unreadable.append(Problem(name, 0, f"cannot read {f}: {exc.strerror or exc}"))
+            continue
+        entries = []
+        # Decoded line by line, so one line that is not UTF-8 is reported and the others import.
+        for i, raw in enumerate(data.split(b"\n")):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                unreadable.append(Problem(name, i + 1, f"not UTF-8 text (byte {exc.start + 1} of the line)"))
+                continue
+            if text.strip():
+                entries.append((i + 1, text))
+        lines[name] = entries
+    if not lines and not unreadable:
         raise ArtifactError("awm1k", [f"no AgentWorldModel-1K files in {root} (expected any of "
                                       + ", ".join(f"{n}.jsonl" for n in FILES) + ")"])
-    return parse_lines(lines)
+    result = parse_lines(lines)
+    result.problems[:0] = unreadable
+    return result
 
 
 def parse_lines(lines: dict[str, list[tuple[int, str]]]) -> ImportResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from awm_core.errors import AWMError, StageError
+from awm_core.errors import EnvLoadError, SandboxError, WeakSandboxError  # noqa: F401  (re-exported)
 
 ErrorKind = Literal["tool", "invalid_arguments", "unknown_tool", "environment"]
 
@@ -59,23 +59,3 @@ class VerifierOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class SandboxError(AWMError):
-    """The sandbox itself could not do what was asked (worker would not start, session lost)."""
-
-
-class WeakSandboxError(SandboxError):
-    """The kernel layers that confine generated code are not available here, and running
-    with the in-process guards alone was not allowed."""
-
-
-class EnvLoadError(StageError):
-    """Environment code could not be loaded into the sandbox.
-
-    A ``StageError`` of stage ``code`` so the synthesis repair loop can feed ``errors`` to the
-    next attempt as they are.
-    """
-
-    def __init__(self, env_id: str, errors: list[str]):
-        super().__init__("code", errors, scenario_id=env_id)

@@ -78,10 +78,9 @@ def load_seeds(path: Path | str | None = None) -> list[Candidate]:
         text = resources.files("awm_core.stages").joinpath("seed_scenarios.json").read_text()
         where = "packaged seed_scenarios.json"
     else:
-        path = Path(path)
-        if not path.exists():
-            raise ArtifactError("seed list", [f"{path} does not exist"])
-        text, where = path.read_text(), str(path)
+        from awm_core.files import read_text
+
+        text, where = read_text(path, "seed list"), str(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -275,11 +275,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
+        from awm_core.files import read_text
+
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SettingsError(f"cannot read the training config {path}: {exc.strerror or exc}") from None
+        text = read_text(path, "training config", SettingsError)
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:

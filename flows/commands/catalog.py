@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from flows.commands import group
+from flows.commands import count, group, non_negative
 
 
 def register(sub) -> None:
@@ -18,11 +18,11 @@ def register(sub) -> None:
                                        "builds an environment's initial SQLite database and attaches it under the "
                                        "environment id, so `SELECT * FROM recipe_box.recipes` works.")
     p.add_argument("query", help="SQL text")
-    p.add_argument("--snapshot", type=int, default=None, help="query the catalog as of this snapshot")
+    p.add_argument("--snapshot", type=non_negative, default=None, help="query the catalog as of this snapshot")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--attach-env", action="append", default=[], metavar="ENV_ID",
                    help="attach this environment's initial database (repeatable)")
-    p.add_argument("--max-width", type=int, default=60, help="truncate table cells to this many characters")
+    p.add_argument("--max-width", type=count, default=60, help="truncate table cells to this many characters")
     p.set_defaults(func=run_sql)
 
     p = actions.add_parser("snapshots", help="list snapshots with who made them")
@@ -31,7 +31,7 @@ def register(sub) -> None:
 
     p = actions.add_parser("show", help="one environment's summary")
     p.add_argument("env_id")
-    p.add_argument("--snapshot", type=int, default=None)
+    p.add_argument("--snapshot", type=non_negative, default=None)
     p.set_defaults(func=run_show)
 
 

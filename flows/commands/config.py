@@ -13,7 +13,9 @@ def register(sub) -> None:
 
 
 def show_settings(args) -> int:
-    from awm_core.settings import load_settings
+    from awm_core.settings import home_source, load_settings
 
-    print(json.dumps(load_settings().masked(), indent=2, sort_keys=True))
+    settings = load_settings()
+    shown = {**settings.masked(), "home_dir": str(settings.home_dir), "home_from": home_source()}
+    print(json.dumps(shown, indent=2, sort_keys=True))
     return 0

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from flows.commands import count, uses_prefect
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -13,9 +15,8 @@ def register(sub) -> None:
         description="Run the generate flow on the packaged offline LLM recordings (Recipe Box, Clinic Booking, "
                     "Team Expenses; several stages fail first and are repaired), publish one catalog snapshot, "
                     "run the quality gate on it and print what to try next. Needs no network and no API key.")
-    p.add_argument("-c", "--concurrency", type=int, default=3)
-    p.add_argument("-v", "--verbose", action="store_true", help="Prefect's INFO logs too")
-    p.set_defaults(func=run)
+    p.add_argument("-c", "--concurrency", type=count, default=3)
+    uses_prefect(p).set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -27,9 +28,8 @@ def run(args) -> int:
     from awm_core.settings import DEFAULT_FIXTURES, get_settings
 
     get_settings.cache_clear()
-    from flows.commands.generate import prefect_environment, print_summary
+    from flows.commands.generate import print_summary
 
-    prefect_environment(args.verbose)
     settings = get_settings()
     print(f"awm demo: data folder {settings.home_dir}", flush=True)
     print("awm demo: starting Prefect (the first start migrates its database: ~20 s) ...", flush=True)

@@ -1,6 +1,8 @@
 """awm deploy: register the deployments of deployments/prefect.yaml with the running Prefect server."""
 from __future__ import annotations
 
+from flows.commands import count
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -12,8 +14,8 @@ def register(sub) -> None:
                     "server.train_after_gate is true. Safe to run again: deployments are updated in place.")
     p.add_argument("--cron", help="nightly schedule for generate/nightly (default: server.nightly_cron)")
     p.add_argument("--timezone", help="timezone of the cron schedule (default: server.timezone)")
-    p.add_argument("--scenarios", type=int, help="scenarios per nightly run (default: generation.scenarios)")
-    p.add_argument("--tasks-per-scenario", type=int, help="tasks per scenario (default: generation.tasks_per_scenario)")
+    p.add_argument("--scenarios", type=count, help="scenarios per nightly run (default: generation.scenarios)")
+    p.add_argument("--tasks-per-scenario", type=count, help="tasks per scenario (default: generation.tasks_per_scenario)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="another generate/nightly parameter; VALUE is JSON when it parses (repeatable)")
     train = p.add_mutually_exclusive_group()

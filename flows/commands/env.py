@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from flows.commands import group
+from flows.commands import group, non_negative, port
 
 
 def register(sub) -> None:
@@ -18,7 +18,7 @@ def register(sub) -> None:
     def target(p, many=False):
         p.add_argument("env", nargs="+" if many else None, metavar="BUNDLE_OR_ID",
                        help="a bundle .json file, or an environment id in the catalog")
-        p.add_argument("--snapshot", type=int, default=None, help="catalog snapshot (default: newest)")
+        p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: newest)")
 
     p = actions.add_parser("tools", help="print the tools with their JSON schemas",
                            description="Load the environment in the sandbox and print its tools as JSON "
@@ -49,14 +49,14 @@ def register(sub) -> None:
     target(p, many=True)
     p.add_argument("--transport", choices=("stdio", "http"), default="stdio")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000); MCP is served at /mcp")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (default 8000); MCP is served at /mcp")
     p.set_defaults(func=cmd_serve)
 
     p = actions.add_parser("export", help="write an environment's bundle JSON from the catalog",
                            description="Write <DIR>/<ENV_ID>.json, the Environment bundle as the catalog holds it.")
     p.add_argument("env_id", metavar="ENV_ID")
     p.add_argument("--to", type=Path, required=True, metavar="DIR")
-    p.add_argument("--snapshot", type=int, default=None, help="catalog snapshot (default: newest)")
+    p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: newest)")
     p.set_defaults(func=cmd_export)
 
 
@@ -65,12 +65,15 @@ def resolve_environment(ref: str, snapshot: int | None = None):
     from awm_core.models import Environment
 
     path = Path(ref)
-    if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            from awm_core.errors import AWMError
+    if path.suffix == ".json" or path.is_file() or path.is_dir():
+        from awm_core.files import read_text
 
-            raise AWMError(f"bundle file {ref} does not exist")
-        return Environment.from_json(path.read_bytes())
+        from awm_core.errors import ArtifactError, InputError
+
+        try:
+            return Environment.from_json(read_text(path, "bundle file"))
+        except ArtifactError as exc:
+            raise InputError(f"bundle file {path}: {exc}") from None
     from awm_core.settings import load_settings
     from storage.catalog import Catalog
 

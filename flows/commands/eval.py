@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from flows.commands import count, non_negative, rate, run_flow, uses_prefect
+
 
 def _window(value: str) -> int | None:
     if value.lower() in ("none", "all", "full"):
@@ -28,38 +30,38 @@ def register(sub) -> None:
                    help="reference: replay reference solutions; random: random schema-valid calls; openai: an "
                         "OpenAI-compatible endpoint with native tool calls; openai-text: the same endpoint without "
                         "tools, the model writes <tool_call> blocks (default: reference)")
-    p.add_argument("--snapshot", type=int, default=None,
+    p.add_argument("--snapshot", type=non_negative, default=None,
                    help="catalog snapshot of the environments (default: the one that last published environments)")
     p.add_argument("--split", default="val", choices=["all", "train", "val"],
                    help="which tasks (default: val; a split is made and stored if the snapshot has none)")
     p.add_argument("--split-by", default="environment", choices=["environment", "task"],
                    help="how a missing split is made (default: environment)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a new split and of the random policy")
+    p.add_argument("--seed", type=non_negative, default=0, help="seed of a new split and of the random policy")
     p.add_argument("--base-url", default=None, help="endpoint of openai policies (default: llm.policy.base_url)")
     p.add_argument("--model", default=None, help="model of openai policies (default: llm.policy.model)")
-    p.add_argument("--episodes-per-task", type=int, default=1, help="episodes per task (default: 1)")
-    p.add_argument("--concurrency", type=int, default=8, help="episodes running at once (default: 8)")
+    p.add_argument("--episodes-per-task", type=count, default=1, help="episodes per task (default: 1)")
+    p.add_argument("--concurrency", type=count, default=8, help="episodes running at once (default: 8)")
     p.add_argument("--window", type=_window, default=3,
                    help="history window: turns the policy sees besides the task (default: 3; 'none' keeps all)")
     p.add_argument("--interface", default="direct", choices=["direct", "meta"],
                    help="direct: the environment's tools; meta: list_tools + call_tool (default: direct)")
-    p.add_argument("--max-turns", type=int, default=20, help="policy replies per episode (default: 20)")
+    p.add_argument("--max-turns", type=count, default=20, help="policy replies per episode (default: 20)")
     p.add_argument("--judge", action="store_true", help="classify episodes with the LLM judge (role 'judge')")
     p.add_argument("--env", dest="env_ids", action="append", default=None, metavar="ENV_ID",
                    help="only this environment (repeatable)")
-    p.add_argument("--max-tasks-per-env", type=int, default=None, help="at most this many tasks per environment")
+    p.add_argument("--max-tasks-per-env", type=count, default=None, help="at most this many tasks per environment")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=run_eval)
+    uses_prefect(p).set_defaults(func=run_eval)
 
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     s = actions.add_parser("splits", help="make a reproducible train/val split and store it in the catalog",
                            description="Split the snapshot's tasks into train and val (hash of ids and seed, so the "
                                        "same seed always gives the same split) and publish it to the splits table.")
-    s.add_argument("--snapshot", type=int, default=None, help="snapshot to split (default: last environments publish)")
+    s.add_argument("--snapshot", type=non_negative, default=None, help="snapshot to split (default: last environments publish)")
     s.add_argument("--by", default="environment", choices=["environment", "task"],
                    help="environment: whole environments go to one side; task: split each environment's tasks")
-    s.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
-    s.add_argument("--ratio", type=float, default=0.8, help="share of train (default: 0.8)")
+    s.add_argument("--seed", type=non_negative, default=0, help="split seed (default: 0)")
+    s.add_argument("--ratio", type=rate, default=0.8, help="share of train (default: 0.8)")
     s.set_defaults(func=run_splits)
 
 
@@ -106,7 +108,7 @@ def run_eval(args) -> int:
     progress = _ProgressLine()
     add_progress_listener(progress)
     try:
-        summary = evaluate(**params)
+        summary = run_flow(evaluate, **params)
     finally:
         remove_progress_listener(progress)
     if args.json:

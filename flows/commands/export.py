@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.commands import group
+from flows.commands import group, non_negative
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
                                        "read, in their original order; native tool code and native verifiers "
                                        "have no AWM-1K form and are left out (listed on stderr).")
     p.add_argument("--to", required=True, dest="to", help="output folder (created if needed)")
-    p.add_argument("--snapshot", type=int, default=None, help="catalog snapshot (default: latest)")
+    p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: latest)")
     p.add_argument("--env", action="append", default=None, metavar="ENV_ID",
                    help="export only this environment (repeatable)")
     p.set_defaults(func=run)

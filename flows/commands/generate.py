@@ -1,8 +1,9 @@
 """awm generate: run the nightly generation flow from the command line, with progress lines."""
 from __future__ import annotations
 
-import os
 import sys
+
+from flows.commands import count, non_negative_float, seconds, uses_prefect
 
 
 def register(sub) -> None:
@@ -13,48 +14,21 @@ def register(sub) -> None:
                     "retried with its errors in the prompt -> execution validation in the sandbox -> one catalog "
                     "snapshot. Prints a line per stage as it finishes.")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("-n", "--scenarios", type=int, default=None,
+    what.add_argument("-n", "--scenarios", type=count, default=None,
                       help="how many scenarios to make (default: generation.scenarios)")
     what.add_argument("-s", "--scenario", action="append", default=None, metavar="NAME",
                       help="make exactly this seed-list scenario (name or id; repeatable)")
-    p.add_argument("-k", "--tasks-per-scenario", type=int, default=None)
+    p.add_argument("-k", "--tasks-per-scenario", type=count, default=None)
     p.add_argument("--model", default=None, help="generator model (default: llm.generator.model)")
-    p.add_argument("-c", "--concurrency", type=int, default=None, help="scenarios built at once")
-    p.add_argument("--budget-usd", type=float, default=None, help="hard cap on estimated LLM spend for this run")
+    p.add_argument("-c", "--concurrency", type=count, default=None, help="scenarios built at once")
+    p.add_argument("--budget-usd", type=seconds, default=None, help="hard cap on estimated LLM spend for this run")
     p.add_argument("--seed-list", default=None, help="JSON list of {name, description, category} seed scenarios")
     p.add_argument("--fixtures-dir", default=None, help="recordings for the offline backend")
-    p.add_argument("--offline-latency", type=float, default=None, help="simulated seconds per offline LLM call")
+    p.add_argument("--offline-latency", type=non_negative_float, default=None, help="simulated seconds per offline LLM call")
     p.add_argument("--include-existing", action="store_true",
                    help="also rebuild scenarios that are already in the catalog (default: skip them)")
     p.add_argument("--no-publish", action="store_true", help="validate but do not write the catalog")
-    p.add_argument("-v", "--verbose", action="store_true", help="Prefect's INFO logs too")
-    p.set_defaults(func=run)
-
-
-def prefect_environment(verbose: bool = False) -> None:
-    """Before Prefect is imported: its state under AWM_HOME, analytics off, quiet logs, and the
-    project's own server when it is running (else Prefect's ephemeral mode)."""
-    from awm_core.settings import get_settings
-
-    settings = get_settings()
-    settings.prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
-    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
-    # A first start migrates a fresh database; on a small busy machine that can pass 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "PREFECT_API_URL" not in os.environ:
-        try:
-            from flows.server import api_url, is_healthy
-
-            url = api_url(settings)
-            if is_healthy(url):
-                os.environ["PREFECT_API_URL"] = url
-        except Exception:  # no server module or no server: ephemeral mode
-            pass
+    uses_prefect(p).set_defaults(func=run)
 
 
 def print_summary(summary: dict) -> None:
@@ -76,7 +50,6 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args) -> int:
-    prefect_environment(args.verbose)
     from flows.generate import run_generate
 
     scenarios = args.scenario if args.scenario else args.scenarios

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.commands import group
+from flows.commands import group, uses_prefect
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
                                        "Records that cannot be read are reported by file and line; the rest import.")
     p.add_argument("dir", help="folder holding the dataset's .jsonl files")
     p.add_argument("--strict", action="store_true", help="exit 1 when any record could not be read")
-    p.set_defaults(func=run)
+    uses_prefect(p).set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -5,7 +5,7 @@ import signal
 import sys
 from pathlib import Path
 
-from flows.commands import group
+from flows.commands import group, non_negative, non_negative_float, port, rate
 
 
 def register(sub) -> None:
@@ -17,15 +17,15 @@ def register(sub) -> None:
                     "X-AWM-Stage, X-AWM-Scenario and X-AWM-Attempt headers, and POST /v1/embeddings with the "
                     "offline embedder. Faults can be injected at a seeded rate.",
     )
-    serve.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = any free port; default 8765)")
+    serve.add_argument("--port", type=port, default=8765, help="port on 127.0.0.1 (0 = any free port; default 8765)")
     serve.add_argument("--fixtures", type=Path, default=None,
                        help="fixtures folder (default: llm.fixtures_dir from the settings)")
-    serve.add_argument("--fault-rate", type=float, default=0.0, help="share of chat requests that get a fault (0-1)")
+    serve.add_argument("--fault-rate", type=rate, default=0.0, help="share of chat requests that get a fault (0-1)")
     serve.add_argument("--faults", default="timeout,429,500,malformed,truncated",
                        help="comma-separated fault kinds to draw from (default: all)")
-    serve.add_argument("--seed", type=int, default=0, help="seed of the fault draw (same seed, same faults)")
-    serve.add_argument("--latency-s", type=float, default=0.0, help="seconds to wait before every chat reply")
-    serve.add_argument("--timeout-sleep-s", type=float, default=30.0,
+    serve.add_argument("--seed", type=non_negative, default=0, help="seed of the fault draw (same seed, same faults)")
+    serve.add_argument("--latency-s", type=non_negative_float, default=0.0, help="seconds to wait before every chat reply")
+    serve.add_argument("--timeout-sleep-s", type=non_negative_float, default=30.0,
                        help="how long an injected timeout stalls (set it above the client's timeout)")
     serve.set_defaults(func=serve_fixtures)
 

@@ -1,7 +1,7 @@
 """awm server start|stop|status: the local Prefect server and the project's process worker."""
 from __future__ import annotations
 
-from flows.commands import group
+from flows.commands import group, seconds
 
 
 def register(sub) -> None:
@@ -12,14 +12,14 @@ def register(sub) -> None:
                     "`prefect worker start` for the work pool server.work_pool (created when missing), "
                     "detached, with pid files and logs in AWM_HOME/server. Waits until the API answers.")
     start.add_argument("--no-worker", action="store_true", help="start only the server")
-    start.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the API (default 120)")
+    start.add_argument("--timeout", type=seconds, default=120.0, help="seconds to wait for the API (default 120)")
     start.set_defaults(func=run_start)
 
     stop = actions.add_parser(
         "stop", help="stop the worker and the server (SIGINT, then SIGTERM, then SIGKILL)",
         description="Stop the worker, then the server: SIGINT to each process group, then SIGTERM and "
                     "SIGKILL after --timeout seconds each; flow runs the worker started are stopped too.")
-    stop.add_argument("--timeout", type=float, default=15.0, help="seconds to wait after each signal (default 15)")
+    stop.add_argument("--timeout", type=seconds, default=15.0, help="seconds to wait after each signal (default 15)")
     stop.set_defaults(func=run_stop)
 
     st = actions.add_parser("status", help="show whether the server and worker run, and where their logs are")

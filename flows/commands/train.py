@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from flows.commands import non_negative, run_flow, uses_prefect
+
 # Enough for a fresh tiny model to write well-formed calls on the demo environments (docs/train.md).
 WARM_START_STEPS = 200
 
@@ -17,8 +19,8 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=["paper", "tiny"], help="start from a named preset (default: tiny)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting; VALUE is read as JSON when it parses (--set window=null)")
-    p.add_argument("--snapshot", type=int, default=None, help="catalog snapshot (default: newest gated one)")
-    p.add_argument("--warm-start", nargs="?", type=int, const=WARM_START_STEPS, default=None, metavar="STEPS",
+    p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: newest gated one)")
+    p.add_argument("--warm-start", nargs="?", type=non_negative, const=WARM_START_STEPS, default=None, metavar="STEPS",
                    help="first take STEPS supervised steps on the training tasks' reference solutions (default "
                         f"{WARM_START_STEPS}; sets warmstart_steps), so a fresh model starts out writing tool calls")
     p.add_argument("--no-flow", action="store_true", help="run without Prefect (no flow run, no artifacts)")
@@ -27,7 +29,7 @@ def register(sub) -> None:
                    help="publish an existing run folder (metrics, episodes, telemetry) and exit")
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue a killed run from its last checkpoint (its own settings), then publish it")
-    p.set_defaults(func=run)
+    uses_prefect(p).set_defaults(func=run)
 
 
 def effective_config(args):
@@ -88,11 +90,7 @@ def run(args) -> int:
     else:
         from flows.train import train
 
-        state = train(config=cfg.to_dict(), return_state=True)
-        if not state.is_completed():
-            state.result()  # raises the flow's error (GateRefused, AWMError) for the CLI to report
-            return 1
-        summary = state.result()
+        summary = run_flow(train, config=cfg.to_dict())
     print(f"training run {summary['run_id']} finished: {summary['steps']} steps on snapshot {summary['snapshot']}, "
           f"final checkpoint {summary['final_checkpoint']}, metrics in catalog snapshot {summary['catalog_snapshot']}")
     return 0
@@ -116,11 +114,7 @@ def _resume(args) -> int:
     else:
         from flows.train import train
 
-        state = train(resume=args.resume, return_state=True)
-        if not state.is_completed():
-            state.result()
-            return 1
-        summary = state.result()
+        summary = run_flow(train, resume=args.resume)
     print(f"training run {summary['run_id']} resumed and finished: {summary['steps']} steps on snapshot "
           f"{summary['snapshot']}, final checkpoint {summary['final_checkpoint']}, metrics in catalog snapshot "
           f"{summary['catalog_snapshot']}")

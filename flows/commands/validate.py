@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from flows.commands import non_negative
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -20,7 +22,7 @@ def register(sub) -> None:
                     "JSONL files; without DIR, the environments of the newest catalog snapshot. Exit 1 when a "
                     "defect is found.")
     p.add_argument("dir", nargs="?", default=None, help="folder of AWM-1K .jsonl files (default: the catalog)")
-    p.add_argument("--snapshot", type=int, default=None, help="catalog snapshot (without DIR; default newest)")
+    p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (without DIR; default newest)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=run)
 

@@ -49,7 +49,11 @@ def defective_env():
 def test_gate_passes_a_clean_snapshot_and_fails_planted_defects(cat):
     with cat.publish(message="clean") as pub:
         pub.add_environments([clean_env("a_env"), clean_env("b_env")])
-        pub.add_rollouts([rollout(i) for i in range(5)] + [rollout(9, -1.0, "format_error")])
+        # Every label the agent gives (one source: awm_core.agent.rewards) is a known label.
+        pub.add_rollouts([rollout(i) for i in range(5)] + [rollout(9, -1.0, "format_error"),
+                                                           rollout(10, 0.1, "partially_completed"),
+                                                           rollout(11, 0.0, "agent_error"),
+                                                           rollout(12, 0.0, "environment_error")])
         pub.add_llm_calls([call(i) for i in range(5)])
     clean = pub.snapshot_id
     report = evaluate_snapshot(cat, clean)

@@ -226,3 +226,24 @@ def test_unsatisfiable_verifier_is_regenerated_or_its_task_dropped(prefect_serve
         env = cat.get_environment("team_expenses")
     assert [t.idx for t in env.tasks] == [0, 1, 2, 3, 4, 6, 7, 8, 9] and env.validation.dropped_tasks.keys() == {5}
     assert "never satisfied" in env.validation.dropped_tasks[5] or "incomplete" in env.validation.dropped_tasks[5]
+
+
+def test_a_repaired_scenario_stage_counts_in_the_repairs(prefect_server, awm_home, tmp_path, capsys):
+    """The run-wide scenario stage is retried like the others, and the summary says so."""
+    import shutil
+
+    from awm_core.settings import DEFAULT_FIXTURES, get_settings
+    from flows.commands.generate import print_summary
+    from flows.generate import run_generate
+
+    fixtures = tmp_path / "fixtures"
+    shutil.copytree(DEFAULT_FIXTURES, fixtures)
+    path = fixtures / "_" / "scenario.json"
+    data = json.loads(path.read_text())
+    data["attempts"] = [dict(data["attempts"][0], content="this is not JSON"), data["attempts"][0]]
+    path.write_text(json.dumps(data))
+    get_settings.cache_clear()
+    summary = run_generate(scenarios=1, concurrency=1, fixtures_dir=str(fixtures), publish=False)
+    assert summary["repairs"].get("scenario") == 1, summary["repairs"]
+    print_summary(summary)
+    assert "scenario 1" in capsys.readouterr().out
