@@ -8,6 +8,7 @@ workers run in parallel.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -58,6 +59,13 @@ class _Worker:
         # Filled from finalizers, which may run inside any thread (even one holding the
         # lock), so they only append here.
         self.pending_close: list[tuple[int, int]] = []
+        # Replies still owed by the worker for requests whose caller went away mid-call
+        # (a cancelled coroutine); read and dropped before the next request.
+        self._owed = 0
+        self._statm: int | None = None     # /proc/PID/statm, kept open: RSS is read after every call
+        # One asyncio lock per event loop: coroutines queue on it instead of taking a thread
+        # each to wait on ``lock``.
+        self._alocks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -95,6 +103,11 @@ class _Worker:
         self._r = resp_r
         self.instance = next(self.pool._instances)
         self.loaded = set()
+        self._owed = 0
+        try:
+            self._statm = os.open(f"/proc/{self.proc.pid}/statm", os.O_RDONLY)
+        except OSError:
+            self._statm = None
         try:
             hello, _ = self._reader.read(time.monotonic() + cfg.startup_timeout_s)
         except (protocol.ChannelClosed, protocol.ChannelTimeout):
@@ -155,7 +168,13 @@ class _Worker:
                     os.close(fd)
                 except OSError:
                     pass
-        self._w = self._r = self._reader = None
+        if self._statm is not None:
+            try:
+                os.close(self._statm)
+            except OSError:
+                pass
+        self._w = self._r = self._reader = self._statm = None
+        self._owed = 0
         self.proc = None
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -170,6 +189,8 @@ class _Worker:
         if self.proc is None:
             return 0
         try:
+            if self._statm is not None:
+                return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
             with open(f"/proc/{self.proc.pid}/statm") as f:
                 return int(f.read().split()[1]) * _PAGE
         except (OSError, ValueError, IndexError):
@@ -209,36 +230,112 @@ class _Worker:
                 env._on_loaded(resp)
                 self.loaded.add(env.key)
             resp, out, inst = self._exchange(header, blobs, timeout)
-            if resp.get("recycle"):
-                self._kill(f"recycled after: {resp.get('error', '')[:300]}")
-            else:
-                limit = self.pool.config.memory_mb * self.pool.config.recycle_rss_fraction * (1 << 20)
-                rss = self.rss_bytes()
-                if rss > limit:
-                    self._kill(f"recycled: its memory use reached {rss >> 20} MB "
-                               f"(limit {self.pool.config.memory_mb} MB)")
+            self._after(resp)
             return resp, out, inst
+
+    def _after(self, resp: dict[str, Any]) -> None:
+        """Replace the worker after a reply that asks for it, or when its memory is too high
+        (lock held)."""
+        if resp.get("recycle"):
+            self._kill(f"recycled after: {resp.get('error', '')[:300]}")
+        else:
+            limit = self.pool.config.memory_mb * self.pool.config.recycle_rss_fraction * (1 << 20)
+            rss = self.rss_bytes()
+            if rss > limit:
+                self._kill(f"recycled: its memory use reached {rss >> 20} MB "
+                           f"(limit {self.pool.config.memory_mb} MB)")
+
+    def _fast_ready(self, instance: int | None, env: "EnvHandle | None") -> bool:
+        """Whether a request can go straight to the worker: it runs, owes nothing, has no
+        sessions to close first and holds the environment (lock held)."""
+        return (not self.pool._closed and self.proc is not None and self._owed == 0 and not self.pending_close
+                and (instance is None or instance == self.instance) and self.proc.poll() is None
+                and (env is None or (env.key in self.loaded and env._tools_ready)))
+
+    async def arequest(self, header: dict[str, Any], *, timeout: float | None = None,
+                       env: "EnvHandle | None" = None, instance: int | None = None) -> tuple[dict[str, Any], list[bytes], int]:
+        """``request`` for a coroutine, without a thread: the request is written to the worker's
+        pipe and the reply awaited through the event loop (its reader callback). Requests that
+        need more first (a worker start, an environment load, pending closes) take the
+        blocking path in a thread. A caller cancelled mid-call leaves the reply owed: it is
+        read and dropped before the next request, so the channel stays in step."""
+        loop = asyncio.get_running_loop()
+        alock = self._alocks.get(loop)
+        if alock is None:
+            alock = self._alocks.setdefault(loop, asyncio.Lock())
+        async with alock:
+            if not self.lock.acquire(blocking=False):  # a thread has the worker: wait in one
+                await loop.run_in_executor(None, self.lock.acquire)
+            try:
+                fast = self._fast_ready(instance, env)
+                if fast:
+                    return await self._aexchange(loop, header, timeout)
+            finally:
+                self.lock.release()
+            return await loop.run_in_executor(
+                None, lambda: self.request(header, timeout=timeout, env=env, instance=instance))
+
+    async def _aexchange(self, loop, header, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            protocol.write_all(self._w, protocol.encode(header))
+        except protocol.ChannelClosed:
+            return self._exchange_failed(protocol.ChannelClosed("channel closed while writing"), timeout)
+        self._owed += 1
+        ready = loop.create_future()
+        fd = self._r
+
+        def on_readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, on_readable)
+        try:
+            try:
+                await asyncio.wait_for(ready, None if deadline is None else max(0.0, deadline - time.monotonic()))
+            finally:
+                loop.remove_reader(fd)
+            resp, out = self._reader.read(deadline)
+        except (asyncio.TimeoutError, protocol.ChannelTimeout):
+            return self._exchange_failed(protocol.ChannelTimeout(), timeout)
+        except protocol.ChannelClosed as exc:
+            return self._exchange_failed(exc, timeout)
+        self._owed -= 1
+        self._after(resp)
+        return resp, out, self.instance
+
+    def _drain_owed(self) -> None:
+        """Read and drop the replies of abandoned requests (lock held)."""
+        while self._owed and self._reader is not None:
+            self._reader.read(time.monotonic() + self.pool.config.call_timeout_s)
+            self._owed -= 1
 
     def _exchange(self, header, blobs, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            self._drain_owed()
             protocol.write_all(self._w, protocol.encode(header, list(blobs)))
             resp, out = self._reader.read(deadline)
-        except protocol.ChannelTimeout:
-            msg = f"the call exceeded the {timeout:g}s wall-clock limit; the sandbox worker was killed and replaced"
-            self._kill(msg)
-            raise WorkerFailure(msg) from None
-        except protocol.ChannelClosed as exc:
-            alive = False
-            if self.proc is not None:
-                try:  # the pipe closes a moment before the process is reaped
-                    self.proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    alive = True
-            msg = f"the sandbox worker broke the protocol ({exc})" if alive else self._death_reason()
-            self._kill(msg)
-            raise WorkerFailure(msg) from None
+        except (protocol.ChannelTimeout, protocol.ChannelClosed) as exc:
+            self._exchange_failed(exc, timeout)
         return resp, out, self.instance
+
+    def _exchange_failed(self, exc: Exception, timeout: float | None):
+        """Kill the worker after a channel failure and raise ``WorkerFailure`` (lock held)."""
+        if isinstance(exc, protocol.ChannelTimeout):
+            msg = (f"the call exceeded the {timeout:g}s wall-clock limit; the sandbox worker was killed and replaced"
+                   if timeout is not None else "the sandbox worker stopped answering; it was killed and replaced")
+            self._kill(msg)
+            raise WorkerFailure(msg) from None
+        alive = False
+        if self.proc is not None:
+            try:  # the pipe closes a moment before the process is reaped
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                alive = True
+        msg = f"the sandbox worker broke the protocol ({exc})" if alive else self._death_reason()
+        self._kill(msg)
+        raise WorkerFailure(msg) from None
 
 
 class SandboxPool:
@@ -461,6 +558,19 @@ class EnvHandle:
     def open_session(self) -> "Session":
         return Session(self)
 
+    async def aopen_session(self) -> "Session":
+        """``open_session`` for a coroutine (no thread once the environment is loaded)."""
+        s = Session.__new__(Session)
+        s.handle, s.closed, s.lost, s._finalizer = self, False, None, None
+        sid = next(self.pool._sids)
+        try:
+            resp, _, inst = await self.worker.arequest({"op": "open", "key": self.key, "sid": sid}, env=self,
+                                                       timeout=self.pool.config.call_timeout_s)
+        except WorkerFailure as exc:
+            raise SandboxError(f"cannot open a session: {exc}") from None
+        s._opened(sid, inst, resp)
+        return s
+
     def validate(self, tool: str, args: Any) -> ToolResult | None:
         """A failure result for an unknown tool or arguments that do not fit its schema."""
         if tool not in self._tools:
@@ -511,6 +621,9 @@ class Session:
                                                        env=self.handle, timeout=self.handle.pool.config.call_timeout_s)
         except WorkerFailure as exc:
             raise SandboxError(f"cannot open a session: {exc}") from None
+        self._opened(sid, inst, resp)
+
+    def _opened(self, sid: int, inst: int, resp: dict[str, Any]) -> None:
         if not resp.get("ok"):
             raise SandboxError(f"cannot open a session: {resp.get('error')}")
         self.sid, self.instance, self.lost = sid, inst, None
@@ -542,6 +655,35 @@ class Session:
             return ToolResult.failure("environment", str(exc))
         if resp.get("ok"):
             return ToolResult(True, json.loads(resp["content_json"]), None, None)
+        return ToolResult(False, None, resp.get("error"), resp.get("error_kind") or "environment")
+
+    async def acall(self, tool: str, args: dict[str, Any] | None = None, *, as_text: bool = False) -> ToolResult:
+        """``call`` for a coroutine: the request goes to the worker's pipe and the reply is
+        awaited on the event loop, with no thread per call. ``as_text``: a successful result's
+        ``content`` is what ``ToolResult.text()`` would give (the worker's JSON as it sent it,
+        or the string a tool returned), without decoding and encoding it again."""
+        if self.closed:
+            raise SandboxError("the session is closed")
+        args = {} if args is None else args
+        bad = self.handle.validate(tool, args)
+        if bad is not None:
+            return bad
+        if self.lost:
+            return ToolResult.failure("environment", self.lost)
+        try:
+            resp, _, _ = await self.handle.worker.arequest(
+                {"op": "call", "sid": self.sid, "tool": tool, "args": args},
+                timeout=self.handle.pool.config.call_timeout_s, instance=self.instance)
+        except WorkerFailure as exc:
+            self.lost = f"{exc}; reset() or open a new session to continue"
+            return ToolResult.failure("environment", str(exc))
+        if resp.get("ok"):
+            raw = resp["content_json"]
+            if not as_text or raw.startswith('"'):
+                content = json.loads(raw)
+            else:
+                content = raw
+            return ToolResult(True, content, None, None)
         return ToolResult(False, None, resp.get("error"), resp.get("error_kind") or "environment")
 
     def reset(self) -> None:

@@ -176,6 +176,7 @@ class _Awm1kEnv(_Env):
             self.tools[t["name"]] = t
             self.infos.append({k: t[k] for k in ("name", "description", "input_schema")})
         self.routes = {} if force_asgi or not _plain_app(self.app) else _api_routes(self.app, self.tools)
+        self.picks: dict[tuple[str, str], bool] = {}  # (method, path) -> the router picks the tool's route
 
     def _bind(self, session: _Session) -> None:
         if session.engine is None:
@@ -214,7 +215,7 @@ class _Awm1kEnv(_Env):
         try:
             direct = self.routes.get(tool)
             status, content_type, data = self.loop.run_until_complete(
-                _direct_call(self.app, direct, route["method"], path, urllib.parse.urlencode(query), raw)
+                _direct_call(self.app, direct, route["method"], path, urllib.parse.urlencode(query), raw, self.picks)
                 if direct is not None else
                 _asgi_call(self.app, route["method"], path, urllib.parse.urlencode(query), raw))
         finally:
@@ -261,14 +262,32 @@ def _api_routes(app, tools: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, A
     return out
 
 
-async def _direct_call(app, direct, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
+def _router_picks(app, route, scope, cache: dict) -> bool:
+    """Whether the router's first full match for this method and path is ``route``. Only the
+    method and path decide (the host header is fixed), so the answer is remembered in
+    ``cache`` (the environment's own)."""
+    key = (scope["method"], scope["path"])
+    hit = cache.get(key)
+    if hit is None:
+        hit = False
+        for r in app.router.routes:
+            if r.matches(scope)[0] is _Match.FULL:
+                hit = r is route
+                break
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[key] = hit
+    return hit
+
+
+async def _direct_call(app, direct, method: str, path: str, query: str, body: bytes,
+                       picks: dict) -> tuple[int, str, bytes]:
     """FastAPI's own request handler for the route (binding, validation, serialization), without
     the middleware stack and router; falls back to ASGI when the router would match elsewhere."""
     route, handler = direct
     scope = _scope(method, path, query, body)
     scope["app"] = app
-    matches = [r for r in app.router.routes if r.matches(scope)[0] is _Match.FULL]
-    if not matches or matches[0] is not route:
+    if not _router_picks(app, route, scope, picks):
         return await _asgi_call(app, method, path, query, body)
     _, child = route.matches(scope)
     scope.update(child)

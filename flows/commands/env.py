@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--transport", choices=("stdio", "http"), default="stdio")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000, help="HTTP port (default 8000); MCP is served at /mcp")
+    p.add_argument("--stateless", action="store_true",
+                   help="HTTP: give no MCP session to handshake-era clients either (every tool call one JSON "
+                        "exchange); clients then name their environment session with the X-AWM-Session header "
+                        "or _meta['awm/session'], and those that name none share one")
     p.set_defaults(func=cmd_serve)
 
     p = actions.add_parser("export", help="write an environment's bundle JSON from the catalog",
@@ -151,7 +155,7 @@ def cmd_serve(args) -> int:
             else:
                 print(f"serving {', '.join(e.id for e in envs)} at http://{args.host}:{args.port}/mcp; Ctrl-C to stop",
                       file=sys.stderr, flush=True)
-                serve_http(server, args.host, args.port)
+                serve_http(server, args.host, args.port, stateless=args.stateless)
         finally:
             server.close()
     return 0

@@ -88,15 +88,16 @@ def test_several_environments_are_prefixed(pool, awm1k_samples):
         srv.close()
 
 
-def _serve_http(pool, samples, main) -> None:
+def _serve_http(pool, samples, main, app=None) -> None:
     """content_platform_1 behind ``awm env serve``'s HTTP app under uvicorn, on a socket bound
-    here (no free-port race); ``main(url)`` runs against it, then the server stops."""
+    here (no free-port race); ``main(url)`` runs against it, then the server stops. ``app``:
+    a function of the EnvMCPServer giving the ASGI app (default ``http_app``)."""
     import uvicorn
 
     srv = EnvMCPServer(pool, [awm1k_environment(samples)])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(http_app(srv), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config((app or http_app)(srv), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -157,3 +158,124 @@ def test_many_concurrent_http_clients_each_keep_their_own_database(pool, awm1k_s
     assert len(seen) == 8 and len(set(range(1, 9)) - seed) >= 2
     for i, subs in seen.items():
         assert set(subs) == seed | {1 + i}, (i, subs)
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_environment_session(pool, awm1k_samples):
+    """Sixteen MCP clients at once against one server: modern (stateless, session named in
+    _meta), handshake-era with an MCP session, and handshake-era served statelessly (session
+    named by the X-AWM-Session header). Each writes twice and sees only its own writes."""
+    import httpx
+    from mcp.client.streamable_http import streamable_http_client
+
+    seen: dict[int, list[int]] = {}
+
+    async def client(url: str, i: int) -> None:
+        kind = i % 3
+        meta = {"awm/session": f"c16-{i}"} if kind == 0 else None
+        if kind == 2:
+            target = streamable_http_client(url, http_client=httpx.AsyncClient(headers={"X-AWM-Session": f"h16-{i}"}))
+        else:
+            target = url
+        async with mcp.Client(target, **({} if kind == 0 else {"mode": "legacy"})) as c:
+            seed = sorted(seen[-1])
+            free = sorted(set(range(1, 11)) - set(seed))  # the seed data has channels 1-10
+            r = await c.call_tool("subscribe_to_channel", {"channel_id": free[i % len(free)]}, meta=meta)
+            assert not r.is_error, r.content[0].text
+            r = await c.call_tool("unsubscribe_from_channel", {"channel_id": seed[i % len(seed)]}, meta=meta)
+            assert not r.is_error, r.content[0].text
+            subs = json.loads((await c.call_tool("list_user_subscriptions", {"limit": 100}, meta=meta)).content[0].text)
+            seen[i] = [s["channel_id"] for s in subs["subscriptions"]]
+
+    async def main(url):
+        async with mcp.Client(url) as c:
+            subs = json.loads((await c.call_tool("list_user_subscriptions", {"limit": 100},
+                                                 meta={"awm/session": "seed"})).content[0].text)
+            seen[-1] = [s["channel_id"] for s in subs["subscriptions"]]
+        async with anyio.create_task_group() as tg:
+            for i in range(16):
+                tg.start_soon(client, url, i)
+
+    _serve_http(pool, awm1k_samples, main)
+    seed = sorted(seen.pop(-1))
+    free = sorted(set(range(1, 11)) - set(seed))
+    assert len(seen) == 16 and len(seed) >= 2 and len(free) >= 2
+    for i, subs in seen.items():
+        assert set(subs) == set(seed) - {seed[i % len(seed)]} | {free[i % len(free)]}, (i, subs)
+
+
+def _post(client, url: str, body: dict, headers: dict | None = None):
+    return client.post(url, json=body, headers={"accept": "application/json, text/event-stream", **(headers or {})})
+
+
+def test_stateless_json_mode_answers_a_tool_call(pool, awm1k_samples):
+    """``awm env serve --stateless``: a handshake-era initialize gets no MCP session; a plain
+    JSON-RPC tools/call (no session id) is one JSON response; sessions are kept by name."""
+    import httpx
+
+    from awm_core.runtime.mcp_server import http_app as app_of
+
+    async def main(url):
+        async with httpx.AsyncClient() as h:
+            init = await _post(h, url, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+            assert init.status_code == 200 and "mcp-session-id" not in init.headers
+            assert init.json()["result"]["protocolVersion"] == "2025-06-18"
+
+            async def call(tool, args, session):
+                r = await _post(h, url, {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                                         "params": {"name": tool, "arguments": args}},
+                                {"X-AWM-Session": session, "mcp-protocol-version": "2025-06-18"})
+                assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+                body = r.json()
+                assert body["id"] == 7 and body["result"]["isError"] is False, body
+                return json.loads(body["result"]["content"][0]["text"])
+
+            found = await call("search_channels", {"query": "Kurzgesagt"}, "s1")
+            assert found["channels"][0]["id"] == 1
+            await call("subscribe_to_channel", {"channel_id": 3}, "s1")
+            mine = await call("list_user_subscriptions", {"limit": 100}, "s1")
+            other = await call("list_user_subscriptions", {"limit": 100}, "s2")
+            assert 3 in {s["channel_id"] for s in mine["subscriptions"]}
+            assert 3 not in {s["channel_id"] for s in other["subscriptions"]}
+            listed = await _post(h, url, {"jsonrpc": "2.0", "id": 8, "method": "tools/list", "params": {}},
+                                 {"mcp-protocol-version": "2025-06-18"})
+            assert len(listed.json()["result"]["tools"]) == 34 + 2
+
+    _serve_http(pool, awm1k_samples, main, app=lambda srv: app_of(srv, stateless=True))
+
+
+def test_fast_path_answers_what_the_sdk_answers(pool, awm1k_samples):
+    """The same session-less tools/call requests (modern and handshake-era; a result, a tool
+    error, an unknown tool) through the fast path and through the SDK give the same reply."""
+    import httpx
+
+    from awm_core.runtime.mcp_http import McpHttpEndpoint
+
+    endpoints = []
+
+    def app(srv):
+        endpoints.append(McpHttpEndpoint(srv))
+        return endpoints[0].app()
+
+    modern = {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call"}
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    cases = [({**modern, "mcp-name": name}, {"name": name, "arguments": args, "_meta": meta})
+             for name, args in [("search_channels", {"query": "Kurz"}), ("get_channel_by_id", {"channel_id": "x"}),
+                                ("nope", {})]]
+    cases += [({"mcp-protocol-version": "2025-06-18"}, {"name": "search_channels", "arguments": {"query": "Kurz"}}),
+              ({}, {"name": "call_tool", "arguments": {"tool_name": "mcp_tool_search_channels",
+                                                       "arguments": '{"query": "Kurz"}'}})]
+
+    async def main(url):
+        async with httpx.AsyncClient() as h:
+            for headers, params in cases:
+                replies = []
+                for fast in (True, False):
+                    endpoints[0].fast = fast
+                    r = await _post(h, url, {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": params},
+                                    headers)
+                    replies.append((r.status_code, r.headers["content-type"], r.json()))
+                assert replies[0] == replies[1], (params, replies)
+                assert "result" in replies[0][2], replies[0]
+
+    _serve_http(pool, awm1k_samples, main, app=app)
