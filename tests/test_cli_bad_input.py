@@ -141,12 +141,14 @@ def documented_queries() -> list[list[str]]:
             if query.strip(". ") == "" or "<" in query:
                 continue  # placeholders ("...", "<query>")
             out.append([query, *opts])
+        # the README's table of example queries, one per catalog table
+        out += [[m.group(1)] for m in re.finditer(r"\| `((?:SELECT|WITH|FROM) [^`]+)` \|", text)]
     return out
 
 
 def test_documented_queries_still_run(demo_catalog, capsys):
     queries = documented_queries()
-    assert len(queries) >= 8, queries
+    assert len(queries) >= 20, queries
     for q in queries:
         argv = ["catalog", "sql", *q]
         if "--snapshot" in argv:  # the docs say "--snapshot 5": any existing snapshot will do

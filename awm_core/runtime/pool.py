@@ -637,54 +637,54 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, tool: str, args: dict[str, Any] | None = None) -> ToolResult:
+    def _request(self, tool: str, args: dict[str, Any] | None) -> tuple[dict[str, Any] | None, ToolResult | None]:
+        """The worker request of a call, or the result that answers it without the worker."""
         if self.closed:
             raise SandboxError("the session is closed")
         args = {} if args is None else args
         bad = self.handle.validate(tool, args)
         if bad is not None:
-            return bad
+            return None, bad
         if self.lost:
-            return ToolResult.failure("environment", self.lost)
-        try:
-            resp, _, _ = self.handle.worker.request(
-                {"op": "call", "sid": self.sid, "tool": tool, "args": args},
-                timeout=self.handle.pool.config.call_timeout_s, instance=self.instance)
-        except WorkerFailure as exc:
-            self.lost = f"{exc}; reset() or open a new session to continue"
-            return ToolResult.failure("environment", str(exc))
+            return None, ToolResult.failure("environment", self.lost)
+        return {"op": "call", "sid": self.sid, "tool": tool, "args": args}, None
+
+    def _lost(self, exc: WorkerFailure) -> ToolResult:
+        self.lost = f"{exc}; reset() or open a new session to continue"
+        return ToolResult.failure("environment", str(exc))
+
+    @staticmethod
+    def _result(resp: dict[str, Any], as_text: bool = False) -> ToolResult:
         if resp.get("ok"):
-            return ToolResult(True, json.loads(resp["content_json"]), None, None)
+            raw = resp["content_json"]
+            return ToolResult(True, json.loads(raw) if not as_text or raw.startswith('"') else raw, None, None)
         return ToolResult(False, None, resp.get("error"), resp.get("error_kind") or "environment")
+
+    def call(self, tool: str, args: dict[str, Any] | None = None) -> ToolResult:
+        request, answer = self._request(tool, args)
+        if answer is not None:
+            return answer
+        try:
+            resp, _, _ = self.handle.worker.request(request, timeout=self.handle.pool.config.call_timeout_s,
+                                                    instance=self.instance)
+        except WorkerFailure as exc:
+            return self._lost(exc)
+        return self._result(resp)
 
     async def acall(self, tool: str, args: dict[str, Any] | None = None, *, as_text: bool = False) -> ToolResult:
         """``call`` for a coroutine: the request goes to the worker's pipe and the reply is
         awaited on the event loop, with no thread per call. ``as_text``: a successful result's
         ``content`` is what ``ToolResult.text()`` would give (the worker's JSON as it sent it,
         or the string a tool returned), without decoding and encoding it again."""
-        if self.closed:
-            raise SandboxError("the session is closed")
-        args = {} if args is None else args
-        bad = self.handle.validate(tool, args)
-        if bad is not None:
-            return bad
-        if self.lost:
-            return ToolResult.failure("environment", self.lost)
+        request, answer = self._request(tool, args)
+        if answer is not None:
+            return answer
         try:
-            resp, _, _ = await self.handle.worker.arequest(
-                {"op": "call", "sid": self.sid, "tool": tool, "args": args},
-                timeout=self.handle.pool.config.call_timeout_s, instance=self.instance)
+            resp, _, _ = await self.handle.worker.arequest(request, timeout=self.handle.pool.config.call_timeout_s,
+                                                           instance=self.instance)
         except WorkerFailure as exc:
-            self.lost = f"{exc}; reset() or open a new session to continue"
-            return ToolResult.failure("environment", str(exc))
-        if resp.get("ok"):
-            raw = resp["content_json"]
-            if not as_text or raw.startswith('"'):
-                content = json.loads(raw)
-            else:
-                content = raw
-            return ToolResult(True, content, None, None)
-        return ToolResult(False, None, resp.get("error"), resp.get("error_kind") or "environment")
+            return self._lost(exc)
+        return self._result(resp, as_text)
 
     def reset(self) -> None:
         """Back to the environment's initial database (a new worker session if it was lost)."""
