@@ -37,6 +37,7 @@ from awm_core.agent import (
     run_episode, select, verify_episode,
 )
 from awm_core.agent.interfaces import INTERFACES
+from awm_core.agent.rewards import LABELS
 from awm_core.errors import AWMError
 from awm_core.models import Environment
 from awm_core.settings import Settings, get_settings
@@ -359,36 +360,6 @@ def plan_tasks(environments: dict[str, Environment], config: EvalConfig,
     return plan, notes
 
 
-def environment_snapshot(catalog: Any) -> int:
-    """The snapshot that last published environments (the default to evaluate).
-
-    Not simply the latest snapshot: evaluation, gate and training runs publish snapshots of their
-    own, and rollouts and splits should name the snapshot the environments came from. The newest
-    ``published_at`` of the environments table only grows from snapshot to snapshot, so a binary
-    search over time travel finds the first snapshot that holds it.
-    """
-    latest = catalog.latest_snapshot()
-
-    def newest(snap: int) -> Any:
-        try:
-            return catalog.rows("SELECT max(published_at) AS t FROM environments", snapshot=snap)[0]["t"]
-        except AWMError:  # before the catalog schema existed
-            return None
-
-    target = newest(latest)
-    if target is None:
-        return latest
-    lo, hi = 0, latest
-    while lo < hi:
-        mid = (lo + hi) // 2
-        t = newest(mid)
-        if t is not None and t >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def stored_split_rows(catalog: Any, snapshot: int) -> list[dict[str, Any]]:
     return catalog.rows("SELECT env_id, task_idx, split, seed FROM splits WHERE snapshot = ?", params=[snapshot])
 
@@ -420,7 +391,7 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     run_id = run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     started = time.perf_counter()
     with Catalog.open(settings, read_only=True) as cat:
-        snapshot = config.snapshot if config.snapshot is not None else environment_snapshot(cat)
+        snapshot = config.snapshot if config.snapshot is not None else cat.environment_snapshot()
         ids = cat.environment_ids(snapshot)
         if config.env_ids:
             unknown = sorted(set(config.env_ids) - set(ids))
@@ -544,7 +515,7 @@ def reward_plot_png(rows: list[dict[str, Any]], title: str = "Reward distributio
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["completed", "partially_completed", "agent_error", "environment_error", "format_error"]
+    labels = LABELS
     colours = {"completed": "#2e7d32", "partially_completed": "#9ccc65", "agent_error": "#ef6c00",
                "environment_error": "#757575", "format_error": "#c62828"}
     values = sorted({r["reward"] for r in rows})
@@ -719,7 +690,7 @@ def publish_splits(settings: Settings | None = None, snapshot: int | None = None
 
     settings = settings or get_settings()
     with Catalog.open(settings) as cat:
-        snap = snapshot if snapshot is not None else environment_snapshot(cat)
+        snap = snapshot if snapshot is not None else cat.environment_snapshot()
         tasks = defaultdict(list)
         for r in cat.rows("SELECT env_id, task_idx FROM tasks WHERE dropped_reason IS NULL", snapshot=snap):
             tasks[r["env_id"]].append(r["task_idx"])

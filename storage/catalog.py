@@ -329,6 +329,35 @@ class Catalog:
     def latest_snapshot(self) -> int:
         return int(self._query(f"FROM {ALIAS}.current_snapshot()")[0][0])
 
+    def environment_snapshot(self) -> int:
+        """The snapshot that last published environments (what evaluation and splits default to).
+
+        Not simply the latest snapshot: evaluation, gate and training runs publish snapshots of their
+        own, and rollouts and splits should name the snapshot the environments came from. The newest
+        ``published_at`` of the environments table only grows from snapshot to snapshot, so a binary
+        search over time travel finds the first snapshot that holds it.
+        """
+        latest = self.latest_snapshot()
+
+        def newest(snap: int) -> Any:
+            try:
+                return self._query("SELECT max(published_at) AS t FROM environments", snapshot=snap)[0][0]
+            except CatalogError:  # before the catalog schema existed
+                return None
+
+        target = newest(latest)
+        if target is None:
+            return latest
+        lo, hi = 0, latest
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = newest(mid)
+            if t is not None and t >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def check_snapshot(self, snapshot: int) -> None:
         """Raise a CatalogError naming the valid range when ``snapshot`` does not exist."""
         self._check_snapshot(snapshot)
