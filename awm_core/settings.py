@@ -333,8 +333,9 @@ def home_source() -> str:
     if os.environ.get("AWM_HOME"):
         return "environment variable AWM_HOME"
     toml = config_file()
-    if toml.is_file() and _toml_line(toml, ("home",)):
-        return f"{toml}:{_toml_line(toml, ('home',))}"
+    line = _toml_line(toml, ("home",)) if toml.is_file() else None
+    if line:
+        return f"{toml}:{line}"
     found = find_home()
     return "found above this folder" if found.is_absolute() else "default ./.awm (none found above this folder)"
 

@@ -39,7 +39,6 @@ def prepare_prefect(verbose: bool = False, *, uses_prefect: bool = False) -> Non
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    os.environ["AWM_VERBOSE"] = "1" if verbose else ""
     if not uses_prefect:
         return
     settings.prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
