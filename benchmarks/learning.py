@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from awm_core.settings import load_settings
     from awm_core.train.learning import learning_run
-    from awm_core.train.report import reward_curves_png
+    from awm_core.report import reward_curves_png
     from awm_core.train.toy import LEARNING_PRESET, learning_family
 
     if args.steps is None:

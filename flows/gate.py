@@ -33,7 +33,9 @@ from prefect import flow, get_run_logger
 from awm_core.agent.rewards import LABELS
 from awm_core.errors import GateFailed
 from awm_core.models import utcnow
+from awm_core.report import markdown_table, pct
 from awm_core.settings import Settings, get_settings
+from flows.artifacts import Report, publish_report
 from flows.events import GATE_PASSED, emit_snapshot_event
 from storage.catalog import Catalog, made_by
 
@@ -64,22 +66,18 @@ class GateReport:
         s = self.statistics
         lines = [f"# Quality gate: snapshot {self.snapshot} {'PASSED' if self.passed else 'FAILED'}", "",
                  f"{s['successful']}/{s['evaluated']} expectations met. Gated environments: {s['gated_envs']}; "
-                 f"environment pass rate {_pct(s['env_pass_rate'])} (min {_pct(s['min_env_pass_rate'])}), "
-                 f"task pass rate {_pct(s['task_pass_rate'])} (min {_pct(s['min_task_pass_rate'])})."]
+                 f"environment pass rate {pct(s['env_pass_rate'])} (min {pct(s['min_env_pass_rate'])}), "
+                 f"task pass rate {pct(s['task_pass_rate'])} (min {pct(s['min_task_pass_rate'])})."]
         if self.unvalidated:
             lines += ["", f"Unvalidated imports (not gated): {', '.join(self.unvalidated[:50])}"
                           + (" ..." if len(self.unvalidated) > 50 else "")]
         fails = self.failures()
         if fails:
-            lines += ["", "## Failed expectations", "", "| table | expectation | column | unexpected | examples |",
-                      "|---|---|---|---:|---|"]
-            lines += [f"| {r['table']} | {r['expectation']} | {r['column']} | {r['unexpected_count']} | "
-                      f"{', '.join(map(str, r['examples'][:8]))} |" for r in fails]
+            lines += ["", "## Failed expectations", "", *markdown_table(
+                [("table", "l"), ("expectation", "l"), ("column", "l"), ("unexpected", "r"), ("examples", "l")],
+                [[r["table"], r["expectation"], r["column"], r["unexpected_count"],
+                  ", ".join(map(str, r["examples"][:8]))] for r in fails])]
         return "\n".join(lines)
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def load_frames(cat: Catalog, snapshot: int) -> dict[str, pd.DataFrame]:
@@ -256,17 +254,17 @@ def run_gate(snapshot: int | None = None, settings: Settings | None = None,
 @flow(name="quality-gate")
 def gate(snapshot: int | None = None) -> dict[str, Any]:
     """Validate a catalog snapshot; the run fails (GateFailed) when any expectation is not met."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.runtime import flow_run
 
     log = get_run_logger()
     report = run_gate(snapshot, flow_run_id=str(flow_run.id) if flow_run.id else None)
-    create_markdown_artifact(key="quality-gate", markdown=report.markdown(),
-                             description=f"quality gate for snapshot {report.snapshot}")
-    create_table_artifact(key="quality-gate-expectations", table=[
-        {"table": r["table"], "expectation": r["expectation"], "column": r["column"], "success": r["success"],
-         "unexpected": r["unexpected_count"], "examples": json.dumps(r["examples"][:5], default=str)}
-        for r in report.results], description="every expectation of the gate")
+    publish_report(Report(key="quality-gate", markdown=report.markdown(),
+                          description=f"quality gate for snapshot {report.snapshot}",
+                          tables={"quality-gate-expectations": ([
+                              {"table": r["table"], "expectation": r["expectation"], "column": r["column"],
+                               "success": r["success"], "unexpected": r["unexpected_count"],
+                               "examples": json.dumps(r["examples"][:5], default=str)} for r in report.results],
+                              "every expectation of the gate")}), log)
     summary = {"snapshot": report.snapshot, "passed": report.passed, "report_id": report.report_id,
                "statistics": {k: v for k, v in report.statistics.items() if k != "unvalidated"}}
     if not report.passed:

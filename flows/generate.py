@@ -8,8 +8,6 @@ catalog never holds the same environment twice.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
@@ -23,8 +21,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from awm_core.errors import AWMError
 from awm_core.models import Scenario, slugify
+from awm_core.report import data_uri, markdown_table, stacked_bars_png
 from awm_core.settings import Settings, get_settings
 from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
+from flows.artifacts import Report, publish_report
 from flows.events import GENERATE_PUBLISHED, emit_snapshot_event
 from flows.scaleout import run_resources_on_dask_workers, task_runner_for
 from tasks import generation as G
@@ -342,20 +342,17 @@ def _one_line(summary: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- artifacts
 
 
-def summary_markdown(summary: dict[str, Any], outcomes: list[G.EnvOutcome], image: str | None = None) -> str:
+def summary_markdown(summary: dict[str, Any], outcomes: list[G.EnvOutcome], image_src: str | None = None) -> str:
     lines = [f"# Generate run `{summary['run_id']}`", "",
              f"**Status:** {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""),
              f"**Snapshot:** {summary['snapshot']}  ", f"**Time:** {summary['seconds']} s  ",
              f"**LLM calls:** {summary['llm_calls']}, {summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}", "",
-             "| environment | status | tasks | repairs | tokens | cost ($) | seconds | reason |",
-             "|---|---|---:|---|---:|---:|---:|---|"]
-    for o in outcomes:
-        toks = sum(p.prompt_tokens + p.completion_tokens for p in o.stages.values())
-        cost = sum(p.cost_usd for p in o.stages.values())
-        ntasks = len(o.environment.tasks) if o.environment and o.status == "published" else 0
-        rep = ", ".join(f"{k} +{v}" for k, v in sorted(o.repairs.items())) or "-"
-        lines.append(f"| {o.scenario_id} | {o.status} | {ntasks} | {rep} | {toks:,} | {cost:.4f} | "
-                     f"{o.seconds:.1f} | {o.reason[:120].replace('|', '/') or '-'} |")
+             *markdown_table([("environment", "l"), ("status", "l"), ("tasks", "r"), ("repairs", "l"),
+                              ("tokens", "r"), ("cost ($)", "r"), ("seconds", "r"), ("reason", "l")],
+                             [[r["environment"], r["status"], r["tasks"],
+                               ", ".join(f"{k} +{v}" for k, v in sorted(o.repairs.items())) or "-",
+                               f"{r['tokens']:,}", f"{r['cost_usd']:.4f}", f"{o.seconds:.1f}", r["reason"][:120] or "-"]
+                              for o, r in zip(outcomes, environment_rows(outcomes))])]
     if summary["scenario_drops"]:
         lines += ["", "**Scenario candidates dropped:** " + "; ".join(
             f"{d['name']} ({d['reason']})" for d in summary["scenario_drops"])]
@@ -364,20 +361,23 @@ def summary_markdown(summary: dict[str, Any], outcomes: list[G.EnvOutcome], imag
                                                for idx, why in d.items()]
     lines += ["", "**Repairs per stage:** " + (", ".join(f"{k}: {v}" for k, v in sorted(summary["repairs"].items()))
                                                or "none")]
-    if image:
-        lines += ["", f"![attempts per stage](data:image/png;base64,{image})"]
+    if image_src:
+        lines += ["", f"![attempts per stage]({image_src})"]
     return "\n".join(lines)
 
 
-def _attempts_png(outcomes: list[G.EnvOutcome]) -> str | None:
-    """Bar chart of attempts per stage kind (first tries vs repairs), as base64 PNG."""
-    try:
-        import matplotlib
+def environment_rows(outcomes: list[G.EnvOutcome]) -> list[dict[str, Any]]:
+    """One row per scenario of the run: status, published tasks, repairs, tokens, cost, time."""
+    return [{"environment": o.scenario_id, "status": o.status, "reason": o.reason[:200],
+             "tasks": len(o.environment.tasks) if o.environment and o.status == "published" else 0,
+             "repairs": json.dumps(o.repairs), "seconds": round(o.seconds, 2),
+             "tokens": sum(p.prompt_tokens + p.completion_tokens for p in o.stages.values()),
+             "cost_usd": round(sum(p.cost_usd for p in o.stages.values()), 6)} for o in outcomes]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+
+def attempts_png(outcomes: list[G.EnvOutcome]) -> bytes:
+    """Attempts per stage kind: first tries and repairs, stacked."""
+    # The scenario stage runs once per run, not per environment: its repairs are in the summary.
     kinds = ["tasks", "schema", "seed_data", "spec", "code", "verifier", "solution"]
     first = {k: 0 for k in kinds}
     extra = {k: 0 for k in kinds}
@@ -387,17 +387,8 @@ def _attempts_png(outcomes: list[G.EnvOutcome]) -> str | None:
             if k in first:
                 first[k] += 1
                 extra[k] += max(0, p.attempts - 1)
-    fig, ax = plt.subplots(figsize=(6, 2.6), dpi=80)
-    ax.bar(kinds, [first[k] for k in kinds], label="first attempts")
-    ax.bar(kinds, [extra[k] for k in kinds], bottom=[first[k] for k in kinds], label="repairs")
-    ax.set_ylabel("attempts")
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return stacked_bars_png(kinds, {"first attempts": [first[k] for k in kinds], "repairs": [extra[k] for k in kinds]},
+                            ylabel="attempts", size=(6, 2.6))
 
 
 def stage_rows(records: list[Any]) -> list[dict[str, Any]]:
@@ -420,26 +411,15 @@ def failure_rows(records: list[Any], limit: int = 500) -> list[dict[str, Any]]:
 
 
 def _artifacts(summary: dict[str, Any], outcomes: list[G.EnvOutcome], records: list[Any] = ()) -> None:
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    try:
-        create_markdown_artifact(key="generate-summary", markdown=summary_markdown(summary, outcomes, _attempts_png(outcomes)),
-                                 description=f"generate run {summary['run_id']}")
-        create_table_artifact(key="generate-environments", description="one row per scenario", table=[
-            {"environment": o.scenario_id, "status": o.status, "reason": o.reason[:200],
-             "tasks": len(o.environment.tasks) if o.environment and o.status == "published" else 0,
-             "repairs": json.dumps(o.repairs), "seconds": round(o.seconds, 2),
-             "tokens": sum(p.prompt_tokens + p.completion_tokens for p in o.stages.values()),
-             "cost_usd": round(sum(p.cost_usd for p in o.stages.values()), 6)} for o in outcomes])
-        if records:
-            create_table_artifact(key="generate-stages", table=stage_rows(records),
-                                  description="LLM calls per stage: failed calls (errors, rejected replies) and pass rate")
-        failures = failure_rows(records)
-        if failures:
-            create_table_artifact(key="generate-failures", table=failures,
-                                  description="every failed or rejected LLM call with its reason")
-    except Exception as exc:  # artifacts are a convenience: never fail a run that published
-        get_run_logger().warning("could not create the summary artifacts: %s", exc)
+    chart = attempts_png(outcomes)
+    publish_report(Report(
+        key="generate-summary", markdown=summary_markdown(summary, outcomes, data_uri(chart)),
+        description=f"generate run {summary['run_id']}",
+        tables={"generate-environments": (environment_rows(outcomes), "one row per scenario"),
+                "generate-stages": (stage_rows(records),
+                                    "LLM calls per stage: failed calls (errors, rejected replies) and pass rate"),
+                "generate-failures": (failure_rows(records), "every failed or rejected LLM call with its reason")}),
+        get_run_logger())
 
 
 def run_generate(*, concurrency: int | None = None, task_runner=None, **params: Any) -> dict[str, Any]:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from awm_core.interop import awm1k
+from awm_core.report import markdown_table
 from awm_core.settings import Settings, get_settings
+from flows.artifacts import Report, publish_report
 from storage.catalog import Catalog, made_by
 
 
@@ -30,9 +31,10 @@ class ImportSummary:
 
     def markdown(self) -> str:
         lines = [f"Imported {len(self.environments)} environment(s) into snapshot {self.snapshot_id}.", "",
-                 "| environment | tasks | tools | verifiers | missing |", "|---|---:|---:|---:|---|"]
-        lines += [f"| {e['id']} | {e['tasks']} | {e['tools']} | {e['verifiers']} | {', '.join(e['missing']) or '-'} |"
-                  for e in self.environments]
+                 *markdown_table([("environment", "l"), ("tasks", "r"), ("tools", "r"), ("verifiers", "r"),
+                                  ("missing", "l")],
+                                 [[e["id"], e["tasks"], e["tools"], e["verifiers"], ", ".join(e["missing"]) or "-"]
+                                  for e in self.environments])]
         if self.problems:
             lines += ["", f"{len(self.problems)} record(s) could not be read:"] + [f"- {p}" for p in self.problems]
         return "\n".join(lines)
@@ -80,7 +82,7 @@ def import_awm1k(path: str, strict: bool = False) -> dict[str, Any]:
     for p in summary.problems:
         log.warning("skipped record %s", p)
     log.info("imported %d environment(s) into snapshot %s", len(summary.environments), summary.snapshot_id)
-    create_markdown_artifact(key="awm1k-import", markdown=summary.markdown(), description="AgentWorldModel-1K import")
+    publish_report(Report(key="awm1k-import", markdown=summary.markdown(), description="AgentWorldModel-1K import"), log)
     if strict and summary.problems:
         raise ValueError(f"{len(summary.problems)} record(s) could not be read (strict import)")
     return {"snapshot_id": summary.snapshot_id, "environments": len(summary.environments),

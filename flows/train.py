@@ -33,9 +33,11 @@ from prefect import flow, get_run_logger
 
 from awm_core.agent import make_splits, select
 from awm_core.errors import AWMError, GateRefused, SettingsError
+from awm_core.report import data_uri, reward_curves_png
 from awm_core.settings import Settings, get_settings
 from awm_core.train.config import ACCELERATE_CONFIGS, TrainConfig
 from awm_core.train.launch import read_run_dir, write_run_dir
+from flows.artifacts import Report, publish_report
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_DIR = REPO / "deployments" / "accelerate"
@@ -273,13 +275,11 @@ def publish_run(run_dir: str | Path, settings: Settings | None = None, flow_run_
             "final_checkpoint": str(final) if final.exists() else None, "metrics": metrics}
 
 
-def reward_curve_png(metrics: list[dict[str, Any]], path: Path) -> Path:
-    from awm_core.train.report import reward_curves_png
-
-    return reward_curves_png({"run": metrics}, path)
+STEP_COLUMNS = ("step", "reward", "reward_std", "awm/completion_rate", "awm/format_error_rate", "awm/env_error_rate",
+                "kl", "awm/train_tokens", "awm/rollout_s", "update_s")
 
 
-def summary_markdown(summary: dict[str, Any], config: TrainConfig) -> str:
+def summary_markdown(summary: dict[str, Any], config: TrainConfig, image_src: str | None = None) -> str:
     last = summary["metrics"][-1] if summary["metrics"] else {}
 
     def f(v: Any, fmt: str = "{:.3f}") -> str:
@@ -295,6 +295,7 @@ def summary_markdown(summary: dict[str, Any], config: TrainConfig) -> str:
         f"environment errors {f(last.get('awm/env_error_rate'), '{:.0%}')}.", "",
         f"Final checkpoint: `{summary['final_checkpoint']}`; task telemetry rows: {summary['telemetry']}; "
         f"catalog snapshot {summary['catalog_snapshot']}.",
+        *(["", f"![reward per step]({image_src})"] if image_src else []),
     ])
 
 
@@ -349,7 +350,8 @@ def run_train(config: TrainConfig | None, settings: Settings | None = None, *, f
         on_line(f"training run {run_id} on snapshot {snapshot}: {run_dir}")
         launch(run_dir, config, on_line)
     summary = publish_run(run_dir, settings, flow_run_id)
-    summary["reward_curve"] = str(reward_curve_png(summary["metrics"], run_dir / "reward_curve.png"))
+    reward_curves_png({"run": summary["metrics"]}, run_dir / "reward_curve.png")
+    summary["reward_curve"] = str(run_dir / "reward_curve.png")
     return summary
 
 
@@ -360,9 +362,6 @@ def train(snapshot: int | None = None, config: dict[str, Any] | None = None, pre
     ``preset``); ``snapshot`` overrides the config's; with neither config nor preset the ``tiny``
     preset runs. ``resume``: the id of a killed run to continue from its last checkpoint (the
     run's own settings; give no other parameter)."""
-    import base64
-
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
     from prefect.runtime import flow_run
 
     log = get_run_logger()
@@ -379,14 +378,12 @@ def train(snapshot: int | None = None, config: dict[str, Any] | None = None, pre
     summary = run_train(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, on_line=log.info, resume=resume)
     cfg = cfg or TrainConfig.load(Path(summary["run_dir"]) / "config.json")
     png = Path(summary["reward_curve"]).read_bytes()
-    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
-                          key="train-reward-curve", description=f"reward per step of run {summary['run_id']}")
-    create_markdown_artifact(key="train-summary", markdown=summary_markdown(summary, cfg),
-                             description=f"training run {summary['run_id']}")
-    create_table_artifact(key="train-steps", table=[
-        {k: m.get(k) for k in ("step", "reward", "reward_std", "awm/completion_rate", "awm/format_error_rate",
-                               "awm/env_error_rate", "kl", "awm/train_tokens", "awm/rollout_s", "update_s")}
-        for m in summary["metrics"]], description="per-step metrics")
+    publish_report(Report(
+        key="train-summary", markdown=summary_markdown(summary, cfg, data_uri(png)),
+        description=f"training run {summary['run_id']}",
+        tables={"train-steps": ([{k: m.get(k) for k in STEP_COLUMNS} for m in summary["metrics"]], "per-step metrics")},
+        chart=png, chart_key="train-reward-curve", chart_description=f"reward per step of run {summary['run_id']}"),
+        log)
     log.info("training run %s done: %s steps, final checkpoint %s", summary["run_id"], summary["steps"],
              summary["final_checkpoint"])
     return {k: v for k, v in summary.items() if k != "metrics"}

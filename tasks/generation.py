@@ -36,6 +36,7 @@ from awm_core.models import (
 from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
 from awm_core.stages.base import stage_name, summarise_errors
 from awm_core.validation import publishable, report_from_checks
+from tasks.registry import RunRegistry
 
 # --------------------------------------------------------------------------- run resources
 
@@ -76,23 +77,12 @@ class RunResources:
                 fh.writelines(lines)
 
 
-_RESOURCES: dict[str, RunResources] = {}
-
-
-def register(key: str, resources: RunResources) -> None:
-    _RESOURCES[key] = resources
-
-
-def unregister(key: str) -> None:
-    _RESOURCES.pop(key, None)
+_RESOURCES: RunRegistry[RunResources] = RunRegistry("generate run resources")
+register, unregister = _RESOURCES.register, _RESOURCES.unregister
 
 
 def resources(key: str) -> RunResources:
-    try:
-        return _RESOURCES[key]
-    except KeyError:
-        raise AWMError(f"run resources {key!r} are not registered in this process (tasks of the generate "
-                       "flow must run in the flow's process: use a thread-based task runner)") from None
+    return _RESOURCES[key]
 
 
 # --------------------------------------------------------------------------- results and failures

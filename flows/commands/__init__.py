@@ -162,3 +162,50 @@ def port(text: str) -> int:
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {n}")
     return n
+
+
+# ------------------------------------------------------------------ options from a flow's config
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls: Any, *, flags: dict[str, str] | None = None,
+                       metavars: dict[str, str] | None = None) -> None:
+    """One option per field of ``config_cls`` (an ``awm_core.configs.FlowConfig``): ``--field-name``
+    (or ``flags[field]``), the field's description and default as help, its allowed values as
+    choices, its type and range checked as the option is read. A bool field is a switch; a list
+    field is repeated (``--env a --env b``). ``config_from_args`` builds the config back."""
+    import typing
+
+    flags, metavars = flags or {}, metavars or {}
+    for name, info in config_cls.model_fields.items():
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        default = info.default
+        helptext = info.description or ""
+        args = typing.get_args(info.annotation)
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_true", help=helptext)
+            continue
+        if typing.get_origin(info.annotation) is typing.Literal:
+            parser.add_argument(flag, dest=name, default=default, choices=list(args),
+                                help=f"{helptext} (default: {default})")
+            continue
+        if any(typing.get_origin(a) is list for a in args) or typing.get_origin(info.annotation) is list:
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavars.get(name),
+                                help=f"{helptext} (repeatable)")
+            continue
+        parse = config_cls.field_parser(name)
+
+        def checked(text: str, parse=parse) -> Any:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        checked.__name__ = name
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(flag, dest=name, type=checked, default=default, metavar=metavars.get(name),
+                            help=helptext + shown)
+
+
+def config_from_args(config_cls: Any, args: argparse.Namespace) -> Any:
+    """The config from the options ``add_config_options`` added."""
+    return config_cls(**{name: getattr(args, name) for name in config_cls.model_fields})

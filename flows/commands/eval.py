@@ -8,16 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from flows.commands import count, non_negative, rate, run_flow, uses_prefect
-
-
-def _window(value: str) -> int | None:
-    if value.lower() in ("none", "all", "full"):
-        return None
-    n = int(value)
-    if n < 0:
-        raise ValueError("window must be >= 0")
-    return n
+from flows.commands import add_config_options, config_from_args, non_negative, rate, run_flow, uses_prefect
 
 
 def register(sub) -> None:
@@ -26,30 +17,9 @@ def register(sub) -> None:
         description="Run the evaluate flow: episodes of POLICY on the tasks of a split of a catalog snapshot, over "
                     "one sandbox pool; rollouts are published to the catalog as one snapshot, with a summary "
                     "(Prefect artifacts: report, table, reward plot). `awm eval splits` stores a train/val split.")
-    p.add_argument("--policy", default="reference", choices=["reference", "random", "openai", "openai-text"],
-                   help="reference: replay reference solutions; random: random schema-valid calls; openai: an "
-                        "OpenAI-compatible endpoint with native tool calls; openai-text: the same endpoint without "
-                        "tools, the model writes <tool_call> blocks (default: reference)")
-    p.add_argument("--snapshot", type=non_negative, default=None,
-                   help="catalog snapshot of the environments (default: the one that last published environments)")
-    p.add_argument("--split", default="val", choices=["all", "train", "val"],
-                   help="which tasks (default: val; a split is made and stored if the snapshot has none)")
-    p.add_argument("--split-by", default="environment", choices=["environment", "task"],
-                   help="how a missing split is made (default: environment)")
-    p.add_argument("--seed", type=non_negative, default=0, help="seed of a new split and of the random policy")
-    p.add_argument("--base-url", default=None, help="endpoint of openai policies (default: llm.policy.base_url)")
-    p.add_argument("--model", default=None, help="model of openai policies (default: llm.policy.model)")
-    p.add_argument("--episodes-per-task", type=count, default=1, help="episodes per task (default: 1)")
-    p.add_argument("--concurrency", type=count, default=8, help="episodes running at once (default: 8)")
-    p.add_argument("--window", type=_window, default=3,
-                   help="history window: turns the policy sees besides the task (default: 3; 'none' keeps all)")
-    p.add_argument("--interface", default="direct", choices=["direct", "meta"],
-                   help="direct: the environment's tools; meta: list_tools + call_tool (default: direct)")
-    p.add_argument("--max-turns", type=count, default=20, help="policy replies per episode (default: 20)")
-    p.add_argument("--judge", action="store_true", help="classify episodes with the LLM judge (role 'judge')")
-    p.add_argument("--env", dest="env_ids", action="append", default=None, metavar="ENV_ID",
-                   help="only this environment (repeatable)")
-    p.add_argument("--max-tasks-per-env", type=count, default=None, help="at most this many tasks per environment")
+    from awm_core.agent.evaluation import EvalConfig
+
+    add_config_options(p, EvalConfig, flags={"env_ids": "--env"}, metavars={"env_ids": "ENV_ID"})
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     uses_prefect(p).set_defaults(func=run_eval)
 
@@ -92,15 +62,9 @@ class _ProgressLine:
 
 
 def run_eval(args) -> int:
-    from flows.evaluate import add_progress_listener, evaluate, remove_progress_listener, summary_markdown, EvalConfig
+    from flows.evaluate import EvalConfig, add_progress_listener, evaluate, remove_progress_listener, summary_markdown
 
-    params = dict(snapshot=args.snapshot, split=args.split, policy=args.policy, base_url=args.base_url,
-                  model=args.model, episodes_per_task=args.episodes_per_task, concurrency=args.concurrency,
-                  window=args.window, interface=args.interface, max_turns=args.max_turns, judge=args.judge,
-                  env_ids=args.env_ids, split_by=args.split_by, seed=args.seed,
-                  max_tasks_per_env=args.max_tasks_per_env)
-    config = EvalConfig(**params)
-    config.check()  # fail on bad values, or a missing catalog, before a flow run is created
+    config = config_from_args(EvalConfig, args)  # bad values fail here, before a flow run is created
     from awm_core.settings import get_settings
     from storage.catalog import Catalog
 
@@ -108,7 +72,7 @@ def run_eval(args) -> int:
     progress = _ProgressLine()
     add_progress_listener(progress)
     try:
-        summary = run_flow(evaluate, **params)
+        summary = run_flow(evaluate, config=config)
     finally:
         remove_progress_listener(progress)
     if args.json:

@@ -6,7 +6,9 @@ import pytest
 from agent_bundles import notes_environment
 from awm_core.errors import AWMError
 from awm_core.settings import get_settings
-from flows.evaluate import EvalConfig, reward_plot_png, run_evaluation, summarize, summary_markdown
+from awm_core.agent.eval_summary import reward_plot_png, summarize, summary_markdown
+from awm_core.agent.evaluation import EvalConfig
+from flows.evaluate import run_evaluation
 from storage.catalog import Catalog
 
 

@@ -114,7 +114,13 @@ def test_deployments_register_with_schedule_parameters_and_chain(prefect_server,
         runs = client.read_flow_runs()
         run = next(r for r in runs if r.deployment_id == nightly.id and r.parameters.get("scenarios") == 2)
         assert run.parameters == {"scenarios": 2, "tasks_per_scenario": 6, "budget_usd": 2.5}
-        for name, params in [("evaluate/manual", {"split": "test", "policy": "random"}),
+        # The evaluate flow takes one typed config: its fields (with their help text) are in the
+        # deployment's parameter schema, which the UI renders as the run form.
+        schema = deps["evaluate/manual"].parameter_openapi_schema
+        fields = schema["definitions"]["EvalConfig"]["properties"]
+        assert set(schema["properties"]) == {"config"} and "policy" in fields
+        assert "replay reference solutions" in fields["policy"]["description"]
+        for name, params in [("evaluate/manual", {"config": {"split": "train", "policy": "random"}}),
                              ("train/manual", {"snapshot": 7}), ("import-awm1k/manual", {"path": "/data/awm1k"}),
                              ("quality-gate/after-generate", {"snapshot": 3})]:
             fr = client.create_flow_run_from_deployment(deps[name].id, parameters=params)

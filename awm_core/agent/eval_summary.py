@@ -1,0 +1,110 @@
+"""An evaluation's summary: statistics by scenario and category, its markdown, its reward chart."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from typing import Any
+
+from awm_core.agent.evaluation import EvalConfig, EvalResult
+from awm_core.agent.rewards import LABELS
+from awm_core.models import Environment
+from awm_core.report import LABEL_COLOURS, markdown_table, stacked_bars_png
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def _share(n: int, of: int) -> float:
+    return round(n / of, 4) if of else 0.0
+
+
+def group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Episodes, mean reward, outcome shares and mean turns of a group of rollout rows."""
+    labels = Counter(r["label"] for r in rows)
+    n = len(rows)
+    return {"episodes": n, "mean_reward": round(_mean([r["reward"] for r in rows]), 4),
+            "completion_rate": _share(labels["completed"], n),
+            "partial_rate": _share(labels["partially_completed"], n),
+            "env_error_rate": _share(sum(r["env_error"] for r in rows), n),
+            "format_error_rate": _share(labels["format_error"], n),
+            "mean_turns": round(_mean([r["turns"] for r in rows]), 2)}
+
+
+def summarize(result: EvalResult, environments: dict[str, Environment] | None = None,
+              categories: dict[str, str] | None = None) -> dict[str, Any]:
+    """Reward by scenario and category, completion rate, mean turns and error classes."""
+    rows = result.rows
+    cats = dict(categories or {})
+    for e, env in (environments or {}).items():
+        cats.setdefault(e, env.scenario.category)
+    by_env, by_cat = defaultdict(list), defaultdict(list)
+    for r in rows:
+        by_env[r["env_id"]].append(r)
+        by_cat[cats.get(r["env_id"], "general")].append(r)
+    durations = [r["duration_s"] for r in rows]
+    env_time = sum(r["env_time_s"] or 0.0 for r in rows)
+    return {
+        "run_id": result.run_id, "snapshot": result.snapshot, "published_snapshot": result.published_snapshot,
+        "overall": {**group_stats(rows), "failed": len(result.failures),
+                    "reward_std": round(statistics.pstdev([r["reward"] for r in rows]), 4) if rows else 0.0,
+                    "mean_tool_calls": round(_mean([r["tool_calls"] for r in rows]), 2),
+                    "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
+                    "completion_tokens": sum(r["completion_tokens"] or 0 for r in rows),
+                    "mean_episode_s": round(_mean(durations), 4),
+                    "env_time_share": round(env_time / sum(durations), 4) if sum(durations) else 0.0,
+                    "wall_s": round(result.wall_s, 2)},
+        "by_scenario": [{"env_id": e, "category": cats.get(e, "general"), **group_stats(rs)}
+                        for e, rs in sorted(by_env.items())],
+        "by_category": [{"category": c, **group_stats(rs)} for c, rs in sorted(by_cat.items())],
+        "labels": dict(Counter(r["label"] for r in rows).most_common()),
+        "errors": dict(Counter((r["error"] or "").split(":")[0] for r in rows if r["error"]).most_common(10)),
+        "failures": result.failures[:20],
+    }
+
+
+def reward_plot_png(rows: list[dict[str, Any]], title: str = "Reward distribution") -> bytes:
+    """Episode counts per reward value, stacked by outcome label (PNG bytes)."""
+    values = sorted({r["reward"] for r in rows})
+    series = {label: [sum(1 for r in rows if r["reward"] == v and r["label"] == label) for v in values]
+              for label in LABELS}
+    return stacked_bars_png([str(v) for v in values], series, xlabel="reward", ylabel="episodes",
+                            title=f"{title} (n={len(rows)}, mean={_mean([r['reward'] for r in rows]):.3f})",
+                            colours=LABEL_COLOURS)
+
+
+def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str | None = None) -> str:
+    o = summary["overall"]
+    lines = [
+        f"# Evaluation `{summary['run_id']}`", "",
+        f"Policy **{config.policy}** on snapshot {summary['snapshot']} (split `{config.split}`, interface "
+        f"`{config.interface}`, window {config.window}, max turns {config.max_turns}, judge "
+        f"{'on' if config.judge else 'off'}); rollouts published as snapshot {summary['published_snapshot']}.", "",
+        *markdown_table([("episodes", "r"), ("mean reward", "r"), ("completion rate", "r"), ("partial", "r"),
+                         ("env errors", "r"), ("format errors", "r"), ("mean turns", "r"), ("failed", "r")],
+                        [[o["episodes"], f"{o['mean_reward']:.3f}", f"{o['completion_rate']:.1%}",
+                          f"{o['partial_rate']:.1%}", f"{o['env_error_rate']:.1%}", f"{o['format_error_rate']:.1%}",
+                          f"{o['mean_turns']:.2f}", o["failed"]]]),
+        "", "## Reward by scenario", "",
+        *markdown_table([("scenario", "l"), ("category", "l"), ("episodes", "r"), ("mean reward", "r"),
+                         ("completion rate", "r"), ("mean turns", "r"), ("env errors", "r")],
+                        [[s["env_id"], s["category"], s["episodes"], f"{s['mean_reward']:.3f}",
+                          f"{s['completion_rate']:.1%}", f"{s['mean_turns']:.2f}", f"{s['env_error_rate']:.1%}"]
+                         for s in summary["by_scenario"]]),
+        "", "## Reward by category", "",
+        *markdown_table([("category", "l"), ("episodes", "r"), ("mean reward", "r"), ("completion rate", "r")],
+                        [[c["category"], c["episodes"], f"{c['mean_reward']:.3f}", f"{c['completion_rate']:.1%}"]
+                         for c in summary["by_category"]]),
+        "", "## Outcome classes", "", *markdown_table([("label", "l"), ("episodes", "r")], summary["labels"].items()),
+    ]
+    if summary["errors"]:
+        lines += ["", "## Error classes", "", *markdown_table([("error", "l"), ("episodes", "r")],
+                                                               summary["errors"].items())]
+    if summary["failures"]:
+        lines += ["", "## Episodes that could not run", ""] + [f"- {f}" for f in summary["failures"]]
+    if image_src:
+        lines += ["", "## Reward distribution", "", f"![reward distribution]({image_src})"]
+    return "\n".join(lines)
+
+
+__all__ = ["group_stats", "reward_plot_png", "summarize", "summary_markdown"]
