@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from awm_core.errors import AWMError
+from awm_core.configs import GenerateConfig
+from awm_core.errors import AWMError, InputError
 from awm_core.settings import Settings, get_settings
 from flows.events import GATE_PASSED
 from flows.server import api_url, ensure_work_pool, is_healthy
@@ -103,6 +104,10 @@ def plan(settings: Settings, entries: list[dict[str, Any]], *, generate_params: 
             params.update({"scenarios": settings.generation.scenarios,
                            "tasks_per_scenario": settings.generation.tasks_per_scenario})
             params.update(generate_params or {})
+            try:  # the flow's own config: a misspelt or out-of-range --param fails here, not at 2 am
+                GenerateConfig(**params)
+            except InputError as exc:
+                raise DeployError(f"{e['name']} deployment: {exc}") from None
             e["parameters"] = params
             tz = timezone or settings.server.timezone
             expr = cron or settings.server.nightly_cron

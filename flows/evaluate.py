@@ -8,7 +8,7 @@ the summary (``awm_core.agent.eval_summary``) as Prefect artifacts: markdown rep
 environment, image of the reward distribution, and a progress bar while it runs.
 
 ``run_evaluation`` is the same work without Prefect (tests, notebooks); ``evaluate`` is the
-flow, taking one ``EvalConfig``; ``awm eval`` builds that config from its options.
+flow, whose parameters are ``EvalConfig``'s fields; ``awm eval`` builds that config from its options.
 """
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ class _ProgressArtifact:
 
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=32))
-def evaluate(config: EvalConfig | None = None) -> dict[str, Any]:
+@EvalConfig.as_parameters
+def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run ``config.policy`` on the tasks of ``config.split`` in ``config.snapshot`` (latest by
     default) and publish the rollouts. Policies: ``reference`` (replays reference solutions; should
     score 1.0), ``random`` (random schema-valid calls), ``openai`` (an OpenAI-compatible endpoint
@@ -173,7 +174,6 @@ def evaluate(config: EvalConfig | None = None) -> dict[str, Any]:
     from storage.catalog import Catalog
     from tasks.evaluation import prefect_runner
 
-    config = EvalConfig.coerce(config)
     log = get_run_logger()
     settings = get_settings()
     progress = _ProgressArtifact()

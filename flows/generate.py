@@ -12,6 +12,7 @@ import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from awm_core.configs import GenerateConfig
 from awm_core.errors import AWMError
 from awm_core.models import Scenario, slugify
 from awm_core.report import data_uri, markdown_table, stacked_bars_png
@@ -155,15 +157,10 @@ def existing_scenarios(settings: Settings) -> list[Scenario]:
 
 
 @flow(name="generate", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
-def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int | None = None,
-             generator_model: str | None = None, concurrency: int | None = None, budget_usd: float | None = None,
-             seed_list: str | None = None, fixtures_dir: str | None = None, skip_existing: bool = True,
-             offline_latency_s: float | None = None, progress: bool = False, publish: bool = True) -> dict[str, Any]:
-    """Synthesise, validate and publish environments.
-
-    scenarios: how many to make (expanded from the seed list by the model), or a list of
-    seed-list names/ids to make exactly those. Defaults come from ``settings.generation``.
-    """
+@GenerateConfig.as_parameters
+def generate(config: GenerateConfig) -> dict[str, Any]:
+    """Synthesise, validate and publish environments: ``config.scenarios`` of them (a count expanded
+    from the seed list, or seed-list names to make exactly those)."""
     from prefect.runtime import flow_run
 
     from awm_core.llm import Budget, LLMClient
@@ -172,26 +169,28 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    settings = effective_settings(generator_model=generator_model, fixtures_dir=fixtures_dir,
-                                  offline_latency_s=offline_latency_s, budget_usd=budget_usd)
+    settings = effective_settings(generator_model=config.generator_model, fixtures_dir=config.fixtures_dir,
+                                  offline_latency_s=config.offline_latency_s, budget_usd=config.budget_usd)
     gen = settings.generation
-    n = gen.scenarios if scenarios is None else scenarios
-    k = tasks_per_scenario or gen.tasks_per_scenario
-    seed_list = seed_list or (str(gen.seed_list) if gen.seed_list else None)
+    n = gen.scenarios if config.scenarios is None else config.scenarios
+    k = config.tasks_per_scenario or gen.tasks_per_scenario
+    seed_list = config.seed_list or (str(gen.seed_list) if gen.seed_list else None)
     flow_run_id = str(flow_run.id) if flow_run.id else None
     run_id = f"gen-{started_at:%Y%m%dT%H%M%S}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
     run_dir = settings.runs_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The values the run used, defaults resolved: what the catalog's generation_runs.params records.
     params = {"scenarios": n, "tasks_per_scenario": k, "generator_model": settings.llm.generator.model,
-              "concurrency": concurrency, "budget_usd": settings.llm.budget_usd, "seed_list": seed_list,
+              "concurrency": config.concurrency, "budget_usd": settings.llm.budget_usd, "seed_list": seed_list,
               "fixtures_dir": str(settings.llm.fixtures_dir) if settings.llm.generator.backend == "offline" else None,
-              "skip_existing": skip_existing}
+              "skip_existing": config.skip_existing}
+    run = RunInfo(settings, run_id, flow_run_id, started_at, params)
     _write_state(run_dir, status="running", pid=os.getpid(), started_at=started_at.isoformat(),
                  flow_run_id=flow_run_id, params=params)
 
     budget = Budget(cap_usd=settings.llm.budget_usd)
     client = LLMClient.for_role(settings, "generator", budget=budget, ledger=run_dir / "llm_calls.jsonl", run_id=run_id)
-    say = (lambda line: print(line, flush=True)) if progress else (lambda line: logger.info(line))
+    say = (lambda line: print(line, flush=True)) if config.progress else (lambda line: logger.info(line))
     pool = SandboxPool(settings.sandbox)
     run_key = run_id
     G.register(run_key, G.RunResources(settings=settings, client=client, pool=pool, run_id=run_id, run_dir=run_dir,
@@ -203,7 +202,7 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
     timings: dict[str, float] = {}
     t_build = 0.0
     try:
-        existing = existing_scenarios(settings) if skip_existing else []
+        existing = existing_scenarios(settings) if config.skip_existing else []
         if isinstance(n, list):
             chosen = resolve_named(n, seed_list)
             dup = [s.id for s in chosen if s.id in {e.id for e in existing}]
@@ -262,9 +261,8 @@ def generate(scenarios: int | list[str] | None = None, tasks_per_scenario: int |
     }
     summary["timings"] = timings
     t_pub = time.perf_counter()
-    if publish:
-        summary["snapshot"] = _publish(settings, run_id, flow_run_id, started_at, params, summary, published,
-                                       records, drop_reasons, tokens, cost)
+    if config.publish:
+        summary["snapshot"] = _publish(run, summary, published, records, drop_reasons)
         _write_state(run_dir, status="published", snapshot=summary["snapshot"])
     else:
         _write_state(run_dir, status="finished")
@@ -301,10 +299,24 @@ def _repairs(outcomes: list[G.EnvOutcome], scenario_attempts: int = 1) -> dict[s
     return out
 
 
-def _publish(settings, run_id, flow_run_id, started_at, params, summary, published, records, drop_reasons,
-             tokens, cost) -> int | None:
+@dataclass
+class RunInfo:
+    """Who a generate run is: what its catalog rows are stamped with."""
+
+    settings: Settings
+    run_id: str
+    flow_run_id: str | None
+    started_at: datetime
+    params: dict[str, Any]
+
+
+def _publish(run: RunInfo, summary: dict[str, Any], published: list[G.EnvOutcome], records: list[Any],
+             drop_reasons: dict[str, str]) -> int | None:
+    """One snapshot: the published environments, the run's LLM calls (and those of runs that died
+    before publishing theirs), and the run's generation_runs row."""
     from storage.catalog import Catalog, made_by
 
+    settings, run_id, flow_run_id = run.settings, run.run_id, run.flow_run_id
     orphans = orphaned_runs(settings, run_id)
     cat = Catalog.open(settings)
     try:
@@ -323,10 +335,11 @@ def _publish(settings, run_id, flow_run_id, started_at, params, summary, publish
                     "cost_usd": sum(r.cost_usd for r in orphan_records),
                     "message": f"the run's process died before publishing; its LLM calls were published by {run_id}"})
             pub.add_generation_run({
-                "run_id": run_id, "flow_run_id": flow_run_id, "status": summary["status"], "started_at": started_at,
-                "finished_at": datetime.now(timezone.utc), "params": params, "envs_published": len(published),
-                "envs_dropped": len(drop_reasons), "drop_reasons": drop_reasons, "tokens": tokens,
-                "cost_usd": cost, "message": summary["message"] or _one_line(summary)})
+                "run_id": run_id, "flow_run_id": flow_run_id, "status": summary["status"],
+                "started_at": run.started_at, "finished_at": datetime.now(timezone.utc), "params": run.params,
+                "envs_published": len(published), "envs_dropped": len(drop_reasons), "drop_reasons": drop_reasons,
+                "tokens": sum(r.prompt_tokens + r.completion_tokens for r in records),
+                "cost_usd": sum(r.cost_usd for r in records), "message": summary["message"] or _one_line(summary)})
         for orphan_id, _ in orphans:
             _write_state(settings.runs_dir / orphan_id, status="crashed", published_by=run_id)
         return pub.snapshot_id
@@ -422,14 +435,15 @@ def _artifacts(summary: dict[str, Any], outcomes: list[G.EnvOutcome], records: l
         get_run_logger())
 
 
-def run_generate(*, concurrency: int | None = None, task_runner=None, **params: Any) -> dict[str, Any]:
-    """Run the flow with ``concurrency`` worker threads (or any Prefect task runner, e.g.
-    a ``prefect_dask.DaskTaskRunner`` whose workers are threads of this process)."""
+def run_generate(config: GenerateConfig | None = None, *, task_runner=None, **fields: Any) -> dict[str, Any]:
+    """Run the flow with ``config`` (or its ``fields``) on ``config.concurrency`` worker threads,
+    or on any Prefect task runner (e.g. a ``prefect_dask.DaskTaskRunner``)."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
+    config = config or GenerateConfig(**fields)
     settings = get_settings()
-    c = concurrency or settings.generation.concurrency
+    c = config.concurrency or settings.generation.concurrency
     runner = task_runner or task_runner_for(settings, c)  # generation.task_runner: threads or dask
     # Cached stage results live under AWM_HOME, next to the catalog they feed.
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(G.results_dir(settings))}):
-        return generate.with_options(task_runner=runner)(concurrency=c, **params)
+        return generate.with_options(task_runner=runner)(**config.model_copy(update={"concurrency": c}).parameters())

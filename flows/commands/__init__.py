@@ -167,29 +167,33 @@ def port(text: str) -> int:
 # ------------------------------------------------------------------ options from a flow's config
 
 
-def add_config_options(parser: argparse.ArgumentParser, config_cls: Any, *, flags: dict[str, str] | None = None,
-                       metavars: dict[str, str] | None = None) -> None:
+def add_config_options(parser: Any, config_cls: Any, *, flags: dict[str, str | tuple[str, ...]] | None = None,
+                       metavars: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
     """One option per field of ``config_cls`` (an ``awm_core.configs.FlowConfig``): ``--field-name``
-    (or ``flags[field]``), the field's description and default as help, its allowed values as
-    choices, its type and range checked as the option is read. A bool field is a switch; a list
-    field is repeated (``--env a --env b``). ``config_from_args`` builds the config back."""
+    (or ``flags[field]``, one flag or several), the field's description and default as help, its
+    allowed values as choices, its type and range checked as the option is read. A bool field is
+    a switch; a list field is repeated (``--env a --env b``). Fields in ``skip`` are the command's
+    own business. ``config_from_args`` builds the config back."""
     import typing
 
     flags, metavars = flags or {}, metavars or {}
     for name, info in config_cls.model_fields.items():
-        flag = flags.get(name, "--" + name.replace("_", "-"))
+        if name in skip:
+            continue
+        given = flags.get(name, "--" + name.replace("_", "-"))
+        flag_list = (given,) if isinstance(given, str) else given
         default = info.default
         helptext = info.description or ""
         args = typing.get_args(info.annotation)
         if info.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_true", help=helptext)
+            parser.add_argument(*flag_list, dest=name, action="store_true", help=helptext)
             continue
         if typing.get_origin(info.annotation) is typing.Literal:
-            parser.add_argument(flag, dest=name, default=default, choices=list(args),
+            parser.add_argument(*flag_list, dest=name, default=default, choices=list(args),
                                 help=f"{helptext} (default: {default})")
             continue
         if any(typing.get_origin(a) is list for a in args) or typing.get_origin(info.annotation) is list:
-            parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavars.get(name),
+            parser.add_argument(*flag_list, dest=name, action="append", default=None, metavar=metavars.get(name),
                                 help=f"{helptext} (repeatable)")
             continue
         parse = config_cls.field_parser(name)
@@ -202,10 +206,13 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: Any, *, flag
 
         checked.__name__ = name
         shown = "" if default is None else f" (default: {default})"
-        parser.add_argument(flag, dest=name, type=checked, default=default, metavar=metavars.get(name),
+        kinds = {a for a in (args or (info.annotation,)) if a is not type(None)}
+        metavar = metavars.get(name) or ("N" if kinds == {int} else "X" if kinds == {float} else None)
+        parser.add_argument(*flag_list, dest=name, type=checked, default=default, metavar=metavar,
                             help=helptext + shown)
 
 
-def config_from_args(config_cls: Any, args: argparse.Namespace) -> Any:
-    """The config from the options ``add_config_options`` added."""
-    return config_cls(**{name: getattr(args, name) for name in config_cls.model_fields})
+def config_from_args(config_cls: Any, args: argparse.Namespace, **own: Any) -> Any:
+    """The config from the options ``add_config_options`` added, and ``own`` values for the fields
+    the command handles itself."""
+    return config_cls(**{name: getattr(args, name) for name in config_cls.model_fields if name not in own}, **own)

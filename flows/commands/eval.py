@@ -72,7 +72,7 @@ def run_eval(args) -> int:
     progress = _ProgressLine()
     add_progress_listener(progress)
     try:
-        summary = run_flow(evaluate, config=config)
+        summary = run_flow(evaluate, **config.parameters())
     finally:
         remove_progress_listener(progress)
     if args.json:

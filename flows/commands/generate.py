@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.commands import count, non_negative_float, seconds, uses_prefect
+from flows.commands import add_config_options, config_from_args, count, uses_prefect
 
 
 def register(sub) -> None:
@@ -13,18 +13,16 @@ def register(sub) -> None:
                     "seed data, tool spec, tool code, verifiers and reference solutions per scenario, each stage "
                     "retried with its errors in the prompt -> execution validation in the sandbox -> one catalog "
                     "snapshot. Prints a line per stage as it finishes.")
+    from awm_core.configs import GenerateConfig
+
     what = p.add_mutually_exclusive_group()
     what.add_argument("-n", "--scenarios", type=count, default=None,
                       help="how many scenarios to make (default: generation.scenarios)")
     what.add_argument("-s", "--scenario", action="append", default=None, metavar="NAME",
                       help="make exactly this seed-list scenario (name or id; repeatable)")
-    p.add_argument("-k", "--tasks-per-scenario", type=count, default=None)
-    p.add_argument("--model", default=None, help="generator model (default: llm.generator.model)")
-    p.add_argument("-c", "--concurrency", type=count, default=None, help="scenarios built at once")
-    p.add_argument("--budget-usd", type=seconds, default=None, help="hard cap on estimated LLM spend for this run")
-    p.add_argument("--seed-list", default=None, help="JSON list of {name, description, category} seed scenarios")
-    p.add_argument("--fixtures-dir", default=None, help="recordings for the offline backend")
-    p.add_argument("--offline-latency", type=non_negative_float, default=None, help="simulated seconds per offline LLM call")
+    add_config_options(p, GenerateConfig, skip=("scenarios", "skip_existing", "progress", "publish"),
+                       flags={"tasks_per_scenario": ("-k", "--tasks-per-scenario"), "generator_model": "--model",
+                              "concurrency": ("-c", "--concurrency"), "offline_latency_s": "--offline-latency"})
     p.add_argument("--include-existing", action="store_true",
                    help="also rebuild scenarios that are already in the catalog (default: skip them)")
     p.add_argument("--no-publish", action="store_true", help="validate but do not write the catalog")
@@ -50,14 +48,14 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args) -> int:
+    from awm_core.configs import GenerateConfig
     from flows.generate import run_generate
 
     scenarios = args.scenario if args.scenario else args.scenarios
     print("awm generate: starting (Prefect may take a few seconds to come up)", flush=True)
-    summary = run_generate(scenarios=scenarios, tasks_per_scenario=args.tasks_per_scenario, generator_model=args.model,
-                           concurrency=args.concurrency, budget_usd=args.budget_usd, seed_list=args.seed_list,
-                           fixtures_dir=args.fixtures_dir, offline_latency_s=args.offline_latency,
-                           skip_existing=not args.include_existing, progress=True, publish=not args.no_publish)
+    config = config_from_args(GenerateConfig, args, scenarios=scenarios, skip_existing=not args.include_existing,
+                              progress=True, publish=not args.no_publish)
+    summary = run_generate(config)
     print_summary(summary)
     if summary["status"] == "budget_exceeded":
         print(f"stopped: {summary['message']}", file=sys.stderr)

@@ -3,12 +3,14 @@ step, the gate chain and the optional train-after-gate automation; `prefect depl
 with --param creates runs with those parameters; the yaml also deploys with plain Prefect."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from uuid import UUID
 
 import pytest
 
+from awm_core.agent.evaluation import EvalConfig
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -51,6 +53,18 @@ def test_plan_rejects_a_bad_cron_with_a_clear_message(awm_home):
 
     with pytest.raises(DeployError, match="invalid nightly schedule cron='61 2 \\* \\* \\*'"):
         plan(_settings(), load_spec(), cron="61 2 * * *")
+
+
+def test_plan_checks_nightly_parameters_against_the_flow_config(awm_home):
+    from flows.deploy import DeployError, load_spec, plan
+
+    with pytest.raises(DeployError, match="budget_usd must be > 0"):
+        plan(_settings(), load_spec(), generate_params={"budget_usd": -1})
+    with pytest.raises(DeployError, match="budgt_usd is not a parameter"):
+        plan(_settings(), load_spec(), generate_params={"budgt_usd": 2})
+    nightly = next(e for e in plan(_settings(), load_spec(), generate_params={"scenarios": ["recipe_box"]})
+                   if e["name"] == "nightly")
+    assert nightly["parameters"]["scenarios"] == ["recipe_box"]
 
 
 def test_spec_errors_name_the_problem(tmp_path):
@@ -114,13 +128,13 @@ def test_deployments_register_with_schedule_parameters_and_chain(prefect_server,
         runs = client.read_flow_runs()
         run = next(r for r in runs if r.deployment_id == nightly.id and r.parameters.get("scenarios") == 2)
         assert run.parameters == {"scenarios": 2, "tasks_per_scenario": 6, "budget_usd": 2.5}
-        # The evaluate flow takes one typed config: its fields (with their help text) are in the
-        # deployment's parameter schema, which the UI renders as the run form.
-        schema = deps["evaluate/manual"].parameter_openapi_schema
-        fields = schema["definitions"]["EvalConfig"]["properties"]
-        assert set(schema["properties"]) == {"config"} and "policy" in fields
+        # The evaluate flow's parameters are its typed config's fields, with their help text and
+        # allowed values in the deployment's parameter schema (the UI's run form).
+        fields = deps["evaluate/manual"].parameter_openapi_schema["properties"]
+        assert set(fields) == set(EvalConfig.model_fields)
         assert "replay reference solutions" in fields["policy"]["description"]
-        for name, params in [("evaluate/manual", {"config": {"split": "train", "policy": "random"}}),
+        assert fields["concurrency"]["minimum"] == 1 and "openai-text" in json.dumps(fields["policy"])
+        for name, params in [("evaluate/manual", {"split": "train", "policy": "random"}),
                              ("train/manual", {"snapshot": 7}), ("import-awm1k/manual", {"path": "/data/awm1k"}),
                              ("quality-gate/after-generate", {"snapshot": 3})]:
             fr = client.create_flow_run_from_deployment(deps[name].id, parameters=params)
