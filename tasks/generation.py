@@ -1,6 +1,9 @@
 """Prefect tasks of the generate flow: one generic stage task (repair = Prefect retries),
 the scenario selection, per-environment assembly and validation.
 
+Words: a Prefect task is a function named ``*_task`` (and its runs, "task runs"); "task"
+anywhere else is one of an environment's user tasks (``task_idx``, ``task_checks``).
+
 Repair loop: a stage attempt that fails raises; Prefect retries the task
 (``settings.generation.stage_retries`` times). Each failed attempt's errors and LLM call
 records are kept in the run's ``RunResources`` under the task-run id (an ``AttemptHistory``),
@@ -371,7 +374,7 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
         source="generated", generator_model=model, prompt_version=PROMPT_VERSION, run_id=res.run_id, stages=stages))
     # Every execution check already ran inside the stages, on exactly these artifacts: the
     # report collects them instead of executing everything a second time.
-    report = validate_task(env, env_checks, task_checks, dropped, min_valid_tasks)
+    report = collect_validation(env, env_checks, task_checks, dropped, min_valid_tasks)
     valid = len(env.tasks) - len(report.dropped_tasks)
     if not report.passed:
         fails = [c.detail for c in report.failures()] or [f"{valid} valid tasks < {min_valid_tasks}"]
@@ -385,17 +388,17 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     return outcome("published", "", env, report)
 
 
-def validate_task(env: Environment, env_checks: list[Any], task_checks: dict[int, list[Any]],
-                  dropped: dict[int, str], min_valid_tasks: int) -> ValidationReport:
-    """The validation step as its own run (``validate[<id>]``) in the UI."""
+def collect_validation(env: Environment, env_checks: list[Any], task_checks: dict[int, list[Any]],
+                       dropped: dict[int, str], min_valid_tasks: int) -> ValidationReport:
+    """The environment's validation report, as its own task run (``validate[<id>]``) in the UI."""
     checks = json.dumps({"env": [c.model_dump(mode="json") for c in env_checks],
                          "tasks": {str(i): [c.model_dump(mode="json") for c in cs] for i, cs in task_checks.items()}})
-    t = _validate.with_options(task_run_name=f"validate[{env.id}]")
+    t = validate_environment_task.with_options(task_run_name=f"validate[{env.id}]")
     return t(env.model_dump_json(), checks, {str(k): v for k, v in dropped.items()}, min_valid_tasks)
 
 
 @task(name="validate-environment", cache_policy=NO_CACHE)
-def _validate(env_json: str, checks_json: str, dropped: dict[str, str], min_valid_tasks: int) -> ValidationReport:
+def validate_environment_task(env_json: str, checks_json: str, dropped: dict[str, str], min_valid_tasks: int) -> ValidationReport:
     """Collect the stages' sandbox checks into the report (inputs as JSON: see run_stage_task)."""
     env = Environment.model_validate_json(env_json)
     data = json.loads(checks_json)

@@ -1,16 +1,15 @@
 """What every synthesis stage shares: the context it reads, its result, reply parsing,
 and the repair section that carries earlier errors into the next attempt's prompt.
 
-A stage module exposes ``NAME``, ``PROMPT_VERSION``, ``JSON_MODE``,
-``build_messages(ctx, previous_errors)``, ``parse(text, ctx)`` and optionally
-``execute(value, ctx, pool)`` (checks that need the sandbox). ``run_stage`` drives one
-attempt of any of them, so one generic Prefect task can run every stage.
+A stage module is a ``Stage`` (the protocol below; ``awm_core.stages`` checks every module
+against it at import). ``run_stage`` drives one attempt of any of them, so one generic Prefect
+task can run every stage.
 """
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -238,26 +237,55 @@ def render_spec(ctx: StageContext) -> str:
 # --------------------------------------------------------------------------- one attempt
 
 
-def stage_name(module: Any, ctx: StageContext) -> str:
+@runtime_checkable
+class Stage(Protocol):
+    """One synthesis stage over an environment's ``StageContext`` (a module, not a class: each
+    stage is a prompt and a few functions beside it)."""
+
+    NAME: str  # the artifact it makes; fixtures and the ledger are keyed by it
+    PROMPT_VERSION: str  # part of the cache key: a prompt change re-runs the stage
+    JSON_MODE: bool  # ask the endpoint for a JSON object
+    PER_TASK: bool  # runs once per user task (named ``<NAME>.<task_idx>``)
+
+    def build_messages(self, ctx: StageContext, previous_errors: list[str]) -> list[dict]:
+        """The chat messages of one attempt; ``previous_errors`` are the earlier attempts' problems."""
+
+    def parse(self, text: str, ctx: StageContext) -> Any:
+        """The reply as the stage's artifact; raises ``StageError`` naming what to fix."""
+
+    def execute(self, value: Any, ctx: StageContext, pool: Any) -> list:
+        """Checks that run the artifact in the sandbox (validation checks); ``[]`` when none apply."""
+
+    def run(self, client: Any, ctx: StageContext, *, attempt: int, previous_errors: list[str],
+            pool: Any = None) -> "StageResult":
+        """One attempt (``run_stage`` on the module)."""
+
+
+def no_execution(value: Any, ctx: StageContext, pool: Any) -> list:
+    """``Stage.execute`` of a stage whose checks all run in ``parse`` (no sandbox needed)."""
+    return []
+
+
+def stage_name(module: Stage, ctx: StageContext) -> str:
     """The stage's name as the fixtures and ledger know it (``verifier.3`` for per-task stages)."""
-    return f"{module.NAME}.{ctx.task_idx}" if getattr(module, "PER_TASK", False) else module.NAME
+    return f"{module.NAME}.{ctx.task_idx}" if module.PER_TASK else module.NAME
 
 
-def run_stage(module: Any, client: Any, ctx: StageContext, *, attempt: int, previous_errors: list[str],
+def run_stage(module: Stage, client: Any, ctx: StageContext, *, attempt: int, previous_errors: list[str],
               pool: Any = None) -> StageResult:
     """One attempt: prompt, call, parse, execute. A rejected reply raises StageError with
     the attempt's CallRecords attached as ``records``."""
     name = stage_name(module, ctx)
     msgs = module.build_messages(ctx, previous_errors)
     res = client.chat(msgs, stage=name, scenario_id=ctx.scenario_id, attempt=attempt,
-                      json_mode=getattr(module, "JSON_MODE", False))
+                      json_mode=module.JSON_MODE)
     try:
         if getattr(res, "finish_reason", None) == "length":
             raise StageError(name, ["the reply was cut off at the output-token limit; give a more compact answer "
                                     "(fewer words in descriptions, no comments), complete and well-formed"])
         value = module.parse(res.content, ctx)
         checks = []
-        if pool is not None and hasattr(module, "execute"):
+        if pool is not None:
             checks = module.execute(value, ctx, pool) or []
     except StageError as exc:
         exc.stage = name

@@ -19,6 +19,7 @@ from awm_core.stages.base import (
 NAME = "code"
 PROMPT_VERSION = "code-v1"
 JSON_MODE = False
+PER_TASK = False
 
 SYSTEM = """
 You are a senior Python engineer. You implement an application's tools as plain Python functions over an

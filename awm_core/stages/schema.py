@@ -14,12 +14,15 @@ from awm_core.db import connect_memory, run_statements
 from awm_core.errors import SqlExecutionError, StageError
 from awm_core.models import DbSchema
 from awm_core.stages.base import (
+    no_execution,
     CURRENT_USER_ID, StageContext, artifact, extract_json, messages, render_scenario, render_tasks, run_stage,
 )
 
 NAME = "schema"
 PROMPT_VERSION = "schema-v1"
 JSON_MODE = True
+PER_TASK = False
+execute = no_execution  # its checks run in parse
 
 SYSTEM = """
 You are a database architect. You design compact, correct SQLite 3 schemas for small applications whose

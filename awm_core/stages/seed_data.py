@@ -12,6 +12,7 @@ from awm_core.db import build_database, open_snapshot
 from awm_core.errors import SqlExecutionError, StageError
 from awm_core.models import SeedData
 from awm_core.stages.base import (
+    no_execution,
     CURRENT_USER_ID, StageContext, artifact, extract_json, messages, render_scenario, render_schema, render_tasks,
     run_stage,
 )
@@ -19,6 +20,8 @@ from awm_core.stages.base import (
 NAME = "seed_data"
 PROMPT_VERSION = "seed_data-v1"
 JSON_MODE = True
+PER_TASK = False
+execute = no_execution  # its checks run in parse
 
 SYSTEM = """
 You write the initial contents of an application's SQLite database. Your INSERT statements are executed one

@@ -13,6 +13,7 @@ import sys
 from awm_core.errors import StageError
 from awm_core.models import ApiSpec
 from awm_core.stages.base import (
+    no_execution,
     CURRENT_USER_ID, StageContext, artifact, extract_json, messages, render_scenario, render_schema, render_tasks,
     run_stage,
 )
@@ -20,6 +21,8 @@ from awm_core.stages.base import (
 NAME = "spec"
 PROMPT_VERSION = "spec-v1"
 JSON_MODE = True
+PER_TASK = False
+execute = no_execution  # its checks run in parse
 
 SYSTEM = """
 You are an API designer. You design the tool interface an AI agent uses to operate one application: small,

@@ -10,11 +10,13 @@ import sys
 
 from awm_core.errors import StageError
 from awm_core.models import Task
-from awm_core.stages.base import StageContext, extract_json, messages, render_scenario, run_stage
+from awm_core.stages.base import StageContext, extract_json, messages, no_execution, render_scenario, run_stage
 
 NAME = "tasks"
 PROMPT_VERSION = "tasks-v1"
 JSON_MODE = True
+PER_TASK = False
+execute = no_execution  # its checks run in parse
 
 SYSTEM = """
 You design realistic user requests for a tool-using assistant that operates one application through an API.

@@ -8,7 +8,7 @@ import pytest
 
 from awm_core.errors import StageError
 from awm_core.models import ApiSpec, DbSchema, Scenario, SeedData, Task, Verifier
-from awm_core.stages import STAGES, code, scenario, schema, seed_data, solution, spec, tasks, verifier
+from awm_core.stages import STAGES, Stage, code, scenario, schema, seed_data, solution, spec, tasks, verifier
 from awm_core.stages.base import StageContext, extract_json, extract_python, summarise_errors
 
 SCHEMA = {"tables": [
@@ -352,6 +352,7 @@ def test_scenario_rejects_bad_reply_and_seed_list_loads():
 
 
 def test_every_stage_has_a_prompt_version_and_reply_format():
-    for name, module in STAGES.items():
+    assert "scenario" not in STAGES and all(isinstance(m, Stage) for m in STAGES.values())
+    for name, module in {"scenario": scenario, **STAGES}.items():
         assert module.NAME == name and module.PROMPT_VERSION.startswith(name)
         assert "```python" in module.USER or "JSON only" in module.USER
