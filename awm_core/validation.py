@@ -17,8 +17,8 @@ from collections import OrderedDict
 from typing import Any
 
 from awm_core.db import build_database, snapshot_digest
-from awm_core.errors import SqlExecutionError, StageError
-from awm_core.models import Environment, ValidationCheck, ValidationReport
+from awm_core.errors import SolutionRefError, SqlExecutionError, StageError
+from awm_core.models import Environment, ValidationCheck, ValidationReport, resolve_refs
 
 DETAIL_CHARS = 700
 
@@ -142,12 +142,18 @@ def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | Non
 def _replay(handle, solution) -> tuple[bytes | None, list[str], str | None]:
     """Replay in a fresh session: (final db, per-call summaries, failure or None)."""
     trace = []
+    results: list[Any] = []
     with handle.open_session() as s:
         for i, call in enumerate(solution.calls):
-            r = s.call(call.tool, call.arguments)
+            try:
+                args = resolve_refs(call.arguments, results, i)
+            except SolutionRefError as exc:
+                return None, trace, str(exc)
+            r = s.call(call.tool, args)
             if not r.ok:
-                return None, trace, (f"call {i} {call.tool}({_short(call.arguments, 150)}) failed "
+                return None, trace, (f"call {i} {call.tool}({_short(args, 150)}) failed "
                                      f"({r.error_kind}): {r.error}")
+            results.append(r.content)
             trace.append(f"[{i}] {call.tool} -> {_short(r.content, 160)}")
         return s.snapshot(), trace, None
 
