@@ -364,7 +364,8 @@ def _as_json(value: Any) -> Any:
 
 
 class ValidationCheck(Artifact):
-    name: str = Field(description="e.g. schema, seed, tool_example, verifier_solution, verifier_noop, replay_determinism")
+    name: str = Field(description="e.g. schema, seed, tool_example, verifier_solution, verifier_noop, replay_determinism, "
+                                  "verifier_mutation")
     passed: bool
     task_idx: int | None = None
     tool: str | None = None

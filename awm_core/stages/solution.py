@@ -4,7 +4,8 @@ Reply: JSON ``{"calls": [{"tool", "arguments"}], "final_answer": str | null}``; 
 ``{"$ref": "0.id"}`` is the ``id`` of call 0's result (see ``ReferenceSolution``). Checked against
 the spec (known tools, arguments valid for the tool's JSON schema, refs only to earlier calls) and
 in the sandbox: replayed on the seeded database every call succeeds, the task's verifier says "complete", and a second
-replay ends in the same database.
+replay ends in the same database. Then the task's verifier is run on wrong episodes derived from
+the solution (``awm_core.validation.mutation_checks``); those results go to the report.
 """
 from __future__ import annotations
 
@@ -96,15 +97,17 @@ def parse(text: str, ctx: StageContext) -> ReferenceSolution:
 
 
 def execute(solution: ReferenceSolution, ctx: StageContext, pool) -> list:
-    """Replay, verdict and determinism checks; returns them (all passed) for the report."""
-    from awm_core.validation import failed_details, solution_checks
+    """Replay, verdict and determinism checks (raising if one fails), then the verifier's
+    mutation checks; returns them all for the report. A failed mutation check does not reject
+    the solution: it shows the verifier is lenient, which only a new verifier can fix."""
+    from awm_core.validation import failed_details, mutation_checks, solution_checks
 
     env = ctx.environment(solutions=[solution])
     checks = solution_checks(pool, env, solution.task_idx)
     errors = failed_details(checks)
     if errors:
         raise StageError(f"{NAME}.{ctx.task_idx}", errors)
-    return checks
+    return checks + mutation_checks(pool, env, solution.task_idx)
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):
