@@ -2,7 +2,7 @@
 
 They live in one module so that a task wrapper, a flow and the command line can catch
 them without importing the code that raises them. Boundaries: settings and documents
-(``SettingsError``, ``ArtifactError``), the LLM (``LLMError``), a synthesis stage
+(``SettingsError``, ``ArtifactError``, ``SolutionRefError``), the LLM (``LLMError``), a synthesis stage
 (``StageError``, ``StageFailed``), the sandbox (``SandboxError``, ``EnvLoadError``,
 ``ToolError``), the catalog (``CatalogError``) and the quality gate (``GateFailed``,
 ``GateRefused``). Every one is an ``AWMError``: the command line prints it as one line.
@@ -25,6 +25,14 @@ class ArtifactError(AWMError, ValueError):
         self.model = model
         self.problems = problems
         super().__init__(f"invalid {model}: " + "; ".join(problems))
+
+
+class SolutionRefError(AWMError, ValueError):
+    """A ``{"$ref": "<call>.<path>"}`` argument of a reference solution cannot be resolved.
+
+    The message names the call holding the ref, the ref, and what was missing, because the
+    solution stage feeds it back to the model as a repair instruction.
+    """
 
 
 class InputError(AWMError, ValueError):

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from awm_core.errors import ArtifactError
+from awm_core.errors import ArtifactError, SolutionRefError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
@@ -251,16 +251,121 @@ class ToolCall(Artifact):
 
 
 class ReferenceSolution(Artifact):
+    """Tool calls replayed in order in a fresh session, then the final answer.
+
+    An argument value ``{"$ref": "<call>.<path>"}`` stands for a value of an earlier call's
+    JSON result (``"0.id"``, ``"1.items.0.id"``): ids that call creates cannot be known when
+    the solution is written. Every replay resolves them with ``resolve_refs``.
+    """
+
     task_idx: int = Field(ge=0)
     calls: list[ToolCall] = Field(default_factory=list)
     final_answer: str | None = None
+
+    def ref_errors(self) -> list[str]:
+        """Refs that can be seen to be wrong without running anything (malformed, not earlier)."""
+        errors = []
+        for i, call in enumerate(self.calls):
+            for ref in refs_in(call.arguments):
+                try:
+                    _ref_source(ref, i)
+                except SolutionRefError as exc:
+                    errors.append(str(exc))
+        return errors
+
+
+REF_KEY = "$ref"
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(REF_KEY), str)
+
+
+def refs_in(value: Any) -> list[str]:
+    """Every ref string inside an argument value, depth first."""
+    if is_ref(value):
+        return [value[REF_KEY]]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return [r for v in items for r in refs_in(v)]
+
+
+def resolve_refs(arguments: dict[str, Any], results: "list[Any] | dict[int, Any]", call_idx: int) -> dict[str, Any]:
+    """``arguments`` of call ``call_idx`` with every ref replaced by the value it names.
+
+    ``results`` holds the earlier calls' results by call index (a list, or a dict when some
+    are unavailable: a call that failed or was left out). A result that is a JSON string is
+    read as JSON. Raises ``SolutionRefError`` naming the call, the ref and what was missing.
+    """
+    by_idx = dict(enumerate(results)) if isinstance(results, list) else results
+
+    def walk(value: Any) -> Any:
+        if is_ref(value):
+            return _lookup(value[REF_KEY], by_idx, call_idx)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(arguments)
+
+
+def _ref_source(ref: str, call_idx: int) -> tuple[int, list[str]]:
+    head, *path = ref.split(".")
+    where = f"call {call_idx}: $ref {ref!r}"
+    if not head.isdigit():
+        raise SolutionRefError(f"{where} must start with the index of an earlier call (e.g. \"0.id\")")
+    source = int(head)
+    if source >= call_idx:
+        earlier = f"0..{call_idx - 1}" if call_idx else "none: it is the first call"
+        raise SolutionRefError(f"{where} points at call {source}, which is not an earlier call (earlier calls: "
+                               f"{earlier}); a $ref can only use the result of a call made before it")
+    if any(p == "" for p in path):
+        raise SolutionRefError(f"{where} has an empty path part; write parts separated by single dots")
+    return source, path
+
+
+def _lookup(ref: str, results: dict[int, Any], call_idx: int) -> Any:
+    source, path = _ref_source(ref, call_idx)
+    where = f"call {call_idx}: $ref {ref!r}"
+    if source not in results:
+        raise SolutionRefError(f"{where}: call {source} has no result to read (it failed or was not made)")
+    value, walked = _as_json(results[source]), str(source)
+    for part in path:
+        if isinstance(value, list):
+            if not part.isdigit() or int(part) >= len(value):
+                raise SolutionRefError(f"{where}: call {source}'s result at {walked!r} is a list of {len(value)} "
+                                       f"item(s); {part!r} is not an index into it")
+            value = value[int(part)]
+        elif isinstance(value, dict):
+            if part not in value:
+                keys = ", ".join(map(str, list(value)[:12])) or "none"
+                raise SolutionRefError(f"{where}: call {source}'s result at {walked!r} has no key {part!r} "
+                                       f"(keys: {keys})")
+            value = value[part]
+        else:
+            raise SolutionRefError(f"{where}: call {source}'s result at {walked!r} is {json.dumps(value)[:80]}, "
+                                   f"not an object or list, so it has no {part!r}")
+        walked = f"{walked}.{part}"
+    return value
+
+
+def _as_json(value: Any) -> Any:
+    # Tools of the AWM-1K flavour answer with JSON text; a plain string stays a string.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 # --------------------------------------------------------------------------- bundle
 
 
 class ValidationCheck(Artifact):
-    name: str = Field(description="e.g. schema, seed, tool_example, verifier_solution, verifier_noop, replay_determinism")
+    name: str = Field(description="e.g. schema, seed, tool_example, verifier_solution, verifier_noop, replay_determinism, "
+                                  "verifier_mutation")
     passed: bool
     task_idx: int | None = None
     tool: str | None = None

@@ -3,7 +3,9 @@
 Per environment: the schema and seed data execute with zero errors; every spec tool called
 with its example arguments (each in a fresh session) returns no error. Per task: a no-op
 episode must not satisfy the verifier; the reference solution replayed in a fresh session
-must satisfy it; a second replay must end in the same database (``snapshot_digest``).
+must satisfy it; a second replay must end in the same database (``snapshot_digest``); wrong
+episodes derived from the solution (``awm_core.mutations``: a state-changing call dropped,
+an id argument swapped, an unrelated row destroyed, a wrong number in the answer) must not.
 
 The same checks are what the code, verifier and solution stages run on each attempt, so a
 stage's rejection and the final report say the same thing in the same words. Generated code
@@ -12,13 +14,15 @@ runs only in the sandbox (``awm_core.runtime.SandboxPool``).
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
 
+from awm_core import mutations
 from awm_core.db import build_database, snapshot_digest
-from awm_core.errors import SqlExecutionError, StageError
-from awm_core.models import Environment, ValidationCheck, ValidationReport
+from awm_core.errors import SolutionRefError, SqlExecutionError, StageError
+from awm_core.models import Environment, ValidationCheck, ValidationReport, resolve_refs
 
 DETAIL_CHARS = 700
 
@@ -142,12 +146,18 @@ def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | Non
 def _replay(handle, solution) -> tuple[bytes | None, list[str], str | None]:
     """Replay in a fresh session: (final db, per-call summaries, failure or None)."""
     trace = []
+    results: list[Any] = []
     with handle.open_session() as s:
         for i, call in enumerate(solution.calls):
-            r = s.call(call.tool, call.arguments)
+            try:
+                args = resolve_refs(call.arguments, results, i)
+            except SolutionRefError as exc:
+                return None, trace, str(exc)
+            r = s.call(call.tool, args)
             if not r.ok:
-                return None, trace, (f"call {i} {call.tool}({_short(call.arguments, 150)}) failed "
+                return None, trace, (f"call {i} {call.tool}({_short(args, 150)}) failed "
                                      f"({r.error_kind}): {r.error}")
+            results.append(r.content)
             trace.append(f"[{i}] {call.tool} -> {_short(r.content, 160)}")
         return s.snapshot(), trace, None
 
@@ -190,13 +200,192 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
     return checks
 
 
+# --------------------------------------------------------------------------- mutations
+
+# Each drop_call and swap_argument mutation is one more replay in the sandbox pool (the others
+# one verifier run), for every task of every environment of a nightly run: the count per kind
+# and task is capped so validation stays a small multiple of the replays it already does.
+MAX_MUTATIONS_PER_KIND = 3
+
+
+def _mutation(task_idx: int, passed: bool, detail: str, tool: str | None = None) -> ValidationCheck:
+    return ValidationCheck(name="verifier_mutation", task_idx=task_idx, passed=passed, tool=tool,
+                           detail=detail[:DETAIL_CHARS])
+
+
+def _skipped(task_idx: int, what: str, why: str, tool: str | None = None) -> ValidationCheck:
+    """A mutation that could not be built (or would prove nothing): recorded, not a failure."""
+    return _mutation(task_idx, True, f"skipped {what} because {why}", tool)
+
+
+# "skipped <what> because <why>", after an optional "<label>: " (the audit's); <what> may
+# quote arguments, <why> is one of this module's phrases, so the last "because" splits them.
+_SKIPPED = re.compile(r"^(?:[^:]*: )?skipped (.*) because (.*)$", re.S)
+
+
+def skipped_mutation(check: ValidationCheck) -> tuple[str, str] | None:
+    """(mutation, reason) of a ``verifier_mutation`` check that was skipped, else None."""
+    m = _SKIPPED.match(check.detail) if check.name == "verifier_mutation" and check.passed else None
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _judge(pool, env: Environment, task_idx: int, what: str, initial: bytes, final: bytes, answer,
+           tool: str | None = None) -> ValidationCheck:
+    out = _verify(pool, env, task_idx, initial, final, answer)
+    if out.verdict == "complete":
+        return _mutation(task_idx, False, (
+            f"the verifier said \"complete\" after {what}; that episode does not do the task, so the verifier "
+            f"misses what the mutation broke. Its evidence: {_short(out.evidence, 300)}"), tool)
+    return _mutation(task_idx, True, f"{what}: {out.verdict or 'verifier error: ' + _short(out.error, 120)}", tool)
+
+
+def _replay_states(handle, solution) -> list[bytes] | None:
+    """The database after each call of the reference solution (None if it does not replay)."""
+    states, results = [], []
+    with handle.open_session() as s:
+        for i, call in enumerate(solution.calls):
+            try:
+                r = s.call(call.tool, resolve_refs(call.arguments, results, i))
+            except SolutionRefError:
+                return None
+            if not r.ok:
+                return None
+            results.append(r.content)
+            states.append(s.snapshot())
+    return states
+
+
+def _replay_mutant(handle, calls) -> bytes:
+    """Final database of a mutated solution ((original index, call) pairs). A call that fails,
+    or whose ``$ref`` names a left-out call, is passed over, as an agent would go on after an
+    error; the state it ends in is what the verifier must judge."""
+    results: dict[int, Any] = {}
+    with handle.open_session() as s:
+        for i, call in calls:
+            try:
+                r = s.call(call.tool, resolve_refs(call.arguments, results, i))
+            except SolutionRefError:
+                continue
+            if r.ok:
+                results[i] = r.content
+        return s.snapshot()
+
+
+def _call_label(solution, i: int) -> str:
+    call = solution.calls[i]
+    return f"call {i} ({call.tool}({_short(call.arguments, 100)}))"
+
+
+def _drop_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
+    if not changing:
+        return [_skipped(task_idx, "drop_call", "no call of the reference solution changes the database")]
+    checks = []
+    for i in changing[:MAX_MUTATIONS_PER_KIND]:
+        what, tool = f"drop_call of {_call_label(solution, i)}", solution.calls[i].tool
+        final = _replay_mutant(handle, mutations.without_call(solution, i))
+        if snapshot_digest(final) == reference:
+            checks.append(_skipped(task_idx, what, "the solution without it ends in the same database", tool))
+        else:
+            checks.append(_judge(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer, tool))
+    return checks
+
+
+def _swaps(initial: bytes, solution, changing) -> list[mutations.Swap]:
+    """At most one swap per call (the first id argument with a candidate), up to the cap."""
+    swaps = []
+    for i in changing:
+        call = solution.calls[i]
+        for name, value in mutations.id_arguments(call.arguments):
+            found = mutations.swap_for(initial, call.tool, name, value)
+            if found:
+                swaps.append(mutations.Swap(i, name, value, found[1], found[0]))
+                break
+    return swaps[:MAX_MUTATIONS_PER_KIND]
+
+
+def _swap_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
+    swaps = _swaps(handle.snapshot, solution, changing)
+    if not swaps:
+        return [_skipped(task_idx, "swap_argument", "no state-changing call has an integer id argument whose "
+                                                    "value is a key of a table with another row")]
+    checks = []
+    for sw in swaps:
+        tool = solution.calls[sw.call_idx].tool
+        what = (f"swap_argument in {_call_label(solution, sw.call_idx)}: {sw.argument} {sw.old} -> {sw.new} "
+                f"(another row of {sw.table})")
+        final = _replay_mutant(handle, mutations.with_swap(solution, sw))
+        if snapshot_digest(final) == reference:
+            checks.append(_skipped(task_idx, what, "it ends in the same database as the reference", tool))
+        else:
+            checks.append(_judge(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer, tool))
+    return checks
+
+
+def _destructive_check(pool, env, task_idx, initial, final, solution) -> ValidationCheck:
+    if snapshot_digest(final) == snapshot_digest(initial):
+        return _skipped(task_idx, "extra_destructive", "the reference solution changes nothing (a question "
+                                                       "task: wrong_answer covers it)")
+    touched = mutations.changed_tables(initial, final)
+    damaged = mutations.delete_unrelated_row(final, touched, prefer=env.verifier(task_idx).code)
+    if damaged is None:
+        return _skipped(task_idx, "extra_destructive", "every non-empty table is one the solution changes")
+    what = f"extra_destructive: the reference final database, then {damaged[1]}"
+    return _judge(pool, env, task_idx, what, initial, damaged[0], solution.final_answer)
+
+
+def _answer_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
+    answer = solution.final_answer
+    if not answer:
+        return [_skipped(task_idx, "wrong_answer", "the reference solution gives no final answer")]
+    if _verify(pool, env, task_idx, initial, final, None).verdict == "complete":
+        return [_skipped(task_idx, "wrong_answer", "the verifier does not read the answer (the reference final "
+                                                   "database without an answer is complete)")]
+    wrong = mutations.wrong_answers(answer)
+    if not wrong:
+        return [_skipped(task_idx, "wrong_answer", "the answer has no number to change")]
+    # When the asked value is not a number (a title, a name), changed numbers leave it right.
+    if _verify(pool, env, task_idx, initial, final, mutations.without_numbers(answer)).verdict == "complete":
+        return [_skipped(task_idx, "wrong_answer", "the asked value is not one of the answer's numbers (the answer "
+                                                   "without its numbers is still complete)")]
+    return [_judge(pool, env, task_idx, f"wrong_answer ({label}): {_short(text, 160)!r} instead of "
+                                        f"{_short(answer, 160)!r}", initial, final, text)
+            for label, text in wrong]
+
+
+def mutation_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
+    """The verifier on wrong episodes derived from the reference solution (``awm_core.mutations``):
+    it must not say "complete" on any. One ``verifier_mutation`` check per mutation tried or
+    skipped; run after the solution checks passed."""
+    verifier = env.verifier(task_idx)
+    solution = env.solution(task_idx)
+    if verifier is not None and verifier.style == "awm1k_sql":
+        return [_skipped(task_idx, "mutations", "the verifier collects evidence for a judge and has no verdict")]
+    if solution is None:
+        return [_skipped(task_idx, "mutations", "there is no reference solution to derive wrong episodes from")]
+    handle = _handle(pool, env)
+    initial = handle.snapshot
+    states = _replay_states(handle, solution)
+    if states is None:
+        return [_skipped(task_idx, "mutations", "the reference solution does not replay")]
+    digests = [snapshot_digest(initial)] + [snapshot_digest(b) for b in states]
+    changing = [i for i in range(len(states)) if digests[i + 1] != digests[i]]
+    final = states[-1] if states else initial
+    return (_drop_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
+            + _swap_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
+            + [_destructive_check(pool, env, task_idx, initial, final, solution)]
+            + _answer_checks(pool, env, task_idx, initial, final, solution))
+
+
 def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = True) -> list[ValidationCheck]:
     if env.verifier(task_idx) is None:
         return [ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
                                 detail=f"task {task_idx} has no verifier")]
     checks = [noop_check(pool, env, task_idx)]
     if with_solution:
-        checks += solution_checks(pool, env, task_idx)
+        replayed = solution_checks(pool, env, task_idx)
+        checks += replayed
+        if all(c.passed for c in replayed):
+            checks += mutation_checks(pool, env, task_idx)
     return checks
 
 
@@ -241,7 +430,9 @@ def validate_environment(pool, env: Environment, *, min_valid_tasks: int = 1,
     return _report(env, checks, dropped, env_ok, min_valid_tasks)
 
 
-REQUIRED_TASK_CHECKS = ("verifier_noop", "verifier_solution", "replay_determinism")
+# A failed or missing one drops the task; in generation a lenient verifier (verifier_mutation)
+# is regenerated with the mutation that fooled it, like a too strict one.
+REQUIRED_TASK_CHECKS = ("verifier_noop", "verifier_solution", "replay_determinism", "verifier_mutation")
 
 
 def report_from_checks(env: Environment, env_checks: list[ValidationCheck], task_checks: dict[int, list[ValidationCheck]],
@@ -286,10 +477,21 @@ def publishable(env: Environment, report: ValidationReport) -> Environment:
 # --------------------------------------------------------------------------- LLM-free audit
 
 
+def _audit_mutations(pool, env: Environment, task_idx: int, label: str) -> list[ValidationCheck]:
+    if env.solution(task_idx) is not None and env.code is None:
+        found = [_skipped(task_idx, "mutations", "there is no environment code to replay the reference solution in")]
+    else:
+        found = mutation_checks(pool, env, task_idx)
+    for c in found:
+        c.detail = f"{label}: {c.detail}"[:DETAIL_CHARS]
+    return found
+
+
 def audit_environment(pool, env: Environment) -> tuple[ValidationReport, list[str]]:
     """What can be checked without an LLM on any bundle, complete or not (e.g. AWM-1K records):
     schema and seed errors, tools failing on their spec examples, verifiers that do not
-    compile, verifiers that accept a no-op run. Returns the report and the parts that could
+    compile, verifiers that accept a no-op run or (where the bundle has a reference solution)
+    a wrong episode derived from it (``mutation_checks``). Returns the report and the parts that could
     not be checked (and why)."""
     checks: list[ValidationCheck] = []
     skipped: list[str] = []
@@ -326,5 +528,17 @@ def audit_environment(pool, env: Environment) -> tuple[ValidationReport, list[st
         if v.style == "awm1k_sql" and c.passed is False and "raised" not in c.detail:
             c.passed = True  # evidence collectors have no verdict of their own
         checks.append(c)
+        checks += _audit_mutations(pool, one, v.task_idx, label)
+    skipped += _skipped_mutation_lines(checks)
     report = ValidationReport(passed=all(c.passed for c in checks), checks=checks)
     return report, skipped
+
+
+def _skipped_mutation_lines(checks: list[ValidationCheck]) -> list[str]:
+    """One line per reason mutations were skipped, with the tasks it applies to."""
+    tasks: dict[str, set[int]] = {}
+    for c in checks:
+        found = skipped_mutation(c)
+        if found:
+            tasks.setdefault(found[1], set()).add(c.task_idx)
+    return [f"verifier mutations of task(s) {', '.join(map(str, sorted(t)))}: {why}" for why, t in tasks.items()]

@@ -38,6 +38,7 @@ from awm_core.models import (
 )
 from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
 from awm_core.stages.base import stage_name, summarise_errors
+from awm_core.stages.verifier import lenience_errors
 from awm_core.validation import publishable, report_from_checks
 from tasks.registry import RunRegistry
 
@@ -100,7 +101,7 @@ class StageOutput:
     attempts: int
     errors: list[str]
     records: list[Any]
-    checks: list[Any] = field(default_factory=list)  # sandbox checks the value passed
+    checks: list[Any] = field(default_factory=list)  # sandbox checks (a solution passes all but verifier_mutation)
 
 
 TRANSPORT_PREFIX = "the model endpoint failed: "
@@ -346,17 +347,21 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
                 continue
             try:
                 s = stage("solution", tctx.with_(verifiers=[v.value]))
+                # The verifier also accepted a wrong episode made from the solution: it is lenient.
+                hint, solution_attempts = lenience_errors(s.checks), s.attempts
             except StageFailed as exc:
                 if exc.budget:
                     raise
                 # The solution kept failing against this verifier: maybe the verifier is wrong.
-                # Regenerate it with the evidence, then the solution once more.
                 hint = ["a reference solution for this task was judged not complete by your previous verifier; "
                         "if the solution below is a correct way to do the task, the verifier is too strict "
                         "or checks the wrong thing: " + summarise_errors(exc.errors)[-1]]
+                solution_attempts = exc.attempts
+            if hint:
+                # Regenerate the verifier with the evidence, then the solution once more.
                 try:
                     v = stage("verifier", tctx, extra_errors=hint, attempt_offset=v.attempts)
-                    s = stage("solution", tctx.with_(verifiers=[v.value]), attempt_offset=exc.attempts)
+                    s = stage("solution", tctx.with_(verifiers=[v.value]), attempt_offset=solution_attempts)
                 except StageFailed as exc2:
                     if exc2.budget:
                         raise

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from awm_core.agent.base import PolicyReply
 from awm_core.agent.interfaces import META_TOOLS
 from awm_core.agent.parsing import format_text_tool_call
-from awm_core.models import ReferenceSolution
+from awm_core.models import ReferenceSolution, resolve_refs
 
 # --------------------------------------------------------------------------- OpenAI endpoint
 
@@ -209,6 +209,8 @@ class ReferencePolicy:
     With the meta interface it first calls ``list_tools``, then wraps each call in ``call_tool``.
     ``style="text"`` writes ``<tool_call>`` blocks (exercising the parser); ``"native"`` returns
     native calls. It costs no time, which makes it the zero-latency policy of the benchmarks.
+    ``$ref`` arguments are resolved from the tool results the loop shows it (the last message
+    after each of its calls); a ref it cannot resolve raises ``SolutionRefError``.
     """
 
     DEFAULT_ANSWER = "Done."
@@ -220,19 +222,31 @@ class ReferencePolicy:
         self.style = style
         self._step = 0
         self._listed = False
+        self._results: dict[int, Any] = {}
+        self._awaiting: int | None = None
+
+    def _take_result(self, messages: list[dict[str, Any]]) -> None:
+        # With a history window of 0 the result is not shown; a ref to it then fails clearly.
+        last = messages[-1] if messages else None
+        if self._awaiting is not None and isinstance(last, dict) and last.get("role") == "tool":
+            self._results[self._awaiting] = last.get("content")
+        self._awaiting = None
 
     def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> PolicyReply:
+        self._take_result(messages)
         meta = _is_meta(tools) and not any(c.tool in META_TOOLS for c in self.solution.calls)
         if meta and not self._listed:
             self._listed = True
             return _reply("list_tools", {}, self.style, "ref_list")
         if self._step < len(self.solution.calls):
             call = self.solution.calls[self._step]
+            arguments = resolve_refs(call.arguments, self._results, self._step)
+            self._awaiting = self._step
             self._step += 1
             if meta:
-                return _reply("call_tool", {"tool_name": call.tool, "arguments": call.arguments}, self.style,
+                return _reply("call_tool", {"tool_name": call.tool, "arguments": arguments}, self.style,
                               f"ref_{self._step}")
-            return _reply(call.tool, call.arguments, self.style, f"ref_{self._step}")
+            return _reply(call.tool, arguments, self.style, f"ref_{self._step}")
         answer = self.solution.final_answer or self.DEFAULT_ANSWER
         return PolicyReply(text=answer, tool_calls=None if self.style == "text" else [])
 

@@ -1,9 +1,11 @@
 """Stage 8: one reference solution per task.
 
-Reply: JSON ``{"calls": [{"tool", "arguments"}], "final_answer": str | null}``. Checked against
-the spec (known tools, arguments valid for the tool's JSON schema) and in the sandbox: replayed
-on the seeded database every call succeeds, the task's verifier says "complete", and a second
-replay ends in the same database.
+Reply: JSON ``{"calls": [{"tool", "arguments"}], "final_answer": str | null}``; an argument value
+``{"$ref": "0.id"}`` is the ``id`` of call 0's result (see ``ReferenceSolution``). Checked against
+the spec (known tools, arguments valid for the tool's JSON schema, refs only to earlier calls) and
+in the sandbox: replayed on the seeded database every call succeeds, the task's verifier says "complete", and a second
+replay ends in the same database. Then the task's verifier is run on wrong episodes derived from
+the solution (``awm_core.validation.mutation_checks``); those results go to the report.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 import jsonschema
 
 from awm_core.errors import StageError
-from awm_core.models import ReferenceSolution
+from awm_core.models import ReferenceSolution, is_ref
 from awm_core.stages.base import (
     CURRENT_USER_ID, StageContext, artifact, extract_json, messages, render_scenario, render_schema, render_seed,
     render_spec, run_stage,
@@ -20,7 +22,7 @@ from awm_core.stages.base import (
 
 NAME = "solution"
 PER_TASK = True
-PROMPT_VERSION = "solution-v1"
+PROMPT_VERSION = "solution-v2"
 JSON_MODE = True
 
 SYSTEM = """
@@ -47,6 +49,10 @@ Write the tool calls that complete this task from the initial data, in order. Us
 initial data (or call a search/get tool first, as a careful agent would). Arguments must match the tool's
 parameters exactly (names and types; omit optional ones you do not need). For a question, put the answer,
 with the exact value, in final_answer; for a pure change, final_answer may be a short confirmation or null.
+A value that an earlier call returns (e.g. the id of a row it creates) cannot be known in advance: write it as
+{{"$ref": "<call index>.<path into that call's JSON result>"}}, e.g. {{"$ref": "0.id"}} for the "id" field of
+call 0's result, or {{"$ref": "1.items.0.id"}} (numbers index lists). The replay puts the real value there; a
+$ref may only point at an earlier call.
 
 Answer with JSON only: {{"calls": [{{"tool": "name", "arguments": {{...}}}}], "final_answer": "..." or null}}
 """
@@ -69,7 +75,9 @@ def argument_errors(solution: ReferenceSolution, ctx: StageContext) -> list[str]
             errors.append(f"call {i}: unknown tool {call.tool!r}; tools: {', '.join(sorted(names))}")
             continue
         validator = jsonschema.Draft202012Validator(tool.json_schema())
-        for err in sorted(validator.iter_errors(call.arguments), key=lambda e: list(e.path)):
+        # A $ref's value is known only at replay, where a wrong type fails the call itself.
+        found = [e for e in validator.iter_errors(call.arguments) if not is_ref(e.instance)]
+        for err in sorted(found, key=lambda e: list(e.path)):
             where = ".".join(str(p) for p in err.path) or "arguments"
             errors.append(f"call {i} ({call.tool}): {where}: {err.message}")
     return errors
@@ -82,22 +90,24 @@ def parse(text: str, ctx: StageContext) -> ReferenceSolution:
         raise StageError(stage, ['the reply must be a JSON object {"calls": [...], "final_answer": ...}'])
     data = {k: v for k, v in data.items() if k != "task_idx"}
     solution = artifact(ReferenceSolution, {"task_idx": ctx.task_idx, **data}, stage)
-    errors = argument_errors(solution, ctx)
+    errors = solution.ref_errors() + argument_errors(solution, ctx)
     if errors:
         raise StageError(stage, errors)
     return solution
 
 
 def execute(solution: ReferenceSolution, ctx: StageContext, pool) -> list:
-    """Replay, verdict and determinism checks; returns them (all passed) for the report."""
-    from awm_core.validation import failed_details, solution_checks
+    """Replay, verdict and determinism checks (raising if one fails), then the verifier's
+    mutation checks; returns them all for the report. A failed mutation check does not reject
+    the solution: it shows the verifier is lenient, which only a new verifier can fix."""
+    from awm_core.validation import failed_details, mutation_checks, solution_checks
 
     env = ctx.environment(solutions=[solution])
     checks = solution_checks(pool, env, solution.task_idx)
     errors = failed_details(checks)
     if errors:
         raise StageError(f"{NAME}.{ctx.task_idx}", errors)
-    return checks
+    return checks + mutation_checks(pool, env, solution.task_idx)
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

@@ -3,7 +3,9 @@
 Reply: one fenced ```python block defining ``verify(initial_db, final_db, final_answer)``.
 Checked statically (compiles, allowed imports, the signature) and in the sandbox: on a
 no-op episode (final == initial, no answer) it must run without error and must NOT say
-"complete" (a verifier that passes a no-op checks something that was already true).
+"complete" (a verifier that passes a no-op checks something that was already true). Once a
+reference solution passes it, the solution stage runs it on wrong episodes derived from that
+solution; ``lenience_errors`` turns any it accepted into the next verifier attempt's errors.
 """
 from __future__ import annotations
 
@@ -96,6 +98,17 @@ def execute(verifier: Verifier, ctx: StageContext, pool) -> list:
     if not check.passed:
         raise StageError(f"{NAME}.{ctx.task_idx}", [check.detail])
     return [check]
+
+
+def lenience_errors(checks: list) -> list[str]:
+    """Repair instructions for a verifier that said "complete" on wrong episodes (failed
+    ``verifier_mutation`` checks), naming each mutation that fooled it."""
+    fooled = [c.detail for c in checks if c.name == "verifier_mutation" and not c.passed]
+    if not fooled:
+        return []
+    return ["your previous verifier accepted the reference solution but also said \"complete\" for a wrong episode "
+            "made from it; check every change the task asks for (the right rows, by content), that nothing else "
+            "was destroyed, and the exact value in the answer: " + d for d in fooled]
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

@@ -3,7 +3,8 @@
 DIR holds AgentWorldModel-1K JSONL files; without DIR the environments of the catalog's
 newest snapshot are checked. Reports per environment and task: schema and seed errors, tools
 that fail on their spec examples, verifiers that do not compile, verifiers that accept a
-no-op run; then lists every defect found.
+no-op run or a wrong episode made from the task's reference solution (mutations); then lists
+every defect found.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def register(sub) -> None:
         "validate", help="check environments without an LLM (AWM-1K files or the catalog)",
         description="Execute what can be checked without a model: schema and seed data (zero failing statements, "
                     "foreign keys), every tool with its spec example arguments, verifier compilation, and each "
-                    "verifier on a no-op episode (it must not say complete). DIR: a folder of AgentWorldModel-1K "
+                    "verifier on a no-op episode and on wrong episodes made from the task's reference solution, where "
+                    "there is one: a state-changing call dropped, an id argument swapped, an unrelated row deleted, "
+                    "a wrong number in the answer (it must say complete on none). DIR: a folder of AgentWorldModel-1K "
                     "JSONL files; without DIR, the environments of the newest catalog snapshot. Exit 1 when a "
                     "defect is found.")
     p.add_argument("dir", nargs="?", default=None, help="folder of AWM-1K .jsonl files (default: the catalog)")
@@ -55,14 +58,22 @@ def audit(environments, settings=None) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| environment | schema | seed | tools ok | verifiers compile | no-op rejected | defects |",
-            "|---|---|---|---:|---:|---:|---:|"]
+    from awm_core.models import ValidationCheck
+    from awm_core.validation import skipped_mutation
+
+    rows = ["| environment | schema | seed | tools ok | verifiers compile | no-op rejected | mutations rejected "
+            "| defects |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         checks = r["checks"]
 
         def count(name):
             cs = [c for c in checks if c["name"] == name]
             return f"{sum(c['passed'] for c in cs)}/{len(cs)}" if cs else "-"
+
+        def mutations():
+            tried = [c for c in checks if c["name"] == "verifier_mutation"
+                     and not skipped_mutation(ValidationCheck.model_validate(c))]
+            return f"{sum(c['passed'] for c in tried)}/{len(tried)}" if tried else "-"
 
         def state(name):
             cs = [c for c in checks if c["name"] == name]
@@ -72,7 +83,7 @@ def table(results: list[dict]) -> str:
         tools = [c for c in checks if c["name"] in ("tool_example", "code_load")]
         tools_s = f"{sum(c['passed'] for c in tools)}/{len(tools)}" if tools else "-"
         rows.append(f"| {r['env_id']} | {state('schema')} | {state('seed')} | {tools_s} | {count('verifier_compile')} | "
-                    f"{count('verifier_noop')} | {defects} |")
+                    f"{count('verifier_noop')} | {mutations()} | {defects} |")
     return "\n".join(rows)
 
 

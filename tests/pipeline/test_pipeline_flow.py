@@ -247,3 +247,49 @@ def test_a_repaired_scenario_stage_counts_in_the_repairs(prefect_server, awm_hom
     assert summary["repairs"].get("scenario") == 1, summary["repairs"]
     print_summary(summary)
     assert "scenario 1" in capsys.readouterr().out
+
+
+def _without_damage_check(content: str) -> str:
+    """A recorded verifier as it was before it compared the tables outside its task."""
+    body = content.split("\n\n\n# Tables this task may change", 1)[0]
+    assert body != content
+    return body.replace("def _verify_task(", "def verify(") + "\n```"
+
+
+def test_a_lenient_verifier_is_regenerated_with_the_mutation_or_its_task_dropped(prefect_server, awm_home, tmp_path,
+                                                                                   monkeypatch):
+    """verifier.2 first misses damage outside its tables (the extra_destructive mutation fools
+    it): it is regenerated, told which mutation, and the task kept. verifier.4 stays lenient:
+    task 4 is dropped, its reason naming the mutation."""
+    import shutil
+
+    from awm_core.settings import DEFAULT_FIXTURES, get_settings
+    from flows.generate import run_generate
+
+    fixtures = tmp_path / "fixtures"
+    shutil.copytree(DEFAULT_FIXTURES / "team_expenses", fixtures / "team_expenses")
+    for name, keep_good in (("verifier.2", True), ("verifier.4", False)):
+        path = fixtures / "team_expenses" / f"{name}.json"
+        data = json.loads(path.read_text())
+        good = data["attempts"][-1]
+        lenient = dict(good, content=_without_damage_check(good["content"]))
+        data["attempts"] = [lenient, good] if keep_good else [lenient]
+        path.write_text(json.dumps(data))
+    monkeypatch.setenv("AWM_GENERATION__STAGE_RETRIES", "1")
+    get_settings.cache_clear()
+    summary = run_generate(scenarios=["team_expenses"], concurrency=1, fixtures_dir=str(fixtures))
+    assert summary["published"] == ["team_expenses"]
+    assert list(summary["dropped_tasks"]["team_expenses"]) == [4]
+    rows = catalog_rows("SELECT stage, attempt FROM llm_calls WHERE stage IN ('verifier.2', 'solution.2') "
+                        "ORDER BY stage, attempt")
+    assert [(r["stage"], r["attempt"]) for r in rows] == [("solution.2", 1), ("solution.2", 2), ("verifier.2", 1),
+                                                          ("verifier.2", 2)]
+    from storage.catalog import Catalog
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        env = cat.get_environment("team_expenses")
+    assert 2 in {t.idx for t in env.tasks} and 4 not in {t.idx for t in env.tasks}
+    reason = env.validation.dropped_tasks[4]
+    assert reason.startswith("verifier_mutation: the verifier said \"complete\" after extra_destructive"), reason
+    kept = [c for c in env.validation.checks if c.task_idx == 2 and c.name == "verifier_mutation"]
+    assert kept and all(c.passed for c in kept)

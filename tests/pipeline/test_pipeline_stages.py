@@ -69,7 +69,10 @@ VERIFIER = '''```python
 def verify(initial_db, final_db, final_answer):
     rows = final_db.execute("SELECT count(*) FROM notes WHERE title = 'Trip'").fetchall()
     ok = rows[0][0] == 1
-    return {"verdict": "complete" if ok else "incomplete", "evidence": {"trip_notes": rows[0][0]}}
+    users = "SELECT * FROM users ORDER BY id"
+    users_kept = initial_db.execute(users).fetchall() == final_db.execute(users).fetchall()
+    return {"verdict": "complete" if ok and users_kept else "incomplete",
+            "evidence": {"trip_notes": rows[0][0], "users_kept": users_kept}}
 ```'''
 
 TASK_TEXTS = [f"Create a note titled 'Trip {i}' with the body 'pack bags and passports'." for i in range(10)]
