@@ -279,15 +279,18 @@ def _call_label(solution, i: int) -> str:
 def _drop_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
     if not changing:
         return [_skipped(task_idx, "drop_call", "no call of the reference solution changes the database")]
-    checks = []
-    for i in changing[:MAX_MUTATIONS_PER_KIND]:
-        what, tool = f"drop_call of {_call_label(solution, i)}", solution.calls[i].tool
-        final = _replay_mutant(handle, mutations.without_call(solution, i))
-        if snapshot_digest(final) == reference:
-            checks.append(_skipped(task_idx, what, "the solution without it ends in the same database", tool))
-        else:
-            checks.append(_judge(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer, tool))
-    return checks
+    return [_mutant_check(pool, env, task_idx, handle, f"drop_call of {_call_label(solution, i)}",
+                          solution.calls[i].tool, mutations.without_call(solution, i), solution, reference)
+            for i in changing[:MAX_MUTATIONS_PER_KIND]]
+
+
+def _mutant_check(pool, env, task_idx, handle, what, tool, mutant, solution, reference) -> ValidationCheck:
+    """Replay the mutant solution and ask the verifier; a mutant that ends where the reference
+    does is not a wrong solution, so it is skipped."""
+    final = _replay_mutant(handle, mutant)
+    if snapshot_digest(final) == reference:
+        return _skipped(task_idx, what, "it ends in the same database as the reference solution", tool)
+    return _judge(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer, tool)
 
 
 def _swaps(initial: bytes, solution, changing) -> list[mutations.Swap]:
@@ -308,17 +311,11 @@ def _swap_checks(pool, env, task_idx, handle, solution, changing, reference) -> 
     if not swaps:
         return [_skipped(task_idx, "swap_argument", "no state-changing call has an integer id argument whose "
                                                     "value is a key of a table with another row")]
-    checks = []
-    for sw in swaps:
-        tool = solution.calls[sw.call_idx].tool
-        what = (f"swap_argument in {_call_label(solution, sw.call_idx)}: {sw.argument} {sw.old} -> {sw.new} "
-                f"(another row of {sw.table})")
-        final = _replay_mutant(handle, mutations.with_swap(solution, sw))
-        if snapshot_digest(final) == reference:
-            checks.append(_skipped(task_idx, what, "it ends in the same database as the reference", tool))
-        else:
-            checks.append(_judge(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer, tool))
-    return checks
+    return [_mutant_check(pool, env, task_idx, handle,
+                          f"swap_argument in {_call_label(solution, sw.call_idx)}: {sw.argument} {sw.old} -> "
+                          f"{sw.new} (another row of {sw.table})",
+                          solution.calls[sw.call_idx].tool, mutations.with_swap(solution, sw), solution, reference)
+            for sw in swaps]
 
 
 def _destructive_check(pool, env, task_idx, initial, final, solution) -> ValidationCheck:
