@@ -182,6 +182,17 @@ class GateSettings(BaseModel):
     min_env_pass_rate: Rate = 0.8
     min_task_pass_rate: Rate = 0.8
     max_tokens_per_call: Count = 1_000_000
+    # Coverage: a catalog drifting toward one domain, duplicates or thin environments fails.
+    min_tools_per_env: Count = Field(2, description="fewest tools a gated environment may have")
+    max_tools_per_env: Count = Field(200, description="most tools a gated environment may have")
+    min_tasks_per_env: Count = Field(1, description="fewest kept tasks a gated environment may have")
+    max_category_share: Rate = Field(0.5, description="largest share of gated environments one category may hold")
+    min_envs_for_category_share: Count = Field(
+        5, description="the category share is checked from this many gated environments on (a few are one domain "
+                       "by chance)")
+    max_scenario_similarity: Rate | None = Field(
+        None, description="largest cosine similarity of a gated scenario to its nearest neighbour "
+                          "(default: generation.dedup_threshold, the bar the scenario stage applies)")
 
 
 class CatalogSettings(BaseModel):

@@ -9,7 +9,12 @@ What it checks (thresholds from ``settings.gate``):
 - no kept task whose reference solution failed its verifier (``verifier_solution`` check);
 - no kept task whose verifier accepted a no-op run (a failed ``verifier_noop`` check);
 - rollout rewards lie within the configured reward range and labels are known;
-- LLM token counts are between 0 and ``max_tokens_per_call`` and costs are not negative.
+- LLM token counts are between 0 and ``max_tokens_per_call`` and costs are not negative;
+- coverage: every gated environment has ``min_tools_per_env``..``max_tools_per_env`` tools and at
+  least ``min_tasks_per_env`` kept tasks; no category holds more than ``max_category_share`` of
+  the gated environments (from ``min_envs_for_category_share`` of them on); no scenario is closer
+  than ``max_scenario_similarity`` (cosine of the scenario embeddings, the same text and
+  embedder the scenario stage de-duplicates with) to another one.
 
 Scope: an environment is *gated* when it was generated (or written by hand) or carries a
 validation report. Imported AgentWorldModel-1K environments without one are listed as
@@ -68,6 +73,14 @@ class GateReport:
                  f"{s['successful']}/{s['evaluated']} expectations met. Gated environments: {s['gated_envs']}; "
                  f"environment pass rate {pct(s['env_pass_rate'])} (min {pct(s['min_env_pass_rate'])}), "
                  f"task pass rate {pct(s['task_pass_rate'])} (min {pct(s['min_task_pass_rate'])})."]
+        if s.get("categories") is not None:
+            checked = "" if s.get("category_share_checked") else " (not checked below " \
+                f"{s.get('min_envs_for_category_share', '?')} environments)"
+            lines += ["", f"Coverage: {s['categories']} categories, the largest ({s['largest_category']}) holds "
+                          f"{pct(s['largest_category_share'])} (max {pct(s['max_category_share'])}){checked}; "
+                          f"nearest-neighbour scenario cosine at most "
+                          f"{'n/a' if s['max_nearest_cosine'] is None else format(s['max_nearest_cosine'], '.2f')} "
+                          f"(max {s['max_scenario_similarity']:.2f})."]
         if self.unvalidated:
             lines += ["", f"Unvalidated imports (not gated): {', '.join(self.unvalidated[:50])}"
                           + (" ..." if len(self.unvalidated) > 50 else "")]
@@ -83,7 +96,7 @@ class GateReport:
 def load_frames(cat: Catalog, snapshot: int) -> dict[str, pd.DataFrame]:
     q = {
         "environments": "SELECT env_id, source, tool_count, task_count, validation_passed FROM environments",
-        "scenarios": "SELECT env_id FROM scenarios",
+        "scenarios": "SELECT env_id, name, description, category FROM scenarios",
         "tasks": "SELECT env_id, task_idx, task_id, has_verifier, dropped_reason FROM tasks",
         "verifiers": "SELECT env_id, task_idx, style FROM verifiers",
         "reference_solutions": "SELECT env_id, task_idx FROM reference_solutions",
@@ -127,6 +140,14 @@ def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[st
     per_env["kept_tasks"] = [int(kept_per_env.get(e, 0)) for e in per_env["env_id"]]
     per_env["env_without_tools"] = [e if n < 1 else None for e, n in zip(per_env["env_id"], per_env["tool_count"])]
     per_env["env_without_tasks"] = [e if n < 1 else None for e, n in zip(per_env["env_id"], per_env["kept_tasks"])]
+    g = settings.gate
+    per_env["tools_out_of_range"] = [
+        f"{e} has {n} tools (allowed {g.min_tools_per_env}..{g.max_tools_per_env})"
+        if n >= 1 and not g.min_tools_per_env <= n <= g.max_tools_per_env else None
+        for e, n in zip(per_env["env_id"], per_env["tool_count"])]
+    per_env["too_few_tasks"] = [f"{e} keeps {n} tasks (at least {g.min_tasks_per_env})"
+                                if 1 <= n < g.min_tasks_per_env else None
+                                for e, n in zip(per_env["env_id"], per_env["kept_tasks"])]
 
     env_rate = float(gated["validation_passed"].fillna(False).astype(bool).mean()) if len(gated) else None
     # A task counts as passing when validation kept it and none of its task-level checks failed.
@@ -137,7 +158,53 @@ def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[st
              "env_pass_rate": env_rate, "task_pass_rate": task_rate,
              "min_env_pass_rate": settings.gate.min_env_pass_rate,
              "min_task_pass_rate": settings.gate.min_task_pass_rate}
-    return {"gated_environments": per_env, "gated_tasks": kept, "pass_rates": rates}, stats, unvalidated
+    scenarios = frames["scenarios"][frames["scenarios"]["env_id"].isin(gated_ids)]
+    coverage, neighbours, cov_stats = coverage_frames(scenarios, settings)
+    stats.update(cov_stats)
+    return ({"gated_environments": per_env, "gated_tasks": kept, "pass_rates": rates, "coverage": coverage,
+             "scenario_neighbours": neighbours}, stats, unvalidated)
+
+
+def similarity_bar(settings: Settings) -> float:
+    g = settings.gate.max_scenario_similarity
+    return settings.generation.dedup_threshold if g is None else g
+
+
+def coverage_frames(scenarios: pd.DataFrame, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The share of the largest category, and each scenario's nearest neighbour by embedding."""
+    n = len(scenarios)
+    counts = scenarios["category"].fillna("general").value_counts()
+    top = (str(counts.index[0]), int(counts.iloc[0])) if n else (None, 0)
+    share = top[1] / n if n else None
+    g = settings.gate
+    dominant = (f"{top[0]} holds {top[1]} of {n} gated environments ({share:.0%} > max {g.max_category_share:.0%})"
+                if n >= g.min_envs_for_category_share and share > g.max_category_share else None)
+    coverage = pd.DataFrame({"dominant_category": [dominant]})
+    neighbours = pd.DataFrame({"env_id": list(scenarios["env_id"]), "nearest": [None] * n,
+                               "cosine": [None] * n, "too_similar": [None] * n})
+    if n >= 2:
+        from awm_core.llm.embed import Embedder
+        from awm_core.stages.scenario import scenario_text
+
+        vectors = Embedder.for_settings(settings).embed(
+            [scenario_text(r.name, r.description or "") for r in scenarios.itertuples()])
+        sims = vectors @ vectors.T
+        bar = similarity_bar(settings)
+        ids = list(scenarios["env_id"])
+        for i in range(n):
+            sims[i, i] = -1.0
+            j = int(sims[i].argmax())
+            cos = round(float(sims[i, j]), 4)
+            neighbours.loc[i, ["nearest", "cosine"]] = [ids[j], cos]
+            if cos > bar:
+                neighbours.loc[i, "too_similar"] = f"{ids[i]} ~ {ids[j]} (cosine {cos:.2f} > {bar:.2f})"
+    stats = {"categories": int(len(counts)), "largest_category": top[0], "largest_category_share": share,
+             "max_category_share": settings.gate.max_category_share,
+             "category_share_checked": n >= settings.gate.min_envs_for_category_share,
+             "min_envs_for_category_share": settings.gate.min_envs_for_category_share,
+             "max_nearest_cosine": (float(neighbours["cosine"].max()) if n >= 2 else None),
+             "max_scenario_similarity": similarity_bar(settings)}
+    return coverage, neighbours, stats
 
 
 def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[Any]]:
@@ -151,8 +218,11 @@ def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[An
         exps.append(gxe.ExpectColumnValuesToBeUnique(column=cols[0]) if len(cols) == 1
                     else gxe.ExpectCompoundColumnsToBeUnique(column_list=cols))
         suites[table] = exps
-    suites["gated_environments"] = [gxe.ExpectColumnValuesToBeNull(column="env_without_tools"),
-                                    gxe.ExpectColumnValuesToBeNull(column="env_without_tasks")]
+    # Coverage columns hold the reason ("x has 1 tools (allowed 2..200)") so a failure names it.
+    suites["gated_environments"] = [gxe.ExpectColumnValuesToBeNull(column=c) for c in (
+        "env_without_tools", "env_without_tasks", "tools_out_of_range", "too_few_tasks")]
+    suites["coverage"] = [gxe.ExpectColumnValuesToBeNull(column="dominant_category")]
+    suites["scenario_neighbours"] = [gxe.ExpectColumnValuesToBeNull(column="too_similar")]
     suites["gated_tasks"] = [gxe.ExpectColumnValuesToBeNull(column="task_without_verifier"),
                              gxe.ExpectColumnValuesToBeNull(column="solution_failed_task"),
                              gxe.ExpectColumnValuesToBeNull(column="noop_passing_verifier")]

@@ -61,7 +61,12 @@ class Candidate:
 
     @property
     def text(self) -> str:
-        return f"{self.name}: {self.description}"
+        return scenario_text(self.name, self.description)
+
+
+def scenario_text(name: str, description: str) -> str:
+    """What a scenario's embedding is made of (de-duplication here, coverage in the quality gate)."""
+    return f"{name}: {description}"
 
 
 @dataclass
@@ -185,7 +190,7 @@ def select(pool: list[Candidate], n: int, embed, *, threshold: float, category_c
     per_cat: dict[str, int] = {}
     for s in already or []:
         per_cat[s.category] = per_cat.get(s.category, 0) + 1
-    prior = [f"{s.name}: {s.description}" for s in already or []]
+    prior = [scenario_text(s.name, s.description) for s in already or []]
     vectors = embed(prior + [c.text for c in ordered]) if ordered else np.zeros((0, 1))
     kept_vecs = list(vectors[: len(prior)])
     for c, vec in zip(ordered, vectors[len(prior):]):

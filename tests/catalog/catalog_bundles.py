@@ -30,7 +30,8 @@ def verify(initial_db, final_db, final_answer):
 '''
 
 
-def clean_env(env_id: str = "note_box", n_tasks: int = 3, category: str = "productivity") -> Environment:
+def clean_env(env_id: str = "note_box", n_tasks: int = 3, category: str = "productivity",
+              description: str = "Keep notes.") -> Environment:
     tasks = [Task(scenario_id=env_id, idx=i, text=f"Add a note titled 'n{i}'.") for i in range(n_tasks)]
     checks = [ValidationCheck(name="schema", passed=True), ValidationCheck(name="seed", passed=True),
               ValidationCheck(name="tool_example", passed=True, tool="add_note"),
@@ -41,7 +42,7 @@ def clean_env(env_id: str = "note_box", n_tasks: int = 3, category: str = "produ
                                       detail="no-op run judged incomplete"))
     return Environment(
         id=env_id,
-        scenario=Scenario(id=env_id, name=env_id.replace("_", " ").title(), description="Keep notes.",
+        scenario=Scenario(id=env_id, name=env_id.replace("_", " ").title(), description=description,
                           category=category),
         tasks=tasks,
         db_schema=DbSchema(tables=[TableSchema(name="notes", ddl="CREATE TABLE notes (id INTEGER PRIMARY KEY, title TEXT NOT NULL)")]),

@@ -32,8 +32,14 @@ def cat(awm_home):
     c.close()
 
 
+# Scenarios unlike each other (the gate fails near-duplicate scenarios).
+ABOUT = {"a_env": "Keep personal notes and find them again by title.",
+         "b_env": "Book tables at restaurants and manage the reservations.",
+         "broken_env": "Track a fleet of delivery vans, their drivers and routes."}
+
+
 def defective_env():
-    env = clean_env("broken_env", n_tasks=4)
+    env = clean_env("broken_env", n_tasks=4, description=ABOUT["broken_env"])
     checks = env.validation.checks
     for c in checks:
         if c.task_idx == 1 and c.name == "verifier_solution":
@@ -48,7 +54,8 @@ def defective_env():
 
 def test_gate_passes_a_clean_snapshot_and_fails_planted_defects(cat):
     with cat.publish(message="clean") as pub:
-        pub.add_environments([clean_env("a_env"), clean_env("b_env")])
+        pub.add_environments([clean_env("a_env", description=ABOUT["a_env"]),
+                              clean_env("b_env", description=ABOUT["b_env"])])
         # Every label the agent gives (one source: awm_core.agent.rewards) is a known label.
         pub.add_rollouts([rollout(i) for i in range(5)] + [rollout(9, -1.0, "format_error"),
                                                            rollout(10, 0.1, "partially_completed"),
@@ -78,7 +85,7 @@ def test_gate_passes_a_clean_snapshot_and_fails_planted_defects(cat):
     assert fails[("rollouts", "reward")]["examples"] == [5.0]
     assert fails[("rollouts", "label")]["examples"] == ["sort_of"]
     assert fails[("llm_calls", "prompt_tokens")]["examples"] == [-3]
-    assert len(fails) == 8, sorted(fails)
+    assert len(fails) == 8, sorted(fails)  # the tool-less env is reported once, as env_without_tools
     assert "FAILED" in report.markdown() and "broken_env/1" in report.markdown()
     store_report(cat, report)
     assert not cat.gate_passed(bad)
@@ -145,3 +152,34 @@ def test_gate_command_runs_the_flow_and_records_artifacts(cat, prefect_server, c
         passed = [e for e in page.get("events", []) if e["payload"].get("snapshot") == first]
         time.sleep(0.5)
     assert passed, "no awm.gate.passed event for the clean snapshot"
+
+
+def test_coverage_fails_one_domain_duplicates_and_thin_environments(cat):
+    """Five environments of one category, two of them near-duplicate scenarios, one with a single
+    tool: each is a failed expectation whose examples say what is wrong."""
+    about = ["Keep personal notes and find them again by title.", "Book tables at restaurants.",
+             "Track a fleet of delivery vans and routes.", "Plan a wedding: guests, vendors and seating.",
+             "Keep personal notes and find them again by their title."]
+    envs = [clean_env(f"env_{i}", category="productivity", description=d) for i, d in enumerate(about)]
+    envs[2].api_spec.tools = envs[2].api_spec.tools[:1]
+    with cat.publish(message="one domain") as pub:
+        pub.add_environments(envs)
+    report = evaluate_snapshot(cat)
+    fails = {(r["table"], r["column"]): r["examples"] for r in report.failures()}
+    assert fails.pop(("coverage", "dominant_category")) == [
+        "productivity holds 5 of 5 gated environments (100% > max 50%)"]
+    similar = fails.pop(("scenario_neighbours", "too_similar"))
+    assert sorted(x.split(" (")[0] for x in similar) == ["env_0 ~ env_4", "env_4 ~ env_0"]
+    assert fails.pop(("gated_environments", "tools_out_of_range")) == ["env_2 has 1 tools (allowed 2..200)"]
+    assert fails == {}
+    assert "the largest (productivity) holds 100.0%" in report.markdown()
+
+
+def test_one_category_is_not_checked_below_the_minimum_number_of_environments(cat):
+    with cat.publish(message="two of a kind") as pub:
+        pub.add_environments([clean_env("a_env", description=ABOUT["a_env"]),
+                              clean_env("b_env", description=ABOUT["b_env"])])
+    report = evaluate_snapshot(cat)
+    assert report.passed, report.failures()
+    assert report.statistics["largest_category_share"] == 1.0 and not report.statistics["category_share_checked"]
+    assert "not checked below 5 environments" in report.markdown()
