@@ -141,6 +141,9 @@ class GenerateConfig(FlowConfig):
     skip_existing: bool = Field(True, description="skip scenarios that are already in the catalog")
     progress: bool = Field(False, description="print a line per finished stage (else they go to the run's log)")
     publish: bool = Field(True, description="write the catalog (off: validate only)")
+    curate: bool | None = Field(None, description=(
+        "apply the curation plan first: regenerate environments with many environment errors, retire tasks "
+        "every policy solves or none ever solved, top up to generation.live_tasks (default: generation.curate)"))
 
 
 __all__ = ["FlowConfig", "GenerateConfig", "describe_errors"]

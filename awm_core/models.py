@@ -421,12 +421,19 @@ class Environment(Artifact):
     provenance: Provenance = Field(default_factory=Provenance)
     validation: ValidationReport | None = None
     missing: list[str] = Field(default_factory=list, description="parts absent from an import")
+    retired_tasks: dict[int, str] = Field(default_factory=dict, description=(
+        "task idx -> why curation retired it (too easy or never solved); kept, but not evaluated or trained on"))
 
     _check_id = field_validator("id")(classmethod(lambda cls, v: _slug_field(v)))
 
     @property
     def flavour(self) -> Flavour:
         return self.code.flavour if self.code else "native"
+
+    def is_live(self, idx: int) -> bool:
+        """Validation kept the task and curation has not retired it: agents are evaluated and trained on it."""
+        dropped = self.validation.dropped_tasks if self.validation else {}
+        return idx not in dropped and idx not in self.retired_tasks
 
     def task(self, idx: int) -> Task:
         for t in self.tasks:

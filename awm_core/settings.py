@@ -135,6 +135,14 @@ class GenerationSettings(BaseModel):
     tasks_per_scenario: Count = 10
     target_tools: Count = Field(35, description="tool count the spec stage aims at (paper: ~35)")
     stage_retries: NonNegativeInt = Field(5, description="Prefect retries per stage; each sees earlier errors")
+    curate: bool = Field(True, description="apply the curation plan (awm curate) at the start of each run")
+    regenerate_env_error_rate: Rate = Field(
+        0.2, description="curation: regenerate an environment's code when agents hit environment errors in more "
+                         "than this share of its episodes")
+    curation_min_episodes: Count = Field(4, description="curation: fewest episodes before a task or environment "
+                                                        "is judged")
+    live_tasks: Count | None = Field(None, description="curation: make enough new scenarios to keep this many live "
+                                                       "tasks (None: make generation.scenarios each run)")
     dedup_threshold: Rate = Field(0.85, description="cosine similarity above which scenarios are duplicates")
     category_cap: Count = Field(80, description="most scenarios kept per category")
     min_valid_tasks: Count = Field(5, description="environments with fewer valid tasks are not published")

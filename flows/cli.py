@@ -19,7 +19,7 @@ from awm_core.errors import AWMError
 
 # Order is the order shown in --help.
 COMMAND_GROUPS = [
-    "generate", "validate", "env", "catalog", "gate", "eval", "train",
+    "generate", "validate", "env", "catalog", "gate", "eval", "train", "curate",
     "import_", "export", "llm", "config", "server", "deploy", "demo",
 ]
 

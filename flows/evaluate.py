@@ -28,6 +28,7 @@ from awm_core.agent.eval_summary import reward_plot_png, summarize, summary_mark
 from awm_core.agent.evaluation import (
     EvalConfig, EvalResult, EvalRun, add_progress_listener, plan_tasks, remove_progress_listener, thread_runner,
 )
+from awm_core.curation import task_telemetry_rows
 from awm_core.errors import AWMError
 from awm_core.models import Environment
 from awm_core.report import data_uri
@@ -116,6 +117,7 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
                                  f"{len(result.rows)} rollout(s)") as pub:
             pub.add_rollouts(result.rows)
             pub.add_tool_calls(result.tool_calls)
+            pub.add_task_telemetry(task_telemetry_rows(run_id, result.rows))
             if result.new_split_rows:
                 pub.add_splits(result.new_split_rows)
             if judge is not None and (settings.runs_dir / run_id / "llm_calls.jsonl").exists():
@@ -209,8 +211,10 @@ def publish_splits(settings: Settings | None = None, snapshot: int | None = None
     with Catalog.open(settings) as cat:
         snap = snapshot if snapshot is not None else cat.environment_snapshot()
         tasks = defaultdict(list)
-        for r in cat.rows("SELECT env_id, task_idx FROM tasks WHERE dropped_reason IS NULL", snapshot=snap):
-            tasks[r["env_id"]].append(r["task_idx"])
+        # SELECT *: snapshots from before curation have no retired_reason column.
+        for r in cat.rows("SELECT * FROM tasks WHERE dropped_reason IS NULL", snapshot=snap):
+            if not r.get("retired_reason"):
+                tasks[r["env_id"]].append(r["task_idx"])
         if not tasks:
             raise AWMError(f"snapshot {snap} has no tasks to split")
         rows = [{"snapshot": snap, **r} for r in make_splits(tasks, seed=seed, ratio=ratio, by=by)]

@@ -27,6 +27,7 @@ from awm_core.report import data_uri, markdown_table, stacked_bars_png
 from awm_core.settings import Settings, get_settings
 from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
 from flows.artifacts import Report, publish_report
+from flows.curate import read_plan
 from flows.events import GENERATE_PUBLISHED, emit_snapshot_event
 from flows.scaleout import run_resources_on_dask_workers, task_runner_for
 from tasks import generation as G
@@ -173,6 +174,9 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
                                   offline_latency_s=config.offline_latency_s, budget_usd=config.budget_usd)
     gen = settings.generation
     n = gen.scenarios if config.scenarios is None else config.scenarios
+    curation = read_plan(settings) if (gen.curate if config.curate is None else config.curate) else None
+    if curation is not None and config.scenarios is None and gen.live_tasks is not None:
+        n = curation.plan.top_up_scenarios  # the live-task target decides how many new scenarios
     k = config.tasks_per_scenario or gen.tasks_per_scenario
     seed_list = config.seed_list or (str(gen.seed_list) if gen.seed_list else None)
     flow_run_id = str(flow_run.id) if flow_run.id else None
@@ -210,18 +214,27 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
                 say(f"  skipping scenarios already in the catalog: {', '.join(dup)}")
                 scenario_info["dropped"] = [{"name": d, "reason": "already in the catalog"} for d in dup]
             chosen = [s for s in chosen if s.id not in dup]
-        else:
+        elif int(n) > 0:
             say(f"scenarios: expanding the seed list to {n} scenarios")
             sel = G.select_scenarios_task(
                 seed_list, int(n), existing, gen.dedup_threshold, gen.category_cap, model,
                 scenario_stage.PROMPT_VERSION, run_key)
             chosen, scenario_info = sel["scenarios"], sel
+        else:
+            chosen = []
+        repairs = curation.plan.regenerate if curation else {}
+        if curation is not None and not curation.plan.empty():
+            for line in curation.plan.lines():
+                say(f"curation: {line}")
+            chosen = [s for s in chosen if s.id not in repairs] + list(curation.regenerate.values())
         say(f"generating {len(chosen)} environment(s): {', '.join(s.id for s in chosen)}")
         t_build = time.perf_counter()
         # On Dask worker processes the run's resources are built per worker (flows/scaleout.py).
         with run_resources_on_dask_workers(run_key, settings, run_id, run_dir):
             futures = [G.build_environment_task.with_options(task_run_name=f"build[{s.id}]")
-                       .submit(s, k, gen.target_tools, model, gen.min_valid_tasks, run_key) for s in chosen]
+                       .submit(s, k, gen.target_tools, model, gen.min_valid_tasks, run_key,
+                               {"code": repairs[s.id]} if s.id in repairs else None)
+                       for s in chosen]
             for s, fut in zip(chosen, futures):
                 try:
                     outcomes.append(fut.result())
@@ -260,9 +273,13 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         "dropped_tasks": {o.scenario_id: o.report.dropped_tasks for o in outcomes if o.report and o.report.dropped_tasks},
     }
     summary["timings"] = timings
+    retired = curation.retired if curation else []
+    summary["curation"] = {**curation.plan.to_dict(),
+                           "regenerated": [o.scenario_id for o in published if o.scenario_id in repairs]} \
+        if curation else None
     t_pub = time.perf_counter()
     if config.publish:
-        summary["snapshot"] = _publish(run, summary, published, records, drop_reasons)
+        summary["snapshot"] = _publish(run, summary, published, records, drop_reasons, retired)
         _write_state(run_dir, status="published", snapshot=summary["snapshot"])
     else:
         _write_state(run_dir, status="finished")
@@ -311,9 +328,10 @@ class RunInfo:
 
 
 def _publish(run: RunInfo, summary: dict[str, Any], published: list[G.EnvOutcome], records: list[Any],
-             drop_reasons: dict[str, str]) -> int | None:
-    """One snapshot: the published environments, the run's LLM calls (and those of runs that died
-    before publishing theirs), and the run's generation_runs row."""
+             drop_reasons: dict[str, str], retired: list[Any] = ()) -> int | None:
+    """One snapshot: the published environments, the bundles whose tasks curation retired, the
+    run's LLM calls (and those of runs that died before publishing theirs), and the run's
+    generation_runs row."""
     from storage.catalog import Catalog, made_by
 
     settings, run_id, flow_run_id = run.settings, run.run_id, run.flow_run_id
@@ -322,7 +340,7 @@ def _publish(run: RunInfo, summary: dict[str, Any], published: list[G.EnvOutcome
     try:
         with cat.publish(made_by=made_by(settings, flow_run_id, run_id=run_id),
                          message=f"generate run {run_id}: {len(published)} environment(s), status {summary['status']}") as pub:
-            pub.add_environments([o.environment for o in published])
+            pub.add_environments([o.environment for o in published] + list(retired))
             pub.add_llm_calls(records)
             for orphan_id, state in orphans:
                 orphan_records = ledger_records(settings.runs_dir / orphan_id)
@@ -372,6 +390,14 @@ def summary_markdown(summary: dict[str, Any], outcomes: list[G.EnvOutcome], imag
     if summary["dropped_tasks"]:
         lines += ["", "**Tasks dropped:**"] + [f"- {sid}/{idx}: {why[:200]}" for sid, d in summary["dropped_tasks"].items()
                                                for idx, why in d.items()]
+    if summary.get("curation") and (summary["curation"]["regenerate"] or summary["curation"]["retire"]
+                                    or summary["curation"]["top_up_scenarios"]):
+        c = summary["curation"]
+        lines += ["", "**Curation:** "
+                  + "; ".join([f"regenerated {e} ({why})" for e, why in c["regenerate"].items()]
+                              + [f"retired {e}/{i} ({why})" for e, t in c["retire"].items() for i, why in t.items()]
+                              + ([f"topped up with {c['top_up_scenarios']} scenario(s) toward "
+                                  f"{c['target_live_tasks']} live tasks"] if c["top_up_scenarios"] else []))]
     lines += ["", "**Repairs per stage:** " + (", ".join(f"{k}: {v}" for k, v in sorted(summary["repairs"].items()))
                                                or "none")]
     if image_src:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger
 
 from awm_core.agent import make_splits, select
+from awm_core.curation import task_telemetry_rows
 from awm_core.errors import AWMError, GateRefused, SettingsError
 from awm_core.report import data_uri, reward_curves_png
 from awm_core.settings import Settings, get_settings
@@ -71,9 +72,8 @@ def plan_tasks(environments: list[Any], split_rows: list[dict[str, Any]], split:
         env = by_id.get(env_id)
         if env is None:
             continue
-        dropped = set(env.validation.dropped_tasks) if env.validation else set()
         for i in idxs:
-            if i not in dropped and env.verifier(i) is not None:
+            if env.is_live(i) and env.verifier(i) is not None:
                 out.append((env_id, i, env.task(i).text))
     return out
 
@@ -213,28 +213,6 @@ def rollout_rows(run_id: str, snapshot: int, config: TrainConfig, episodes: list
     return rows
 
 
-def telemetry_rows(run_id: str, episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tasks every rollout completed, tasks none did, and tasks whose environment failed."""
-    per: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for e in episodes:
-        per[(e["env_id"], int(e["task_idx"]))].append(e)
-    rows = []
-    for (env_id, idx), eps in sorted(per.items()):
-        scored = [e for e in eps if not e["env_error"]]
-        completed = sum(e["label"] == "completed" for e in scored)
-        if scored and completed == len(scored):
-            rows.append({"run_id": run_id, "env_id": env_id, "task_idx": idx, "kind": "always_solved",
-                         "count": len(scored)})
-        if scored and completed == 0:
-            rows.append({"run_id": run_id, "env_id": env_id, "task_idx": idx, "kind": "never_solved",
-                         "count": len(scored)})
-        env_errors = len(eps) - len(scored)
-        if env_errors:
-            rows.append({"run_id": run_id, "env_id": env_id, "task_idx": idx, "kind": "env_errors",
-                         "count": env_errors})
-    return rows
-
-
 def _json_or_none(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -252,13 +230,14 @@ def publish_run(run_dir: str | Path, settings: Settings | None = None, flow_run_
     metrics = _jsonl(run_dir / "metrics.jsonl")
     episodes = [e for p in sorted(run_dir.glob("rollouts.rank*.jsonl")) for e in _jsonl(p)]
     m_rows = metric_rows(run_id, snapshot, config, metrics, ckpt_dir)
-    t_rows = telemetry_rows(run_id, episodes)
+    r_rows = rollout_rows(run_id, snapshot, config, episodes)
+    t_rows = task_telemetry_rows(run_id, r_rows)
     with Catalog.open(settings) as cat:
         with cat.publish(made_by=made_by(settings, flow_run_id, train_run_id=run_id, trained_snapshot=snapshot,
                                          sandbox=_json_or_none(run_dir / "sandbox.json")),
                          message=f"train run {run_id} on snapshot {snapshot}: {len(m_rows)} steps") as pub:
             pub.add_training_metrics(m_rows)
-            pub.add_rollouts(rollout_rows(run_id, snapshot, config, episodes))
+            pub.add_rollouts(r_rows)
             pub.add_task_telemetry(t_rows)
             if info.get("new_splits"):
                 pub.add_splits(info["new_splits"])

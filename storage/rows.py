@@ -127,7 +127,7 @@ def environment_rows(env: Environment) -> dict[str, list[dict[str, Any]]]:
         "tasks": [{
             "env_id": env.id, "task_idx": t.idx, "task_id": task_id(env.id, t.idx), "text": t.text,
             "has_verifier": t.idx in verifier_idx, "has_solution": t.idx in solution_idx,
-            "dropped_reason": dropped.get(t.idx),
+            "dropped_reason": dropped.get(t.idx), "retired_reason": env.retired_tasks.get(t.idx),
         } for t in env.tasks],
         "environments": [{
             "env_id": env.id, "name": env.scenario.name, "category": env.scenario.category,

@@ -64,6 +64,8 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         C("has_verifier", "BOOLEAN", "a verifier exists for this task"),
         C("has_solution", "BOOLEAN", "a reference solution exists for this task"),
         C("dropped_reason", "VARCHAR", "why validation dropped the task (NULL = kept)"),
+        C("retired_reason", "VARCHAR", "why curation retired the task (NULL = live): solved by every policy, or "
+                                       "never solved while its reference solution passes"),
     ), key=("env_id", "task_idx"),
         example="SELECT env_id, count(*) FILTER (WHERE dropped_reason IS NULL) AS kept FROM tasks GROUP BY env_id"),
     Table("environments", "The Environment bundle of each scenario, whole and in parts.", (
@@ -234,14 +236,23 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         C("seed", "BIGINT", "seed of the split"),
     ), key=("snapshot", "env_id", "task_idx"),
         example="SELECT split, count(*) FROM splits WHERE snapshot = 3 GROUP BY split"),
-    Table("task_telemetry", "Tasks that look broken or trivial across rollouts.", (
+    Table("task_telemetry", "Per task and policy, what evaluation and training runs saw (the nightly "
+                            "curation reads it: awm curate).", (
         C("run_id", "VARCHAR", "run that observed it", True),
         ENV,
         C("task_idx", "INTEGER", "task index", True),
-        C("kind", "VARCHAR", "always_solved | never_solved | env_errors", True),
-        C("count", "INTEGER", "episodes observed", True),
+        C("kind", "VARCHAR", "stats (the numbers below) | always_solved | never_solved | env_errors", True),
+        C("count", "INTEGER", "episodes observed (stats), or episodes with the flag", True),
+        C("policy", "VARCHAR", "policy of the run: reference, random, openai, openai-text, grpo"),
+        C("episodes", "INTEGER", "stats: episodes of this task in the run"),
+        C("completed", "INTEGER", "stats: episodes labelled completed"),
+        C("pass_rate", "DOUBLE", "stats: completed / episodes without an environment error"),
+        C("env_error_rate", "DOUBLE", "stats: share of episodes with an environment error"),
+        C("format_error_rate", "DOUBLE", "stats: share of episodes labelled format_error"),
+        C("mean_turns", "DOUBLE", "stats: mean policy turns per episode"),
+        C("created_at", "TIMESTAMPTZ", "when the run published it"),
     ), key=("run_id", "env_id", "task_idx", "kind"),
-        example="SELECT kind, count(*) FROM task_telemetry GROUP BY kind"),
+        example="SELECT env_id, task_idx, policy, pass_rate, env_error_rate FROM task_telemetry WHERE kind = 'stats'"),
 ]}
 
 # Tables whose rows belong to one environment and are replaced when it is republished.

@@ -294,17 +294,20 @@ CTX_FIELD = {"tasks": "tasks", "schema": "db_schema", "seed_data": "seed_data", 
 
 @task(name="build-environment", cache_policy=NO_CACHE)
 def build_environment_task(scenario: Scenario, tasks_per_scenario: int, target_tools: int, model: str,
-                           min_valid_tasks: int, run_key: str) -> EnvOutcome:
+                           min_valid_tasks: int, run_key: str,
+                           repairs: dict[str, list[str]] | None = None) -> EnvOutcome:
     """All stages for one scenario, then execution validation. Never raises for a bad
-    scenario: the outcome says what was dropped and why."""
+    scenario: the outcome says what was dropped and why. ``repairs``: errors to show a stage
+    from the start (curation regenerating an environment's code with what agents ran into)."""
     # Stage tasks called from here would otherwise join this task's transaction and write
     # their cache entries only when the whole environment is done: a crash would lose them.
     with transaction(commit_mode=CommitMode.EAGER):
-        return _build_environment(scenario, tasks_per_scenario, target_tools, model, min_valid_tasks, run_key)
+        return _build_environment(scenario, tasks_per_scenario, target_tools, model, min_valid_tasks, run_key,
+                                  repairs or {})
 
 
 def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools: int, model: str,
-                       min_valid_tasks: int, run_key: str) -> EnvOutcome:
+                       min_valid_tasks: int, run_key: str, repairs: dict[str, list[str]]) -> EnvOutcome:
     res = resources(run_key)
     settings = res.settings
     started = time.perf_counter()
@@ -330,7 +333,8 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     task_checks: dict[int, list[Any]] = {}
     try:
         for name in ENV_STAGES:
-            out = stage(name, ctx)
+            # Extra errors change the stage's cache key: a repaired stage runs again, the rest are reused.
+            out = stage(name, ctx, extra_errors=repairs.get(name, ()))
             ctx = ctx.with_(**{CTX_FIELD[name]: out.value})
             env_checks += out.checks
         verifiers: list[Verifier] = []

@@ -187,10 +187,9 @@ def plan_tasks(environments: dict[str, Environment], config: EvalConfig,
         env = environments.get(env_id)
         if env is None:
             continue
-        dropped = set(env.validation.dropped_tasks) if env.validation else set()
         keep = []
         for i in idxs:
-            if i in dropped:
+            if not env.is_live(i):
                 continue
             if env.verifier(i) is None:
                 notes.append(f"{env_id}/{i}: no verifier")

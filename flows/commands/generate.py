@@ -20,12 +20,14 @@ def register(sub) -> None:
                       help="how many scenarios to make (default: generation.scenarios)")
     what.add_argument("-s", "--scenario", action="append", default=None, metavar="NAME",
                       help="make exactly this seed-list scenario (name or id; repeatable)")
-    add_config_options(p, GenerateConfig, skip=("scenarios", "skip_existing", "progress", "publish"),
+    add_config_options(p, GenerateConfig, skip=("scenarios", "skip_existing", "progress", "publish", "curate"),
                        flags={"tasks_per_scenario": ("-k", "--tasks-per-scenario"), "generator_model": "--model",
                               "concurrency": ("-c", "--concurrency"), "offline_latency_s": "--offline-latency"})
     p.add_argument("--include-existing", action="store_true",
                    help="also rebuild scenarios that are already in the catalog (default: skip them)")
     p.add_argument("--no-publish", action="store_true", help="validate but do not write the catalog")
+    p.add_argument("--no-curate", action="store_true",
+                   help="do not apply the curation plan first (see `awm curate`; default: generation.curate)")
     uses_prefect(p).set_defaults(func=run)
 
 
@@ -41,6 +43,12 @@ def print_summary(summary: dict) -> None:
     for sid, tasks in summary.get("dropped_tasks", {}).items():
         for idx, why in tasks.items():
             print(f"  task {sid}/{idx} dropped: {why[:160]}")
+    curation = summary.get("curation") or {}
+    for env_id in curation.get("regenerated", []):
+        print(f"  regenerated {env_id}: {curation['regenerate'].get(env_id, '')}")
+    for env_id, tasks in curation.get("retire", {}).items():
+        for idx, why in tasks.items():
+            print(f"  retired task {env_id}/{idx}: {why}")
     repairs = ", ".join(f"{k} {v}" for k, v in sorted(summary["repairs"].items())) or "none"
     print(f"  repairs per stage: {repairs}")
     print(f"  {summary['llm_calls']} LLM calls, {summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}, "
@@ -54,7 +62,8 @@ def run(args) -> int:
     scenarios = args.scenario if args.scenario else args.scenarios
     print("awm generate: starting (Prefect may take a few seconds to come up)", flush=True)
     config = config_from_args(GenerateConfig, args, scenarios=scenarios, skip_existing=not args.include_existing,
-                              progress=True, publish=not args.no_publish)
+                              progress=True, publish=not args.no_publish,
+                              curate=False if args.no_curate else None)
     summary = run_generate(config)
     print_summary(summary)
     if summary["status"] == "budget_exceeded":
