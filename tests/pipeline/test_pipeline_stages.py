@@ -130,6 +130,22 @@ def test_summarise_errors_dedups_and_truncates_deterministically():
 
 # ----------------------------------------------------------------------------- tasks
 
+@pytest.mark.parametrize("k, questions, changes", [
+    (5, "2 tasks", "3 tasks"), (10, "4 tasks", "6 tasks"), (2, "1 task", "1 task"), (1, "0 tasks", "1 task")])
+def test_tasks_prompt_asks_for_a_mix_that_scales_with_k(ctx, k, questions, changes):
+    text = tasks.build_messages(ctx.with_(tasks_per_scenario=k), [])[-1]["content"]
+    assert f"exactly {k} user tasks" in text
+    assert f"{questions} asking a question" in text and f"{changes} changing data" in text
+    assert "about 4" not in text and "about 6" not in text
+
+
+def test_task_mix_adds_up_and_has_both_kinds_from_two_tasks():
+    for k in range(1, 40):
+        q, c = tasks.task_mix(k)
+        assert q + c == k and abs(q - 0.4 * k) <= 1
+        assert k < 2 or (q >= 1 and c >= 1)
+
+
 def test_tasks_accepts_ten_and_drops_surplus(ctx):
     got = tasks.parse(json.dumps({"tasks": TASK_TEXTS + ["Create one more note titled 'Extra' please."]}), ctx)
     assert [t.idx for t in got] == list(range(10)) and got[0].scenario_id == "note_pad"
