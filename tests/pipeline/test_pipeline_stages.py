@@ -370,6 +370,13 @@ def test_scenario_rejects_bad_reply_and_seed_list_loads():
     assert errs[0] in msgs[-1]["content"] and seeds[0].name in msgs[-1]["content"]
 
 
+@pytest.mark.parametrize("needed, asked", [(1, 2), (3, 4), (8, 10), (20, 25)])
+def test_scenario_prompt_asks_for_what_is_needed_plus_a_margin(needed, asked):
+    assert scenario.candidates_to_ask(needed) == asked
+    text = scenario.build_messages(scenario.load_seeds(), needed, [])[-1]["content"]
+    assert f"Propose {asked} applications of this kind: {needed} needed plus {asked - needed} spare" in text
+
+
 def test_every_stage_has_a_prompt_version_and_reply_format():
     assert "scenario" not in STAGES and all(isinstance(m, Stage) for m in STAGES.values())
     for name, module in {"scenario": scenario, **STAGES}.items():
