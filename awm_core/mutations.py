@@ -96,6 +96,16 @@ def id_arguments(arguments: dict[str, Any]) -> list[tuple[str, int]]:
             if (k == "id" or k.endswith("_id")) and isinstance(v, int) and not isinstance(v, bool)]
 
 
+def named_table(conn: sqlite3.Connection, tool: str, argument: str) -> tuple[str, str] | None:
+    """(table, key column) an id argument names, by name alone (``reservation_id`` →
+    ``reservations``; a bare ``id`` by the tool's name): the single best-scoring table with an
+    integer key, None when no name fits or two fit equally well."""
+    scored = [(_name_score(t, argument, tool), t, k) for t in _tables(conn) if (k := _integer_key(conn, t))]
+    best = max((s for s, _, _ in scored), default=0)
+    hits = [(t, k) for s, t, k in scored if s == best]
+    return hits[0] if best > 0 and len(hits) == 1 else None
+
+
 def swap_for(initial_db: bytes, tool: str, argument: str, value: int) -> tuple[str, int] | None:
     """(table, another key) for an id argument whose value is a key of some table: the table
     whose name fits the argument best, and its nearest other key. None without a candidate."""
@@ -163,7 +173,10 @@ def delete_unrelated_row(final_db: bytes, untouchable: set[str], *, prefer: str 
 
 # --------------------------------------------------------------------------- wrong_answer
 
-_NUMBER = re.compile(r"\d(?:[\d,]*\d)?(?:\.\d+)?")
+# What counts as one number in an answer; the verifier prompt gives the same pattern, so a
+# verifier that parses values the way it is told reads numbers exactly as these mutants change them.
+NUMBER_PATTERN = r"\d(?:[\d,]*\d)?(?:\.\d+)?"
+_NUMBER = re.compile(NUMBER_PATTERN)
 
 
 def _bump(number: str, avoid: set[str]) -> str:

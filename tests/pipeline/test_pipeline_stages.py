@@ -7,9 +7,11 @@ import json
 import pytest
 
 from awm_core.errors import StageError
+from awm_core.mutations import NUMBER_PATTERN
+from awm_core.runtime import EXAMPLE_RULE
 from awm_core.models import ApiSpec, DbSchema, Scenario, SeedData, Task, Verifier
 from awm_core.stages import STAGES, Stage, code, scenario, schema, seed_data, solution, spec, tasks, verifier
-from awm_core.stages.base import StageContext, extract_json, extract_python, summarise_errors
+from awm_core.stages.base import SEED_ROWS_PER_TABLE, StageContext, extract_json, extract_python, render_spec, summarise_errors
 
 SCHEMA = {"tables": [
     {"name": "users", "ddl": "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)", "indexes": []},
@@ -260,6 +262,35 @@ def test_spec_rejects(ctx, reply, expect):
     carried(spec, ctx, errs)
 
 
+def test_spec_prompt_shows_the_seeded_rows_and_how_examples_run(ctx):
+    text = spec.build_messages(ctx, [])[-1]["content"]
+    assert "notes (2 rows): id | user_id | title | body" in text and '1 | 1 | "Groceries" | "milk"' in text
+    assert f"at most {SEED_ROWS_PER_TABLE} rows per table" in text and "exist in the seed data" in text
+    assert EXAMPLE_RULE in text
+    many = json.loads(json.dumps(SEED))
+    many["tables"][1]["insert_statements"] += [
+        f"INSERT INTO notes (id, user_id, title, body) VALUES ({i}, 1, 'Note {i}', 'b')" for i in range(3, 21)]
+    text = spec.build_messages(ctx.with_(seed_data=SeedData.from_data(many)), [])[-1]["content"]
+    assert f"notes (first {SEED_ROWS_PER_TABLE} of 20 rows)" in text
+    assert f'"Note {SEED_ROWS_PER_TABLE}"' in text and f'"Note {SEED_ROWS_PER_TABLE + 1}"' not in text
+
+
+def test_spec_examples_validate_against_the_seed_data(ctx):
+    errs = rejected(spec.parse, _spec_edit(lambda d: d["tools"][2]["parameters"]["note_id"].update(example=99)), ctx)
+    assert errs == ["tool delete_note, parameter note_id: example 99 is not in the seed data (no row of notes has "
+                    "id 99; seeded ids of notes: 1, 2); examples run on the seeded database, so use an id that "
+                    "exists there"]
+    carried(spec, ctx, errs)
+
+    def create_with_own_id(d):
+        d["tools"][1]["parameters"]["id"] = {"type": "integer", "description": "new id", "required": False, "example": 9}
+    assert spec.parse(_spec_edit(create_with_own_id), ctx)  # a new row's own id need not exist yet
+
+    def unnamed(d):
+        d["tools"][2]["parameters"]["ref_id"] = {"type": "integer", "description": "x", "required": False, "example": 99}
+    assert spec.parse(_spec_edit(unnamed), ctx)  # no table is called ref*: nothing to check against
+
+
 def test_spec_reports_missing_type_and_duplicate_together(ctx):
     def both(d):
         d["tools"][1]["parameters"]["title"].pop("type")
@@ -269,6 +300,11 @@ def test_spec_reports_missing_type_and_duplicate_together(ctx):
 
 
 # ----------------------------------------------------------------------------- code
+
+def test_code_prompt_states_the_rule_examples_run_by(ctx):
+    msgs = code.build_messages(ctx, [])
+    assert EXAMPLE_RULE in msgs[0]["content"] and EXAMPLE_RULE in msgs[-1]["content"]
+
 
 def test_code_accepts_valid(ctx):
     assert "def create_note" in code.parse(CODE, ctx).source
