@@ -67,7 +67,7 @@ def _integer_key(conn: sqlite3.Connection, table: str) -> str | None:
     return pk[0][1]
 
 
-def _stem(word: str) -> str:
+def word_stem(word: str) -> str:
     """Singular of a table-name word: entries → entry, addresses → address, notes → note."""
     word = word.lower()
     if word.endswith("ies") and len(word) > 4:
@@ -83,9 +83,9 @@ def _name_score(table: str, argument: str, tool: str) -> int:
     """How well a table's name matches an id argument: ``order_id`` → ``orders``; a bare
     ``id`` is read from the tool's name (``update_order(id=...)``)."""
     words = argument[:-3].split("_") if argument.endswith("_id") else tool.split("_")
-    stems = {_stem(w) for w in words if w}
-    table_stem = _stem(table.split("_")[-1])
-    if _stem(table) in stems or "_".join(_stem(w) for w in words) == _stem(table):
+    stems = {word_stem(w) for w in words if w}
+    table_stem = word_stem(table.split("_")[-1])
+    if word_stem(table) in stems or "_".join(word_stem(w) for w in words) == word_stem(table):
         return 2
     return 1 if table_stem in stems else 0
 

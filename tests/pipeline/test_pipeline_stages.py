@@ -344,8 +344,26 @@ def test_verifier_accepts_valid(ctx):
 def test_verifier_rejects(ctx, reply, expect):
     errs = rejected(verifier.parse, reply, ctx)
     assert any(expect in e for e in errs), errs
-    text = carried(verifier, ctx, errs)
+    text = carried(verifier, ctx.with_(code=code.parse(CODE, ctx)), errs)
     assert TASK_TEXTS[0] in text and "INSERT INTO notes" in text  # the task and the seed rows travel too
+
+
+def test_verifier_prompt_shows_the_tools_and_the_parsed_values_rule(ctx):
+    text = verifier.build_messages(ctx.with_(code=code.parse(CODE, ctx)), [])[-1]["content"]
+    assert "- delete_note(note_id: integer e.g. 1) -> " in text and render_spec(ctx) in text
+    assert "def delete_note(conn: sqlite3.Connection, note_id: int) -> dict:" in text
+    assert verifier.PARSED_VALUES_RULE in text and NUMBER_PATTERN in text and "never substrings" in text
+
+
+def test_verifier_prompt_cuts_long_code_keeping_the_tools_of_the_task(ctx):
+    c = ctx.with_(code=code.parse(CODE, ctx), tasks=[Task(scenario_id="note_pad", idx=0, text="Delete the note 'Other'.")])
+    source = c.code.source
+    cap = len(source[source.index("def delete_note("):].strip()) + 10  # room for the one tool the task names
+    cut = verifier.render_tool_code(c, cap=cap)
+    assert cut.startswith("def delete_note(") and "def create_note(" not in cut
+    assert cut.splitlines()[-1] == (f"# (code cut at {cap} characters; left out: list_notes, create_note -- "
+                                    "their spec lines above say what they do)")
+    assert verifier.render_tool_code(c) == c.code.source.strip()  # the whole module when it fits
 
 
 # ----------------------------------------------------------------------------- solution
