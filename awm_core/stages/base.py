@@ -230,8 +230,11 @@ SEED_VALUE_CHARS = 60
 
 
 def _cell(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else "NULL" if value is None else str(value)
-    return text if len(text) <= SEED_VALUE_CHARS else text[: SEED_VALUE_CHARS - 4] + '..."'
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= SEED_VALUE_CHARS else text[: SEED_VALUE_CHARS - 4] + '..."'
+    text = "NULL" if value is None else str(value)
+    return text if len(text) <= SEED_VALUE_CHARS else text[: SEED_VALUE_CHARS - 3] + "..."
 
 
 def render_seed_rows(ctx: StageContext, per_table: int = SEED_ROWS_PER_TABLE) -> str:
