@@ -67,7 +67,7 @@ def _integer_key(conn: sqlite3.Connection, table: str) -> str | None:
     return pk[0][1]
 
 
-def _stem(word: str) -> str:
+def word_stem(word: str) -> str:
     """Singular of a table-name word: entries → entry, addresses → address, notes → note."""
     word = word.lower()
     if word.endswith("ies") and len(word) > 4:
@@ -83,9 +83,9 @@ def _name_score(table: str, argument: str, tool: str) -> int:
     """How well a table's name matches an id argument: ``order_id`` → ``orders``; a bare
     ``id`` is read from the tool's name (``update_order(id=...)``)."""
     words = argument[:-3].split("_") if argument.endswith("_id") else tool.split("_")
-    stems = {_stem(w) for w in words if w}
-    table_stem = _stem(table.split("_")[-1])
-    if _stem(table) in stems or "_".join(_stem(w) for w in words) == _stem(table):
+    stems = {word_stem(w) for w in words if w}
+    table_stem = word_stem(table.split("_")[-1])
+    if word_stem(table) in stems or "_".join(word_stem(w) for w in words) == word_stem(table):
         return 2
     return 1 if table_stem in stems else 0
 
@@ -94,6 +94,16 @@ def id_arguments(arguments: dict[str, Any]) -> list[tuple[str, int]]:
     """Top-level integer arguments named ``id`` or ``*_id`` (``$ref`` values are left alone)."""
     return [(k, v) for k, v in arguments.items()
             if (k == "id" or k.endswith("_id")) and isinstance(v, int) and not isinstance(v, bool)]
+
+
+def named_table(conn: sqlite3.Connection, tool: str, argument: str) -> tuple[str, str] | None:
+    """(table, key column) an id argument names, by name alone (``reservation_id`` →
+    ``reservations``; a bare ``id`` by the tool's name): the single best-scoring table with an
+    integer key, None when no name fits or two fit equally well."""
+    scored = [(_name_score(t, argument, tool), t, k) for t in _tables(conn) if (k := _integer_key(conn, t))]
+    best = max((s for s, _, _ in scored), default=0)
+    hits = [(t, k) for s, t, k in scored if s == best]
+    return hits[0] if best > 0 and len(hits) == 1 else None
 
 
 def swap_for(initial_db: bytes, tool: str, argument: str, value: int) -> tuple[str, int] | None:
@@ -163,7 +173,10 @@ def delete_unrelated_row(final_db: bytes, untouchable: set[str], *, prefer: str 
 
 # --------------------------------------------------------------------------- wrong_answer
 
-_NUMBER = re.compile(r"\d(?:[\d,]*\d)?(?:\.\d+)?")
+# What counts as one number in an answer; the verifier prompt gives the same pattern, so a
+# verifier that parses values the way it is told reads numbers exactly as these mutants change them.
+NUMBER_PATTERN = r"\d(?:[\d,]*\d)?(?:\.\d+)?"
+_NUMBER = re.compile(NUMBER_PATTERN)
 
 
 def _bump(number: str, avoid: set[str]) -> str:

@@ -106,7 +106,8 @@ def load_errors(pool, env: Environment) -> list[ValidationCheck]:
 
 
 def tool_checks(pool, env: Environment) -> list[ValidationCheck]:
-    """Every spec tool with its example arguments, each in a fresh session."""
+    """Every spec tool with its example arguments, as ``awm_core.runtime.EXAMPLE_RULE`` says
+    (``SandboxPool.check_tools``, the one place examples run)."""
     problems = load_errors(pool, env)
     if problems:
         return problems

@@ -224,7 +224,8 @@ def select_scenarios_task(seed_list: str | None, n: int, existing: list[Scenario
     # already proposed listed as taken.
     while rounds < max(1, -(-n // 10)) + 2:
         try:
-            new, recs = scenario_stage.run(res.client, seeds, max(n - (len(selection.scenarios) if selection else 0), 1) + 2,
+            # The stage adds its deduplication margin to what is still missing.
+            new, recs = scenario_stage.run(res.client, seeds, max(n - (len(selection.scenarios) if selection else 0), 1),
                                            attempt=attempt, previous_errors=history.for_prompt(),
                                            avoid=[c.name for c in candidates] + [s.name for s in existing],
                                            offset=rounds * scenario_stage.EXAMPLES_SHOWN)

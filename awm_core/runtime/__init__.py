@@ -11,7 +11,7 @@ with SandboxPool(settings.sandbox) as pool:
     pool.verify(environment, 0, initial_db=..., final_db=..., final_answer=None)  # VerifierOutcome
 ```
 """
-from awm_core.runtime.pool import EnvHandle, SandboxPool, Session, ToolCheck
+from awm_core.runtime.pool import EXAMPLE_RULE, EnvHandle, SandboxPool, Session, ToolCheck
 from awm_core.runtime.types import (
     EnvLoadError,
     SandboxError,
@@ -21,5 +21,5 @@ from awm_core.runtime.types import (
     WeakSandboxError,
 )
 
-__all__ = ["SandboxPool", "EnvHandle", "Session", "ToolCheck", "ToolInfo", "ToolResult", "VerifierOutcome",
+__all__ = ["EXAMPLE_RULE", "SandboxPool", "EnvHandle", "Session", "ToolCheck", "ToolInfo", "ToolResult", "VerifierOutcome",
            "SandboxError", "EnvLoadError", "WeakSandboxError"]

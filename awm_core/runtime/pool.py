@@ -36,6 +36,13 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+# How spec examples are executed, in the words the spec and code prompts use. The order of the
+# tools is then irrelevant: a delete example cannot break a get example of the same row.
+EXAMPLE_RULE = ("each tool's example call runs alone, on a fresh copy of the seeded database, with every "
+                "parameter that has an example: no example sees what another example changed, so each one "
+                "must succeed on the seed data exactly as it is")
+
+
 class WorkerFailure(Exception):
     """The worker died, overran its time, broke the protocol, or was restarted."""
 
@@ -473,7 +480,8 @@ class SandboxPool:
         return VerifierOutcome(resp.get("verdict"), resp.get("evidence") or {}, None, None)
 
     def check_tools(self, environment: Environment) -> list["ToolCheck"]:
-        """Call every spec tool with its example arguments, each in a fresh session."""
+        """Call every spec tool with its example arguments as ``EXAMPLE_RULE`` says (the spec
+        and code prompts quote it, so what the model is told is what runs)."""
         handle = self.load(environment)
         specs = environment.api_spec.tools if environment.api_spec else []
         checks = []

@@ -223,6 +223,43 @@ def render_seed(ctx: StageContext) -> str:
     return "\n".join(s.strip().rstrip(";") + ";" for _, s in ctx.seed_data.statements())
 
 
+# Seeded rows shown per table where a prompt shows the data compactly (the spec stage): enough
+# to pick existing ids and names from, bounded however much a model seeded.
+SEED_ROWS_PER_TABLE = 8
+SEED_VALUE_CHARS = 60
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= SEED_VALUE_CHARS else text[: SEED_VALUE_CHARS - 4] + '..."'
+    text = "NULL" if value is None else str(value)
+    return text if len(text) <= SEED_VALUE_CHARS else text[: SEED_VALUE_CHARS - 3] + "..."
+
+
+def render_seed_rows(ctx: StageContext, per_table: int = SEED_ROWS_PER_TABLE) -> str:
+    """The seeded database table by table: columns, then at most ``per_table`` rows, with the
+    number of rows left out; read from the built database, so it is the data the tools get."""
+    from awm_core.db import build_database, open_snapshot
+
+    conn = open_snapshot(build_database(ctx.db_schema, ctx.seed_data), readonly=True)
+    try:
+        out = []
+        for t in ctx.db_schema.tables:
+            # Storage order (no ORDER BY rowid: a WITHOUT ROWID table has none); the same bytes
+            # always give the same rows, so the prompt stays a stable cache key.
+            cur = conn.execute(f'SELECT * FROM "{t.name}" LIMIT ?', (per_table,))
+            columns = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+            total = conn.execute(f'SELECT count(*) FROM "{t.name}"').fetchone()[0]
+            shown = f"first {len(rows)} of {total} rows" if total > len(rows) else f"{total} row{'' if total == 1 else 's'}"
+            out.append(f"{t.name} ({shown}): {' | '.join(columns)}")
+            out.extend("  " + " | ".join(_cell(v) for v in row) for row in rows)
+        return "\n".join(out)
+    finally:
+        conn.close()
+
+
 def render_spec(ctx: StageContext) -> str:
     """One compact line per tool: name(params) -> returns: description."""
     lines = []

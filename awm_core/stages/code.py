@@ -2,7 +2,8 @@
 
 Reply: one fenced ```python block. Checked statically (compiles, allowed imports only, no
 clock or randomness, one function per spec tool with matching parameters) and then in the
-sandbox: every tool called with its spec example arguments on the seeded database succeeds.
+sandbox: every tool called with its spec example arguments succeeds, each alone on a fresh copy of
+the seeded database (``awm_core.runtime.EXAMPLE_RULE``, which the prompt quotes).
 """
 from __future__ import annotations
 
@@ -11,20 +12,21 @@ import sys
 
 from awm_core.errors import StageError
 from awm_core.models import EnvCode
+from awm_core.runtime import EXAMPLE_RULE
 from awm_core.stages.base import (
     ALLOWED_IMPORTS, CURRENT_USER_ID, StageContext, extract_python, messages, render_scenario, render_schema,
     run_stage,
 )
 
 NAME = "code"
-PROMPT_VERSION = "code-v1"
+PROMPT_VERSION = "code-v2"
 JSON_MODE = False
 PER_TASK = False
 
 SYSTEM = """
 You are a senior Python engineer. You implement an application's tools as plain Python functions over an
-SQLite connection. The module is loaded in a sandbox and every tool is called with its example arguments;
-any exception other than a deliberate ToolError rejects the answer.
+SQLite connection. The module is loaded in a sandbox and every tool is called with its example arguments
+({example_rule}); any exception other than a deliberate ToolError rejects the answer.
 """
 
 USER = """
@@ -52,7 +54,8 @@ Write ONE Python module that implements every tool of the spec:
   app_clock table if the schema has one, or take the timestamp as a parameter. New ids come from INTEGER
   PRIMARY KEY (cursor.lastrowid).
 - Imports allowed: {imports}. No module-level state; helpers start with "_".
-- Create tools must not fail on their own example arguments (check unique columns the example touches).
+- Every tool must succeed on its own example arguments: {example_rule}. Create tools must not fail on
+  their examples (check unique columns the example touches).
 
 Answer with the module in exactly one ```python fenced block and nothing else.
 """
@@ -62,8 +65,8 @@ def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
     ctx.need("scenario", "db_schema", "api_spec")
     user = USER.format(scenario=render_scenario(ctx), schema=render_schema(ctx),
                        spec=ctx.api_spec.model_dump_json(exclude_defaults=True), user_id=CURRENT_USER_ID,
-                       imports=", ".join(ALLOWED_IMPORTS))
-    return messages(SYSTEM, user, previous_errors)
+                       imports=", ".join(ALLOWED_IMPORTS), example_rule=EXAMPLE_RULE)
+    return messages(SYSTEM.format(example_rule=EXAMPLE_RULE), user, previous_errors)
 
 
 _BANNED_CALLS = {("datetime", "now"), ("datetime", "utcnow"), ("datetime", "today"), ("date", "today"),

@@ -13,6 +13,7 @@ reason, and candidates kept beyond N are reported as surplus.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,7 @@ from awm_core.models import Scenario, slugify
 from awm_core.stages.base import extract_json, messages
 
 NAME = "scenario"
-PROMPT_VERSION = "scenario-v1"
+PROMPT_VERSION = "scenario-v2"
 JSON_MODE = True
 RUN_WIDE_ID = "_"  # the fixture/ledger "scenario id" of run-wide stages
 
@@ -38,8 +39,10 @@ USER = """
 Here are examples of suitable applications (name: description [category]):
 {examples}
 
-Propose {n} applications of this kind. You may use the examples as they are or as inspiration, but no two of
-your proposals may be the same application under another name, and none may repeat these already-built ones:
+Propose {ask} applications of this kind: {n} needed plus {margin} spare, because proposals that are
+near-duplicates, not stateful or in a full category are dropped. You may use the examples as they are or as
+inspiration, but no two of your proposals may be the same application under another name, and none may
+repeat these already-built ones:
 {avoid}
 For each:
 - each with a short name (2-4 words), a one-sentence description naming its main entities and operations,
@@ -107,16 +110,31 @@ def load_seeds(path: Path | str | None = None) -> list[Candidate]:
 
 
 EXAMPLES_SHOWN = 24
+# Extra candidates asked for beyond the scenarios still needed. Selection drops near-duplicates,
+# stateless ones and full categories; a quarter more (at least one) covers the usual losses in
+# one round, and select-scenarios asks again for whatever is still missing.
+MARGIN_SHARE = 0.25
+
+
+def margin(needed: int) -> int:
+    return max(1, math.ceil(needed * MARGIN_SHARE))
+
+
+def candidates_to_ask(needed: int) -> int:
+    """How many proposals to ask for when ``needed`` scenarios are still missing."""
+    return needed + margin(needed)
 
 
 def build_messages(seeds: list[Candidate], n: int, previous_errors: list[str], *, avoid: list[str] = (),
                    offset: int = 0) -> list[dict]:
-    """``offset`` rotates which seeds are shown, so later rounds see other examples."""
+    """A request for ``candidates_to_ask(n)`` proposals when ``n`` scenarios are needed;
+    ``offset`` rotates which seeds are shown, so later rounds see other examples."""
     ordered = round_robin(seeds)
     shown = [ordered[(offset + i) % len(ordered)] for i in range(min(EXAMPLES_SHOWN, len(ordered)))] if ordered else []
     examples = "\n".join(f"- {c.name}: {c.description} [{c.category}]" for c in shown)
     avoid_text = ", ".join(avoid) if avoid else "(none yet)"
-    return messages(SYSTEM, USER.format(examples=examples, n=n, avoid=avoid_text), previous_errors)
+    user = USER.format(examples=examples, n=n, ask=candidates_to_ask(n), margin=margin(n), avoid=avoid_text)
+    return messages(SYSTEM, user, previous_errors)
 
 
 def parse(text: str) -> list[Candidate]:
@@ -151,7 +169,8 @@ def parse(text: str) -> list[Candidate]:
 
 def run(client, seeds: list[Candidate], n: int, *, attempt: int, previous_errors: list[str],
         avoid: list[str] = (), offset: int = 0):
-    """One expansion call: returns (candidates, [record]); a bad reply raises StageError with records."""
+    """One expansion call for ``n`` more scenarios: returns (candidates, [record]); a bad reply
+    raises StageError with records."""
     msgs = build_messages(seeds, n, previous_errors, avoid=avoid, offset=offset)
     res = client.chat(msgs, stage=NAME, scenario_id=RUN_WIDE_ID,
                       attempt=attempt, json_mode=True)

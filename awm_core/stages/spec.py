@@ -2,7 +2,8 @@
 
 Reply: JSON ``ApiSpec`` ``{"tools": [{"name", "description", "parameters": {...}, "returns",
 "tables", "group"}]}``. Checked against the model (types, unique names), the schema (every
-table named exists) and for usability (examples for required parameters that match their type).
+table named exists) and for usability: examples for required parameters that match their type, and
+integer id examples that are keys of the seeded table they name (the prompt shows the seed data).
 """
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import keyword
 import re
 import sys
 
+from awm_core import mutations
+from awm_core.db import build_database, open_snapshot
 from awm_core.errors import StageError
-from awm_core.models import ApiSpec
+from awm_core.models import ApiSpec, ToolSpec
+from awm_core.runtime import EXAMPLE_RULE
 from awm_core.stages.base import (
-    no_execution,
-    CURRENT_USER_ID, StageContext, artifact, extract_json, messages, render_scenario, render_schema, render_tasks,
-    run_stage,
+    SEED_ROWS_PER_TABLE, no_execution,
+    CURRENT_USER_ID, StageContext, artifact, extract_json, messages, render_scenario, render_schema, render_seed_rows,
+    render_tasks, run_stage,
 )
 
 NAME = "spec"
-PROMPT_VERSION = "spec-v1"
+PROMPT_VERSION = "spec-v2"
 JSON_MODE = True
 PER_TASK = False
 execute = no_execution  # its checks run in parse
@@ -36,6 +40,9 @@ Application: {scenario}
 Database schema:
 {schema}
 
+Seed data (the initial database; columns, then rows, at most {cap} rows per table):
+{seed}
+
 The tools must make every one of these tasks solvable (by one or several calls):
 {tasks}
 
@@ -48,9 +55,10 @@ Rules:
 - parameters: an object mapping each parameter name to
   {{"type": "string"|"integer"|"number"|"boolean"|"array"|"object", "description": "...", "required": true|false,
     "example": <a value>}}; arrays also give "items": {{"type": ...}}; fixed value sets give "enum": [...].
-- Every required parameter has an example, and calling the tool with all the examples on the initial data
-  must succeed: use ids and names that the seed data will contain (ids start at 1), and for create tools
-  values that do not collide with existing unique values.
+- Every required parameter has an example, and calling the tool with all its examples must succeed. How
+  examples are checked: {example_rule}. So use ids and names that exist in the seed data above (an id
+  argument must be a key of a seeded row, in a state the tool accepts: do not cancel what is already
+  cancelled), and for create tools values that do not collide with existing unique values.
 - Example values have the declared type (integer 3, not "3").
 - returns: the JSON shape the tool returns, e.g. {{"id": "integer", "title": "string"}} or
   {{"type": "array", "items": {{...}}}}.
@@ -66,9 +74,10 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
-    ctx.need("scenario", "tasks", "db_schema")
-    user = USER.format(scenario=render_scenario(ctx), schema=render_schema(ctx), tasks=render_tasks(ctx),
-                       target=ctx.target_tools, user_id=CURRENT_USER_ID)
+    ctx.need("scenario", "tasks", "db_schema", "seed_data")
+    user = USER.format(scenario=render_scenario(ctx), schema=render_schema(ctx), seed=render_seed_rows(ctx),
+                       cap=SEED_ROWS_PER_TABLE, tasks=render_tasks(ctx), target=ctx.target_tools,
+                       user_id=CURRENT_USER_ID, example_rule=EXAMPLE_RULE)
     return messages(SYSTEM, user, previous_errors)
 
 
@@ -137,8 +146,41 @@ def check_spec(spec: ApiSpec, ctx: StageContext, stage: str = NAME) -> None:
                 errors.append(f"{where}: example {p.example!r} is not of type {p.type}")
             if p.enum is not None and p.example is not None and p.example not in p.enum:
                 errors.append(f"{where}: example {p.example!r} is not one of its enum values {p.enum}")
+    errors += seed_errors(spec, ctx)
     if errors:
         raise StageError(stage, errors)
+
+
+# A tool whose id argument is the new row's own id (create_note(id=7)) names a row that must
+# not exist yet; the seed check leaves those alone.
+_CREATING = ("create_", "add_", "new_", "insert_", "register_")
+
+
+def _missing_id(conn, tool: ToolSpec, name: str, value: int) -> str | None:
+    found = mutations.named_table(conn, tool.name, name)
+    if found is None or (name == "id" and tool.name.startswith(_CREATING)):
+        return None  # no table is named unambiguously: nothing to check against
+    table, key = found
+    if conn.execute(f'SELECT 1 FROM "{table}" WHERE "{key}" = ?', (value,)).fetchone():
+        return None
+    keys = [r[0] for r in conn.execute(f'SELECT "{key}" FROM "{table}" ORDER BY "{key}" LIMIT 10')]
+    seeded = f"seeded ids of {table}: {', '.join(map(str, keys))}" + ("..." if len(keys) == 10 else "") \
+        if keys else f"{table} has no seeded rows"
+    return (f"tool {tool.name}, parameter {name}: example {value} is not in the seed data (no row of {table} has "
+            f"{key} {value}; {seeded}); examples run on the seeded database, so use an id that exists there")
+
+
+def seed_errors(spec: ApiSpec, ctx: StageContext) -> list[str]:
+    """Integer id examples that are not keys of the seeded table they name (by the argument's
+    name, as the swap_argument mutation reads it): the example would fail for the data's sake."""
+    if ctx.db_schema is None or ctx.seed_data is None:
+        return []
+    conn = open_snapshot(build_database(ctx.db_schema, ctx.seed_data), readonly=True)
+    try:
+        return [e for t in spec.tools for name, value in mutations.id_arguments(t.example_arguments())
+                if (e := _missing_id(conn, t, name, value))]
+    finally:
+        conn.close()
 
 
 def parse(text: str, ctx: StageContext) -> ApiSpec:

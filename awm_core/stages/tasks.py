@@ -13,7 +13,7 @@ from awm_core.models import Task
 from awm_core.stages.base import StageContext, extract_json, messages, no_execution, render_scenario, run_stage
 
 NAME = "tasks"
-PROMPT_VERSION = "tasks-v1"
+PROMPT_VERSION = "tasks-v2"
 JSON_MODE = True
 PER_TASK = False
 execute = no_execution  # its checks run in parse
@@ -37,9 +37,8 @@ Rules for every task:
   no payments to outside services, no browsing of external websites.
 - Deterministic outcome: exactly one correct end state or one correct answer. Avoid "recent", "today", "now"
   unless the date is spelled out.
-- Mix the kinds: about 4 that ask a question whose answer is a specific value the user wants to know
-  (a count, a total, a name, a date), and about 6 that change data (create, update, delete), some of them
-  multi-step (look something up, then change it).
+- Mix the kinds: {questions} asking a question whose answer is a specific value the user wants to know
+  (a count, a total, a name, a date), and {changes} changing data (create, update, delete){multi}.
 - Order from beginner (one operation) to advanced (three or more dependent operations).
 - Tasks must not depend on each other; each starts from the same initial data.
 
@@ -47,9 +46,30 @@ Answer with JSON only: {{"tasks": ["...", "..."]}}
 """
 
 
+# Share of question tasks in the mix (the paper's environments have about 4 questions in 10).
+QUESTION_SHARE = 0.4
+
+
+def task_mix(k: int) -> tuple[int, int]:
+    """(questions, changes) for ``k`` tasks: about ``QUESTION_SHARE`` questions, rounded, and at
+    least one of each kind once there is room for both."""
+    questions = round(k * QUESTION_SHARE)
+    if k >= 2:
+        questions = min(max(questions, 1), k - 1)
+    return questions, k - questions
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
 def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
     ctx.need("scenario")
-    return messages(SYSTEM, USER.format(scenario=render_scenario(ctx), n=ctx.tasks_per_scenario), previous_errors)
+    questions, changes = task_mix(ctx.tasks_per_scenario)
+    user = USER.format(scenario=render_scenario(ctx), n=ctx.tasks_per_scenario,
+                       questions=_count(questions, "task"), changes=_count(changes, "task"),
+                       multi=", some of them multi-step (look something up, then change it)" if changes > 1 else "")
+    return messages(SYSTEM, user, previous_errors)
 
 
 _AUTH_RE = re.compile(r"\b(log ?in|log ?out|sign ?up|sign ?in|register an account|password|two-factor|2fa)\b", re.I)

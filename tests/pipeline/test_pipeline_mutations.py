@@ -9,7 +9,7 @@ import pytest
 from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
 from awm_core.stages import code, solution, verifier
 from awm_core.stages.base import StageContext
-from awm_core.validation import mutation_checks, skipped_mutation, validate_environment
+from awm_core.validation import mutation_checks, skipped_mutation, solution_checks, validate_environment
 
 from test_pipeline_stages import CODE, SCHEMA, SEED, SPEC
 
@@ -120,6 +120,27 @@ def test_each_mutation_catches_its_lenient_verifier_and_passes_the_strict_one(ct
     strict = mutation_checks(pool, _env(ctx, STRICT), idx)
     assert all(c.passed for c in strict), [c.detail for c in strict if not c.passed]
     assert _tried(strict), "the strict verifier must have been tried on at least one mutation"
+
+
+def _as_prompted() -> str:
+    """Task 2's verifier written the way the verifier prompt tells a model to read numbers."""
+    rule = verifier.PARSED_VALUES_RULE
+    parse = rule[rule.index("found = "):rule.index("\n", rule.index("found = "))].strip()
+    return ("    import re\n"
+            "    expected = initial_db.execute(\"SELECT count(*) FROM notes WHERE user_id = 1\").fetchone()[0]\n"
+            f"    {parse}\n"
+            "    ok = any(abs(v - expected) < 0.005 for v in found)\n"
+            "    return {\"verdict\": \"complete\" if ok else \"incomplete\", \"evidence\": {\"found\": found}}\n")
+
+
+def test_a_verifier_following_the_prompts_parsed_values_rule_passes_wrong_answer(ctx, pool):
+    """The prompt's rule and the wrong_answer mutation agree: a verifier that parses numbers as
+    told accepts the reference answer and rejects every changed or embedded number, where the
+    substring verifier (COUNT_LENIENT) is caught."""
+    env = _env(ctx, [TWO_STRICT, DELETE_STRICT, _as_prompted(), TRIP_STRICT])
+    assert all(c.passed for c in solution_checks(pool, env, 2))
+    checks = [c for c in mutation_checks(pool, env, 2) if "wrong_answer" in c.detail]
+    assert len(_tried(checks)) == 2 and all(c.passed for c in checks), [c.detail for c in checks]
 
 
 def test_swap_names_the_row_and_table_and_drop_names_the_call(ctx, pool):

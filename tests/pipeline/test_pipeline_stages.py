@@ -7,9 +7,11 @@ import json
 import pytest
 
 from awm_core.errors import StageError
+from awm_core.mutations import NUMBER_PATTERN
+from awm_core.runtime import EXAMPLE_RULE
 from awm_core.models import ApiSpec, DbSchema, Scenario, SeedData, Task, Verifier
 from awm_core.stages import STAGES, Stage, code, scenario, schema, seed_data, solution, spec, tasks, verifier
-from awm_core.stages.base import StageContext, extract_json, extract_python, summarise_errors
+from awm_core.stages.base import SEED_ROWS_PER_TABLE, StageContext, extract_json, extract_python, render_spec, summarise_errors
 
 SCHEMA = {"tables": [
     {"name": "users", "ddl": "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)", "indexes": []},
@@ -130,6 +132,22 @@ def test_summarise_errors_dedups_and_truncates_deterministically():
 
 # ----------------------------------------------------------------------------- tasks
 
+@pytest.mark.parametrize("k, questions, changes", [
+    (5, "2 tasks", "3 tasks"), (10, "4 tasks", "6 tasks"), (2, "1 task", "1 task"), (1, "0 tasks", "1 task")])
+def test_tasks_prompt_asks_for_a_mix_that_scales_with_k(ctx, k, questions, changes):
+    text = tasks.build_messages(ctx.with_(tasks_per_scenario=k), [])[-1]["content"]
+    assert f"exactly {k} user tasks" in text
+    assert f"{questions} asking a question" in text and f"{changes} changing data" in text
+    assert "about 4" not in text and "about 6" not in text
+
+
+def test_task_mix_adds_up_and_has_both_kinds_from_two_tasks():
+    for k in range(1, 40):
+        q, c = tasks.task_mix(k)
+        assert q + c == k and abs(q - 0.4 * k) <= 1
+        assert k < 2 or (q >= 1 and c >= 1)
+
+
 def test_tasks_accepts_ten_and_drops_surplus(ctx):
     got = tasks.parse(json.dumps({"tasks": TASK_TEXTS + ["Create one more note titled 'Extra' please."]}), ctx)
     assert [t.idx for t in got] == list(range(10)) and got[0].scenario_id == "note_pad"
@@ -244,6 +262,35 @@ def test_spec_rejects(ctx, reply, expect):
     carried(spec, ctx, errs)
 
 
+def test_spec_prompt_shows_the_seeded_rows_and_how_examples_run(ctx):
+    text = spec.build_messages(ctx, [])[-1]["content"]
+    assert "notes (2 rows): id | user_id | title | body" in text and '1 | 1 | "Groceries" | "milk"' in text
+    assert f"at most {SEED_ROWS_PER_TABLE} rows per table" in text and "exist in the seed data" in text
+    assert EXAMPLE_RULE in text
+    many = json.loads(json.dumps(SEED))
+    many["tables"][1]["insert_statements"] += [
+        f"INSERT INTO notes (id, user_id, title, body) VALUES ({i}, 1, 'Note {i}', 'b')" for i in range(3, 21)]
+    text = spec.build_messages(ctx.with_(seed_data=SeedData.from_data(many)), [])[-1]["content"]
+    assert f"notes (first {SEED_ROWS_PER_TABLE} of 20 rows)" in text
+    assert f'"Note {SEED_ROWS_PER_TABLE}"' in text and f'"Note {SEED_ROWS_PER_TABLE + 1}"' not in text
+
+
+def test_spec_examples_validate_against_the_seed_data(ctx):
+    errs = rejected(spec.parse, _spec_edit(lambda d: d["tools"][2]["parameters"]["note_id"].update(example=99)), ctx)
+    assert errs == ["tool delete_note, parameter note_id: example 99 is not in the seed data (no row of notes has "
+                    "id 99; seeded ids of notes: 1, 2); examples run on the seeded database, so use an id that "
+                    "exists there"]
+    carried(spec, ctx, errs)
+
+    def create_with_own_id(d):
+        d["tools"][1]["parameters"]["id"] = {"type": "integer", "description": "new id", "required": False, "example": 9}
+    assert spec.parse(_spec_edit(create_with_own_id), ctx)  # a new row's own id need not exist yet
+
+    def unnamed(d):
+        d["tools"][2]["parameters"]["ref_id"] = {"type": "integer", "description": "x", "required": False, "example": 99}
+    assert spec.parse(_spec_edit(unnamed), ctx)  # no table is called ref*: nothing to check against
+
+
 def test_spec_reports_missing_type_and_duplicate_together(ctx):
     def both(d):
         d["tools"][1]["parameters"]["title"].pop("type")
@@ -253,6 +300,11 @@ def test_spec_reports_missing_type_and_duplicate_together(ctx):
 
 
 # ----------------------------------------------------------------------------- code
+
+def test_code_prompt_states_the_rule_examples_run_by(ctx):
+    msgs = code.build_messages(ctx, [])
+    assert EXAMPLE_RULE in msgs[0]["content"] and EXAMPLE_RULE in msgs[-1]["content"]
+
 
 def test_code_accepts_valid(ctx):
     assert "def create_note" in code.parse(CODE, ctx).source
@@ -292,8 +344,26 @@ def test_verifier_accepts_valid(ctx):
 def test_verifier_rejects(ctx, reply, expect):
     errs = rejected(verifier.parse, reply, ctx)
     assert any(expect in e for e in errs), errs
-    text = carried(verifier, ctx, errs)
+    text = carried(verifier, ctx.with_(code=code.parse(CODE, ctx)), errs)
     assert TASK_TEXTS[0] in text and "INSERT INTO notes" in text  # the task and the seed rows travel too
+
+
+def test_verifier_prompt_shows_the_tools_and_the_parsed_values_rule(ctx):
+    text = verifier.build_messages(ctx.with_(code=code.parse(CODE, ctx)), [])[-1]["content"]
+    assert "- delete_note(note_id: integer e.g. 1) -> " in text and render_spec(ctx) in text
+    assert "def delete_note(conn: sqlite3.Connection, note_id: int) -> dict:" in text
+    assert verifier.PARSED_VALUES_RULE in text and NUMBER_PATTERN in text and "never substrings" in text
+
+
+def test_verifier_prompt_cuts_long_code_keeping_the_tools_of_the_task(ctx):
+    c = ctx.with_(code=code.parse(CODE, ctx), tasks=[Task(scenario_id="note_pad", idx=0, text="Delete the note 'Other'.")])
+    source = c.code.source
+    cap = len(source[source.index("def delete_note("):].strip()) + 10  # room for the one tool the task names
+    cut = verifier.render_tool_code(c, cap=cap)
+    assert cut.startswith("def delete_note(") and "def create_note(" not in cut
+    assert cut.splitlines()[-1] == (f"# (code cut at {cap} characters; left out: list_notes, create_note -- "
+                                    "their spec lines above say what they do)")
+    assert verifier.render_tool_code(c) == c.code.source.strip()  # the whole module when it fits
 
 
 # ----------------------------------------------------------------------------- solution
@@ -352,6 +422,13 @@ def test_scenario_rejects_bad_reply_and_seed_list_loads():
     assert len(seeds) >= 100 and len({s.category for s in seeds}) >= 10
     msgs = scenario.build_messages(seeds, 5, errs)
     assert errs[0] in msgs[-1]["content"] and seeds[0].name in msgs[-1]["content"]
+
+
+@pytest.mark.parametrize("needed, asked", [(1, 2), (3, 4), (8, 10), (20, 25)])
+def test_scenario_prompt_asks_for_what_is_needed_plus_a_margin(needed, asked):
+    assert scenario.candidates_to_ask(needed) == asked
+    text = scenario.build_messages(scenario.load_seeds(), needed, [])[-1]["content"]
+    assert f"Propose {asked} applications of this kind: {needed} needed plus {asked - needed} spare" in text
 
 
 def test_every_stage_has_a_prompt_version_and_reply_format():

@@ -8,7 +8,8 @@ import pytest
 
 from awm_core.errors import StageError
 from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
-from awm_core.stages import code, solution, verifier
+from awm_core.runtime import EXAMPLE_RULE
+from awm_core.stages import code, solution, spec, verifier
 from awm_core.stages.base import StageContext
 from awm_core.validation import publishable, validate_environment
 
@@ -53,6 +54,39 @@ def test_code_stage_runs_every_tool_example(ctx, pool):
     assert exc.value.errors == [e for e in exc.value.errors if "list_notes" in e]
     assert "no such column: titel" in exc.value.errors[0]
     assert "no such column: titel" in code.build_messages(ctx, exc.value.errors)[-1]["content"]
+
+
+RENAME_TOOL = {"name": "rename_note", "description": "Rename a note.", "parameters": {
+    "note_id": {"type": "integer", "description": "id", "required": True, "example": 1},
+    "title": {"type": "string", "description": "new title", "required": True, "example": "Renamed"}},
+    "returns": {"renamed": "boolean"}, "tables": ["notes"], "group": "notes"}
+RENAME_CODE = '''
+
+def rename_note(conn: sqlite3.Connection, note_id: int, title: str) -> dict:
+    """Rename a note.
+
+    Args:
+        note_id: id
+        title: new title
+    """
+    if conn.execute("UPDATE notes SET title = ? WHERE id = ?", (title, note_id)).rowcount == 0:
+        raise ToolError(f"no note {note_id}")
+    return {"renamed": True}
+```'''
+
+
+def test_tool_examples_run_as_the_prompts_say(ctx, pool):
+    """delete_note's example deletes note 1 before rename_note's example renames it: both pass
+    only if each example runs alone on a fresh copy of the seeded database, as EXAMPLE_RULE says."""
+    assert "fresh copy of the seeded database" in EXAMPLE_RULE
+    with_rename = ctx.with_(api_spec=ApiSpec.from_data({"tools": SPEC["tools"] + [RENAME_TOOL]}))
+    assert [t.name for t in with_rename.api_spec.tools][-2:] == ["delete_note", "rename_note"]
+    with_rename = with_rename.with_(code=code.parse(CODE.removesuffix("```") + RENAME_CODE, with_rename))
+    checks = code.execute(with_rename.code, with_rename, pool)
+    assert [c.tool for c in checks] == ["list_notes", "create_note", "delete_note", "rename_note"]
+    assert all(c.passed for c in checks)
+    for module in (spec, code):
+        assert EXAMPLE_RULE in module.build_messages(with_rename, [])[-1]["content"]
 
 
 def test_planted_noop_passing_verifier_is_caught(ctx, pool):
