@@ -203,12 +203,31 @@ class GateSettings(BaseModel):
                           "(default: generation.dedup_threshold, the bar the scenario stage applies)")
 
 
+class ObjectStoreSettings(BaseModel):
+    """How the catalog reaches an S3-compatible object store when ``catalog.data_path`` is s3://bucket/prefix.
+
+    Credentials left unset here come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN."""
+
+    endpoint: HttpUrl = Field(None, description="object store URL (http://host:port for a local server); "
+                                                "None = AWS S3 of the region")
+    region: str | None = Field(None, description="region (None: AWS_REGION, else us-east-1)")
+    url_style: Literal["vhost", "path"] = Field("vhost", description="path for most local servers (MinIO, moto)")
+    use_ssl: bool | None = Field(None, description="None: from the endpoint's scheme (https), true without one")
+    access_key_id: SecretStr | None = Field(None, description="None: AWS_ACCESS_KEY_ID")
+    secret_access_key: SecretStr | None = Field(None, description="None: AWS_SECRET_ACCESS_KEY")
+    session_token: SecretStr | None = Field(None, description="None: AWS_SESSION_TOKEN")
+
+
 class CatalogSettings(BaseModel):
     metadata: str | None = Field(
         None,
         description="DuckLake metadata: None = SQLite under AWM_HOME/catalog; or 'postgres:dbname=... host=...'",
     )
-    data_path: str | None = Field(None, description="Parquet location: None = AWM_HOME/catalog/data; or s3://...")
+    data_path: str | None = Field(None, description="Parquet location: None = AWM_HOME/catalog/data; "
+                                                    "or s3://bucket/prefix (see catalog.object_store)")
+    object_store: ObjectStoreSettings = ObjectStoreSettings()
+    publish_retries: NonNegativeInt = Field(
+        5, description="times a publish is re-run after another writer committed first (DuckLake conflict)")
 
 
 class ServerSettings(BaseModel):

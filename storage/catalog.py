@@ -6,6 +6,11 @@ Parquet files behind (DuckLake's orphan-file cleanup removes them). Each snapsho
 who made it in DuckLake's own commit fields: author ``awm``, the publish message, and
 ``made_by`` (flow run id, git commit, settings digest) as JSON in ``commit_extra_info``.
 
+Writers on several machines (PostgreSQL metadata) race at commit: each publish rewrites the one
+row of the ``publishes`` table, so overlapping publishes always conflict, and the loser is re-run
+whole over the winner's snapshot (``catalog.publish_retries`` times). Data on an S3-compatible
+store is reached through one DuckDB secret per connection, scoped to the data path.
+
 Queries go through a separate read-only attachment, so ``Catalog.sql`` can never write, and
 ``snapshot=N`` attaches the catalog as of version N (DuckLake time travel). That connection is
 confined to the catalog: DuckDB's external access is off except for the catalog's metadata file,
@@ -20,15 +25,19 @@ import contextlib
 import fcntl
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
+import random
 import tempfile
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlsplit
 
 import duckdb
 import pyarrow as pa
@@ -37,6 +46,8 @@ from awm_core.errors import CatalogError
 from awm_core.models import Environment
 from storage import rows as R
 from storage.schema import ENV_TABLES, SCHEMA_VERSION, TABLES, ddl
+
+log = logging.getLogger(__name__)
 
 ALIAS = "awm"
 QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # what Catalog.sql runs; everything else is refused
@@ -63,10 +74,78 @@ def connect(*extensions: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with extensions loaded by path: nothing is ever downloaded."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     wheels = {"ducklake": "duckdb_extension_ducklake", "sqlite_scanner": "duckdb_extension_sqlite_scanner",
-              "postgres_scanner": "duckdb_extension_postgres_scanner"}
+              "postgres_scanner": "duckdb_extension_postgres_scanner", "httpfs": "duckdb_extension_httpfs"}
     for name in extensions:
         con.execute(f"LOAD '{extension_path(wheels[name], name)}'")
     return con
+
+
+OBJECT_STORE_SCHEMES = ("s3://",)
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """The S3-compatible store holding the data path, as one DuckDB secret scoped to that path.
+
+    Credentials are fields that never show in the repr, and every error raised while using
+    them has them scrubbed out, so neither logs nor tracebacks carry them."""
+
+    scope: str           # the data path: the secret applies to nothing else
+    endpoint: str | None  # host[:port] as DuckDB wants it (no scheme); None = AWS
+    region: str
+    url_style: str
+    use_ssl: bool
+    key_id: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, data_path: str, store: Any) -> "ObjectStore":
+        def secret_value(value: Any, env: str) -> str | None:
+            return value.get_secret_value() if value is not None else (os.environ.get(env) or None)
+
+        endpoint = urlsplit(store.endpoint) if store.endpoint else None
+        use_ssl = store.use_ssl if store.use_ssl is not None else (endpoint is None or endpoint.scheme == "https")
+        return cls(scope=data_path, endpoint=endpoint.netloc if endpoint else None,
+                   region=store.region or os.environ.get("AWS_REGION") or "us-east-1",
+                   url_style=store.url_style, use_ssl=use_ssl,
+                   key_id=secret_value(store.access_key_id, "AWS_ACCESS_KEY_ID"),
+                   secret=secret_value(store.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+                   token=secret_value(store.session_token, "AWS_SESSION_TOKEN"))
+
+    @property
+    def where(self) -> str:
+        return f"{self.scope} (endpoint {self.endpoint or 'AWS S3'}, region {self.region})"
+
+    def secret_sql(self) -> str:
+        opts = {"REGION": self.region, "URL_STYLE": self.url_style, "SCOPE": self.scope, "ENDPOINT": self.endpoint,
+                "KEY_ID": self.key_id, "SECRET": self.secret, "SESSION_TOKEN": self.token}
+        body = ", ".join(f"{k} {_lit(v)}" for k, v in opts.items() if v is not None)
+        return f"CREATE OR REPLACE SECRET awm_object_store (TYPE s3, {body}, USE_SSL {str(self.use_ssl).lower()})"
+
+    def scrub(self, text: str) -> str:
+        for value in (self.key_id, self.secret, self.token):
+            if value:
+                text = text.replace(value, "***")
+        return text
+
+    def install(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Every connection the catalog opens gets the secret (DuckDB secrets are per connection)."""
+        try:
+            con.execute(self.secret_sql())
+        except duckdb.Error as exc:
+            raise CatalogError(f"cannot set up access to the object store {self.where}: "
+                               f"{self.scrub(str(exc).splitlines()[0])}") from None
+
+    def check_reachable(self, con: duckdb.DuckDBPyConnection) -> None:
+        """List the data path once, so an unreachable store or a missing bucket fails at open and
+        says which, instead of failing the first write with a bare HTTP error."""
+        try:
+            con.execute("SELECT count(*) FROM glob(?)", [self.scope + "*"]).fetchall()
+        except duckdb.Error as exc:
+            raise CatalogError(f"the object store holding the catalog data is not usable: {self.where}: "
+                               f"{self.scrub(str(exc).splitlines()[0])} (check catalog.object_store.endpoint, "
+                               "the bucket and the credentials)") from None
 
 
 @dataclass(frozen=True)
@@ -76,6 +155,7 @@ class Location:
     metadata: str   # the DuckLake connection string after 'ducklake:'
     data_path: str
     lock_path: Path  # local file serialising writers of this machine
+    store: ObjectStore | None = None  # set when the data path is on an object store
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Location":
@@ -88,10 +168,14 @@ class Location:
         if not meta.startswith(("sqlite:", "postgres:", "duckdb:")):
             meta = f"sqlite:{Path(meta).expanduser().resolve()}"
         data = settings.catalog.data_path or str(cat_dir / "data")
-        if "://" not in data:
+        store = None
+        if data.startswith(OBJECT_STORE_SCHEMES):
+            data = data.rstrip("/") + "/"  # a prefix of its own: s3://b/cat must not also cover s3://b/cat2
+            store = ObjectStore.from_settings(data, settings.catalog.object_store)
+        elif "://" not in data:
             data = str(Path(data).expanduser().resolve())
             data = data.rstrip("/") + "/"
-        return cls(meta, data, cat_dir / "write.lock")
+        return cls(meta, data, cat_dir / "write.lock", store)
 
     @property
     def backend(self) -> str:
@@ -100,7 +184,8 @@ class Location:
     @property
     def extensions(self) -> tuple[str, ...]:
         # sqlite_scanner is always loaded: it also attaches environment databases for inspection.
-        return ("ducklake", "sqlite_scanner") + (("postgres_scanner",) if self.backend == "postgres" else ())
+        return ("ducklake", "sqlite_scanner") + (("postgres_scanner",) if self.backend == "postgres" else ()) + \
+            (("httpfs",) if self.store is not None else ())
 
     def exists(self) -> bool | None:
         """False when an embedded catalog was never created; None when it cannot be told without connecting."""
@@ -191,6 +276,8 @@ class Catalog:
             loc.lock_path.parent.mkdir(parents=True, exist_ok=True)
             with cat._write_lock():
                 cat._rw = cat._attach(ALIAS, read_only=False)
+                if loc.store is not None:
+                    loc.store.check_reachable(cat._rw)
                 cat._ensure_schema()
         cat._env_dir = tempfile.mkdtemp(prefix="awm-catalog-envs-")
         cat._ro = cat._attach(ALIAS, read_only=True)
@@ -201,9 +288,11 @@ class Catalog:
     def _confine(self, con: duckdb.DuckDBPyConnection) -> None:
         """External access off but for the catalog's own files; then no setting can change."""
         loc = self.location
-        dirs = [self._env_dir + "/"]
-        if "://" not in loc.data_path:
-            dirs.append(loc.data_path)
+        # DuckLake reads its own data files even where they are not allowed (tried: a catalog on
+        # s3:// answers queries with only the env folder allowed), but listing the data path here
+        # is what lets read_parquet over the catalog's own files work, local or s3://, as before;
+        # any other path or URL, s3 included, stays refused with external access off.
+        dirs = [self._env_dir + "/", loc.data_path]
         paths = []
         if loc.backend in ("sqlite", "duckdb"):
             meta = loc.metadata.split(":", 1)[1]
@@ -218,12 +307,22 @@ class Catalog:
 
     def _attach(self, alias: str, *, read_only: bool, con: duckdb.DuckDBPyConnection | None = None,
                 snapshot: int | None = None) -> duckdb.DuckDBPyConnection:
-        con = con or connect(*self.location.extensions)
+        con = con or self._connect()
         try:
             con.execute(self.location.attach_sql(alias, read_only=read_only, snapshot=snapshot))
         except duckdb.Error as exc:
-            raise CatalogError(f"cannot open the catalog at {self.location.metadata}: {exc}") from None
+            raise CatalogError(f"cannot open the catalog at {self.location.metadata}: {self._scrub(exc)}") from None
         return con
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        con = connect(*self.location.extensions)
+        if self.location.store is not None:
+            self.location.store.install(con)
+        return con
+
+    def _scrub(self, exc: BaseException) -> str:
+        store = self.location.store
+        return store.scrub(str(exc)) if store is not None else str(exc)
 
     def _ensure_schema(self) -> None:
         assert self._rw is not None
@@ -241,6 +340,8 @@ class Catalog:
             for table in missing:
                 for stmt in ddl(ALIAS, table):
                     self._rw.execute(stmt)
+                if table.name == "publishes":
+                    self._rw.execute(f"INSERT INTO {ALIAS}.publishes VALUES (1, 0, NULL, NULL)")
             for table, col in added:  # new columns stay nullable: old rows have no value for them
                 self._rw.execute(f'ALTER TABLE {ALIAS}."{table.name}" ADD COLUMN "{col.name}" {col.type}')
                 self._rw.execute(f'COMMENT ON COLUMN {ALIAS}."{table.name}"."{col.name}" IS {_lit(col.comment)}')
@@ -299,17 +400,47 @@ class Catalog:
             con.execute("BEGIN")
             try:
                 yield pub
-                if pub.writes:
-                    con.execute(f"CALL {ALIAS}.set_commit_message(?, ?, extra_info => ?)",
-                                [AUTHOR, message or "publish", json.dumps(made_by or {}, default=str)])
-                    pub._maybe_crash(final=True)
-                con.execute("COMMIT")
+                self._commit(pub, message or "publish", json.dumps(made_by or {}, default=str))
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
                 raise
             if pub.writes:
                 pub.snapshot_id = int(con.execute(f"FROM {ALIAS}.last_committed_snapshot()").fetchall()[0][0])
+
+    def _commit(self, pub: "Publisher", message: str, extra: str) -> None:
+        """Commit, re-running the whole publish on a fresh transaction when another writer's commit
+        conflicts with it (a writer on another machine: this machine's writers queue on the lock).
+
+        The re-run replays the publisher's statements over the newer snapshot, so an upsert
+        replaces what the other writer just committed instead of losing it or being lost."""
+        con = self._rw
+        retries = self.settings.catalog.publish_retries
+        for attempt in range(retries + 1):
+            try:
+                if pub.writes:
+                    if attempt == 0:
+                        pub._serialise(message)
+                    con.execute(f"CALL {ALIAS}.set_commit_message(?, ?, extra_info => ?)", [AUTHOR, message, extra])
+                    pub._maybe_crash(final=True)
+                con.execute("COMMIT")
+                pub.commit_tries = attempt + 1
+                return
+            except duckdb.TransactionException as exc:
+                if not is_conflict(exc):
+                    raise CatalogError(f"catalog commit failed: {self._scrub(exc)}") from None
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                if attempt == retries:
+                    raise CatalogError(
+                        f"publish {message!r} gave up after {retries + 1} {'try' if retries == 0 else 'tries'}: other writers kept committing "
+                        f"conflicting changes first (raise catalog.publish_retries to wait longer); last conflict: "
+                        f"{_one_line(self._scrub(exc))}") from None
+                log.info("publish %r conflicted with another writer's commit; re-running it (try %d of %d): %s",
+                         message, attempt + 2, retries + 1, _one_line(self._scrub(exc)))
+                time.sleep(random.uniform(0.05, 0.2) * 2 ** attempt)  # jitter keeps the rivals out of step
+                con.execute("BEGIN")
+                pub._replay()
 
     # ------------------------------------------------------------------ reading
     def snapshots(self) -> list[dict[str, Any]]:
@@ -383,7 +514,14 @@ class Catalog:
                 raise CatalogError("refused: SQL over the catalog reads only the catalog and the environment "
                                    f"databases attached with --attach-env ({str(exc).splitlines()[0]})") from None
             except duckdb.Error as exc:
-                raise CatalogError(str(exc)) from None
+                raise CatalogError(self._data_error(exc)) from None
+
+    def _data_error(self, exc: duckdb.Error) -> str:
+        """An object-store failure names the store; other errors pass through as they are."""
+        text = self._scrub(exc)
+        if self.location.store is not None and isinstance(exc, (duckdb.IOException, duckdb.HTTPException)):
+            return f"cannot read catalog data from the object store {self.location.store.where}: {text.splitlines()[0]}"
+        return text
 
     def _snapshot_con(self, snapshot: int) -> duckdb.DuckDBPyConnection:
         """A confined connection of its own per snapshot: once a connection is confined it may
@@ -473,27 +611,59 @@ class Catalog:
         return alias
 
 
+def is_conflict(exc: duckdb.Error) -> bool:
+    """DuckLake's word for "another transaction committed a change this one collides with"."""
+    return "conflict" in str(exc).lower()
+
+
 class Publisher:
-    """Adds rows inside one open transaction. Obtained from ``Catalog.publish``."""
+    """Adds rows inside one open transaction. Obtained from ``Catalog.publish``.
+
+    Every write statement is kept with the Arrow tables it reads, so the catalog can replay the
+    whole publish on a new transaction when its commit loses a race with another writer."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection):
         self._con = con
         self.writes = 0
         self.counts: dict[str, int] = {}
         self.snapshot_id: int | None = None
+        self.commit_tries = 0  # more than 1 when the publish was re-run after a conflict
+        self._ops: list[tuple[str, dict[str, pa.Table]]] = []
         self._crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
 
     def _maybe_crash(self, final: bool = False) -> None:
         if self._crash_after and (final or self.writes >= self._crash_after):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _exec(self, sql: str) -> None:
+    def _exec(self, sql: str, views: dict[str, pa.Table] | None = None) -> None:
+        views = views or {}
+        self._run(sql, views)
+        self._ops.append((sql, views))
+        self.writes += 1
+        self._maybe_crash()
+
+    def _run(self, sql: str, views: dict[str, pa.Table]) -> None:
+        for name, data in views.items():
+            self._con.register(name, data)
         try:
             self._con.execute(sql)
         except duckdb.Error as exc:
             raise CatalogError(f"catalog write failed: {exc}") from None
-        self.writes += 1
-        self._maybe_crash()
+        finally:
+            for name in views:
+                self._con.unregister(name)
+
+    def _serialise(self, message: str) -> None:
+        """Rewrite the one ``publishes`` row, so any publish overlapping this one conflicts with it."""
+        views = {"_publish": pa.table({"message": pa.array([message[:500]], pa.string())})}
+        sql = (f"UPDATE {ALIAS}.publishes SET publishes = publishes + 1, last_message = (FROM _publish), "
+               "last_at = now() WHERE id = 1")
+        self._run(sql, views)
+        self._ops.append((sql, views))
+
+    def _replay(self) -> None:
+        for sql, views in self._ops:
+            self._run(sql, views)
 
     def add_rows(self, table_name: str, records: Iterable[Any]) -> int:
         """Insert rows into a table, honouring its key (replace or skip existing keys)."""
@@ -503,18 +673,15 @@ class Publisher:
             return 0
         data = _dedupe(data, table.key, keep_last=table.on_conflict == "replace")
         view = f"_new_{table.name}"
-        self._con.register(view, data)
-        try:
-            match = " AND ".join(f't."{k}" IS NOT DISTINCT FROM n."{k}"' for k in table.key)
-            target = f'{ALIAS}."{table.name}"'
-            if table.on_conflict == "replace":
-                self._exec(f"DELETE FROM {target} t WHERE EXISTS (SELECT 1 FROM {view} n WHERE {match})")
-                self._exec(f"INSERT INTO {target} BY NAME SELECT * FROM {view}")
-            else:
-                self._exec(f"INSERT INTO {target} BY NAME SELECT * FROM {view} n "
-                           f"WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE {match})")
-        finally:
-            self._con.unregister(view)
+        views = {view: data}
+        match = " AND ".join(f't."{k}" IS NOT DISTINCT FROM n."{k}"' for k in table.key)
+        target = f'{ALIAS}."{table.name}"'
+        if table.on_conflict == "replace":
+            self._exec(f"DELETE FROM {target} t WHERE EXISTS (SELECT 1 FROM {view} n WHERE {match})", views)
+            self._exec(f"INSERT INTO {target} BY NAME SELECT * FROM {view}", views)
+        else:
+            self._exec(f"INSERT INTO {target} BY NAME SELECT * FROM {view} n "
+                       f"WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE {match})", views)
         self.counts[table.name] = self.counts.get(table.name, 0) + data.num_rows
         return data.num_rows
 
@@ -531,22 +698,14 @@ class Publisher:
         for env in envs:
             for t, rs in R.environment_rows(env).items():
                 per_table[t].extend(rs)
-        id_table = pa.table({"env_id": pa.array(ids, pa.string())})
-        self._con.register("_env_ids", id_table)
-        try:
-            for t in ENV_TABLES:
-                # Whole-env replacement: a republished env may have fewer tasks or checks than before.
-                self._exec(f'DELETE FROM {ALIAS}."{t}" WHERE env_id IN (SELECT env_id FROM _env_ids)')
-                data = R.to_arrow(TABLES[t], per_table[t])
-                if data.num_rows:
-                    self._con.register("_env_rows", data)
-                    try:
-                        self._exec(f'INSERT INTO {ALIAS}."{t}" BY NAME SELECT * FROM _env_rows')
-                    finally:
-                        self._con.unregister("_env_rows")
-                self.counts[t] = self.counts.get(t, 0) + data.num_rows
-        finally:
-            self._con.unregister("_env_ids")
+        id_table = {"_env_ids": pa.table({"env_id": pa.array(ids, pa.string())})}
+        for t in ENV_TABLES:
+            # Whole-env replacement: a republished env may have fewer tasks or checks than before.
+            self._exec(f'DELETE FROM {ALIAS}."{t}" WHERE env_id IN (SELECT env_id FROM _env_ids)', id_table)
+            data = R.to_arrow(TABLES[t], per_table[t])
+            if data.num_rows:
+                self._exec(f'INSERT INTO {ALIAS}."{t}" BY NAME SELECT * FROM _env_rows', {"_env_rows": data})
+            self.counts[t] = self.counts.get(t, 0) + data.num_rows
         return len(envs)
 
     def add_llm_calls(self, records: Iterable[Any]) -> int:
@@ -579,11 +738,8 @@ class Publisher:
         missing = [c for c in table.column_names if c not in data.column_names]
         if missing:
             raise CatalogError(f"{table_name}: arrow table lacks columns {missing}")
-        self._con.register("_bulk", data.select(list(table.column_names)))
-        try:
-            self._exec(f'INSERT INTO {ALIAS}."{table_name}" BY NAME SELECT * FROM _bulk')
-        finally:
-            self._con.unregister("_bulk")
+        self._exec(f'INSERT INTO {ALIAS}."{table_name}" BY NAME SELECT * FROM _bulk',
+                   {"_bulk": data.select(list(table.column_names))})
         self.counts[table_name] = self.counts.get(table_name, 0) + data.num_rows
         return data.num_rows
 
@@ -602,3 +758,8 @@ def _dedupe(data: pa.Table, key: tuple[str, ...], keep_last: bool) -> pa.Table:
 
 def format_time(ts: datetime | None) -> str:
     return ts.strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _one_line(text: str) -> str:
+    """DuckDB puts the cause of a failed commit on later lines; keep them, in one line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:600]

@@ -253,6 +253,14 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         C("created_at", "TIMESTAMPTZ", "when the run published it"),
     ), key=("run_id", "env_id", "task_idx", "kind"),
         example="SELECT env_id, task_idx, policy, pass_rate, env_error_rate FROM task_telemetry WHERE kind = 'stats'"),
+    Table("publishes", "One row that every publish updates. DuckLake lets two transactions that both insert a "
+                       "key neither saw both commit; since each publish also rewrites this row, two publishes "
+                       "that overlap always conflict, and the later one is re-run over the earlier one's snapshot.", (
+        C("id", "INTEGER", "always 1", True),
+        C("publishes", "BIGINT", "publishes committed so far (counted from this table's creation)", True),
+        C("last_message", "VARCHAR", "message of the latest publish"),
+        C("last_at", "TIMESTAMPTZ", "when the latest publish began committing"),
+    ), key=("id",), example="SELECT publishes, last_message, last_at FROM publishes"),
 ]}
 
 # Tables whose rows belong to one environment and are replaced when it is republished.
