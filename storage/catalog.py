@@ -216,6 +216,40 @@ def check_query(query: str) -> None:
             text = " ".join(st.query.split())
             raise CatalogError(f"refused: SQL over the catalog is read-only queries (SELECT, WITH, SHOW, DESCRIBE, "
                                f"EXPLAIN); this is a {kind} statement: {text[:120]}")
+    check_no_secret_functions(query)
+
+
+# duckdb_secrets() lists the object store's key id (only the secret itself is redacted), and its
+# scope and endpoint; which_secret() names secrets. SQL over the catalog reads neither.
+SECRET_FUNCTIONS = frozenset({"duckdb_secrets", "which_secret"})
+_parser_lock = threading.Lock()
+_parser: duckdb.DuckDBPyConnection | None = None
+
+
+def check_no_secret_functions(query: str) -> None:
+    """Refuse a query calling a secret-listing function anywhere in it (CTEs and subqueries too)."""
+    global _parser
+    with _parser_lock:
+        if _parser is None:
+            _parser = duckdb.connect()
+        tree = json.loads(_parser.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    if tree.get("error"):  # a statement the serialiser does not cover: judge by the text, erring on refusal
+        called = {f for f in SECRET_FUNCTIONS if f in query.lower()}
+    else:
+        called = set(_function_names(tree)) & SECRET_FUNCTIONS
+    if called:
+        raise CatalogError(f"refused: SQL over the catalog may not read DuckDB secrets ({', '.join(sorted(called))})")
+
+
+def _function_names(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("function_name"), str):
+            yield node["function_name"].lower()
+        for value in node.values():
+            yield from _function_names(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _function_names(value)
 
 
 def _lit(s: str) -> str:

@@ -48,6 +48,11 @@ def test_s3_data_postgres_metadata_read_from_another_process(postgres, pg_databa
         assert cat.rows("SELECT count(*) AS n FROM read_parquet('s3://awm-lake/catalogs/one/**/*.parquet')")
         with pytest.raises(CatalogError, match="refused"):
             cat.rows("SELECT count(*) FROM read_parquet('s3://awm-lake/elsewhere/x.parquet')")
+        for q in ("SELECT * FROM duckdb_secrets()", "WITH s AS (FROM duckdb_secrets()) SELECT key_id FROM s",
+                  "SELECT which_secret('s3://awm-lake/x', 's3') AS w", "SUMMARIZE SELECT * FROM duckdb_secrets()"):
+            with pytest.raises(CatalogError, match="may not read DuckDB secrets"):
+                cat.rows(q)
+        assert cat.rows("SELECT 'duckdb_secrets' AS word") == [{"word": "duckdb_secrets"}]
 
     other_home = tmp_path / "reader-home"  # a second machine: nothing shared but the servers
     other_home.mkdir()
