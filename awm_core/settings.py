@@ -116,6 +116,9 @@ class LLMSettings(BaseModel):
     max_http_retries: NonNegativeInt = 4
     backoff_base_s: NonNegative = 1.0
     budget_usd: Seconds = Field(25.0, description="hard cap on estimated spend per run")
+    budget_dsn: SecretStr | None = Field(
+        None, description="PostgreSQL holding the run's spend so every worker process and machine shares the "
+                          "one cap (postgresql://user@host:port/db or 'dbname=... host=...'); None = a cap per process")
     prices: dict[str, Price] = Field(
         default_factory=lambda: {
             "gpt-5": Price(prompt_per_mtok=1.25, completion_per_mtok=10.0),

@@ -164,7 +164,8 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     from the seed list, or seed-list names to make exactly those)."""
     from prefect.runtime import flow_run
 
-    from awm_core.llm import Budget, LLMClient
+    from awm_core.llm import LLMClient
+    from awm_core.llm.shared_budget import run_budget
     from awm_core.runtime import SandboxPool
 
     logger = get_run_logger()
@@ -192,7 +193,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     _write_state(run_dir, status="running", pid=os.getpid(), started_at=started_at.isoformat(),
                  flow_run_id=flow_run_id, params=params)
 
-    budget = Budget(cap_usd=settings.llm.budget_usd)
+    budget = run_budget(settings, run_id)
     client = LLMClient.for_role(settings, "generator", budget=budget, ledger=run_dir / "llm_calls.jsonl", run_id=run_id)
     say = (lambda line: print(line, flush=True)) if config.progress else (lambda line: logger.info(line))
     pool = SandboxPool(settings.sandbox)
@@ -249,6 +250,8 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         timings["build_s"] = round(time.perf_counter() - t_build, 2) if t_build else 0.0
         G.unregister(run_key)
         pool.close()
+        if hasattr(budget, "close"):  # a shared budget's connection to PostgreSQL
+            budget.close()
 
     if any(o.status == "budget_exceeded" for o in outcomes):
         status = "budget_exceeded"

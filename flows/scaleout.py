@@ -10,9 +10,11 @@ closes them.
 
 What is shared and what is not: every worker appends to the run's ledger file (one line per
 call, O_APPEND), so AWM_HOME must be on storage all workers see (one machine, or a shared
-mount); each worker process has its own sandbox pool and its own ``Budget`` with the run's cap,
-so with N worker processes the run can spend up to N times ``llm.budget_usd`` (set the cap per
-worker accordingly).
+mount); each worker process has its own sandbox pool. The budget: with ``llm.budget_dsn`` set,
+every worker (and the flow's own process) reserves and settles each call against the run's one
+row in PostgreSQL (``awm_core.llm.shared_budget``), so the cap holds for the run as a whole;
+without it each worker process has its own ``Budget`` with the run's cap, and N worker processes
+can spend up to N times ``llm.budget_usd``.
 """
 from __future__ import annotations
 
@@ -35,15 +37,17 @@ class RunResourcesPlugin(_WorkerPlugin):
         self.run_key, self.settings, self.run_id, self.run_dir = run_key, settings, run_id, run_dir
         self.name = PLUGIN_PREFIX + run_key
         self._pool = None
+        self._budget = None
 
     def setup(self, worker: Any = None) -> None:
-        from awm_core.llm import Budget, LLMClient
+        from awm_core.llm import LLMClient
+        from awm_core.llm.shared_budget import run_budget
         from awm_core.runtime import SandboxPool
         from tasks import generation as G
 
         if self.run_key in G._RESOURCES:  # a thread worker inside the flow's own process
             return
-        budget = Budget(cap_usd=self.settings.llm.budget_usd)
+        budget = self._budget = run_budget(self.settings, self.run_id)
         run_dir = Path(self.run_dir)
         client = LLMClient.for_role(self.settings, "generator", budget=budget, ledger=run_dir / "llm_calls.jsonl",
                                     run_id=self.run_id)
@@ -58,6 +62,10 @@ class RunResourcesPlugin(_WorkerPlugin):
             G.unregister(self.run_key)
             self._pool.close()
             self._pool = None
+            close = getattr(self._budget, "close", None)
+            if close is not None:  # a shared budget's connection to PostgreSQL
+                close()
+            self._budget = None
 
 
 def _dask_client() -> Any | None:

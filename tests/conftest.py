@@ -4,6 +4,7 @@
 - ``prefect_server``: ONE real ``prefect server`` for the whole session (ephemeral mode would
   start a server per process, 7-20 s each); started only when a test asks for it, stopped
   at the end of the session.
+- ``postgres``, ``pg_database``, ``s3_server``: servers started from local binaries (tests/servers.py).
 - ``awm1k_samples``: the published AgentWorldModel-1K sample records in ``../shared``; tests
   that need them skip with a reason when that folder is absent (the project must not copy them).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.server import free_port  # noqa: F401  (tests import it from here)
+from tests.servers import pg_database, postgres, s3_server  # noqa: F401  (fixtures for every test)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLES = REPO.parent / "shared" / "awm1k-samples"

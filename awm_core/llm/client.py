@@ -28,7 +28,7 @@ from awm_core.llm.offline import (
     normalise_tool_calls,
     record_fixture,
 )
-from awm_core.llm.records import Budget, CallRecord, Ledger, call_cost
+from awm_core.llm.records import Budget, CallRecord, Hold, Ledger, call_cost
 from awm_core.llm.structured import ReplyProblem, check_finish, parse_json_reply, validate_reply
 from awm_core.settings import RoleSettings, Settings
 
@@ -93,7 +93,7 @@ def _ledger_for(ledger: str | os.PathLike | Ledger | None) -> Ledger | None:
 class LLMClient:
     """Chat and structured-output calls for one role, with accounting, cache and budget."""
 
-    def __init__(self, settings: Settings, role_name: str, *, budget: Budget | None = None,
+    def __init__(self, settings: Settings, role_name: str, *, budget: Budget | Any | None = None,
                  ledger: str | os.PathLike | Ledger | None = None, run_id: str | None = None):
         self.settings = settings
         self.role_name = role_name
@@ -183,22 +183,38 @@ class LLMClient:
                 self._maybe_record_fixture(keys, hit)
                 return hit, record
 
-        if self.budget is not None and self.budget.exhausted():
-            exc = BudgetExceeded(self.budget.message())
-            raise self._fail(exc, self._record(**keys, error=f"budget exceeded: {exc}"))
-
-        if self.role.backend == "offline":
-            reply, record = self._offline(request, keys)
-        else:
-            reply, record = self._http_with_retries(request, keys)
+        hold = self._reserve(request, keys)
+        try:
+            if self.role.backend == "offline":
+                reply, record = self._offline(request, keys)
+            else:
+                reply, record = self._http_with_retries(request, keys)
+        except BaseException:
+            if hold is not None:  # a failed call is not charged: give its reservation back
+                self.budget.settle(hold, 0.0, called=False)
+            raise
 
         record.cost_usd = call_cost(self.settings.llm.prices, self.model, reply.prompt_tokens, reply.completion_tokens)
-        if self.budget is not None:
-            self.budget.charge(record.cost_usd)
+        if hold is not None:
+            self.budget.settle(hold, record.cost_usd)
         if self.cache:
             self.cache.put(key, reply, request)
         self._maybe_record_fixture(keys, reply)
         return reply, record
+
+    def _reserve(self, request: dict[str, Any], keys: dict[str, Any]) -> Hold | None:
+        """Set the call's most likely top cost aside (a shared budget counts it against the cap for
+        every worker until the call settles), or refuse the call when the cap is reached."""
+        if self.budget is None:
+            return None
+        estimate = call_cost(self.settings.llm.prices, self.model, estimate_prompt_tokens(request["messages"]),
+                             request["max_tokens"])
+        try:
+            return self.budget.reserve(estimate)
+        except BudgetExceeded as exc:
+            raise self._fail(exc, self._record(**keys, error=f"budget exceeded: {exc}")) from None
+        except LLMError as exc:
+            raise self._fail(exc, self._record(**keys, error=f"budget: {exc}")) from None
 
     def _maybe_record_fixture(self, keys: dict[str, Any], reply: FixtureReply) -> None:
         record_dir = self.settings.llm.record_dir

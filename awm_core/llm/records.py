@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -56,11 +57,19 @@ def _warn_unpriced(model: str) -> None:
         log.warning("model %r has no entry in llm.prices; its calls count as $0 against the budget", model)
 
 
+@dataclass
+class Hold:
+    """What a budget reserved for one call; the client settles it once the call is over."""
+
+    estimate_usd: float
+
+
 class Budget:
-    """Spend tracker shared by every client of one run; safe to use from many threads.
+    """Spend tracker shared by every client of one run in one process; safe from many threads.
 
     ``check()`` refuses further calls once ``spent >= cap``. Calls already in flight finish, so
-    with N concurrent calls the spend can pass the cap by at most N calls' cost.
+    with N concurrent calls the spend can pass the cap by at most N calls' cost. Each process
+    has its own: for one cap across the processes and machines of a run, see ``SharedBudget``.
     """
 
     def __init__(self, cap_usd: float | None, spent_usd: float = 0.0):
@@ -85,6 +94,16 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.cap_usd is not None and self.spent_usd >= self.cap_usd
+
+    def reserve(self, estimate_usd: float) -> Hold:
+        """Before a call: refuse it when the cap is reached (in one process nothing is set aside)."""
+        self.check()
+        return Hold(estimate_usd)
+
+    def settle(self, hold: Hold, cost_usd: float, called: bool = True) -> float:
+        """After a call: add what it cost; returns the spend so far."""
+        self.charge(cost_usd)
+        return self.spent_usd
 
     def check(self) -> None:
         if self.exhausted():

@@ -1,8 +1,10 @@
-"""Servers the catalog tests start themselves from what is installed on the machine (each test
-that needs one skips, saying what is missing, where it is not).
+"""Servers tests start themselves from what is installed on the machine (each test that needs
+one skips, saying what is missing, where it is not). The fixtures are offered to every test by
+tests/conftest.py.
 
 - ``postgres``: a real PostgreSQL (initdb + pg_ctl) for the module, as a DuckLake metadata
   connection string ``postgres:dbname=awm_catalog host=127.0.0.1 port=... user=awm``.
+- ``pg_database``: a factory of fresh, empty databases on that server (a libpq keyword DSN).
 - ``s3_server``: a moto S3 server on loopback for the module, with a bucket ``awm-lake``.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.server import free_port
+
 
 def pg_bin(name: str) -> str | None:
     found = shutil.which(name)
@@ -28,12 +32,6 @@ def pg_bin(name: str) -> str | None:
         return found
     cands = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return cands[-1] if cands else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
