@@ -261,3 +261,39 @@ def test_generate_fans_out_on_a_local_dask_cluster_of_worker_processes(prefect_s
     finally:
         cluster.close()
         _restore(old)
+
+
+def test_dask_worker_processes_share_one_budget_through_postgres(prefect_server, postgres, pg_database, tmp_path):
+    """Per-process budgets would give each of the two workers the whole cap; with llm.budget_dsn
+    the flow's process and both workers reserve against the run's one row."""
+    pytest.importorskip("prefect_dask")
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from awm_core.llm import read_ledger
+    from awm_core.llm.shared_budget import SharedBudget
+
+    dsn, cap = pg_database("genbudget"), 0.17
+    old = _use_home(tmp_path / "home", AWM_LLM__BUDGET_DSN=dsn)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+    try:
+        from awm_core.settings import get_settings
+        from flows.generate import run_generate
+
+        summary = run_generate(scenarios=["clinic_booking", "team_expenses"], budget_usd=cap,
+                               task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        records = read_ledger(get_settings().runs_dir / summary["run_id"] / "llm_calls.jsonl")
+        shared = SharedBudget(dsn, summary["run_id"], cap)
+        try:
+            spent, reserved = shared.spent_usd, shared.reserved_usd
+        finally:
+            shared.close()
+        costs = [r.cost_usd for r in records]
+        print(f"cap {cap}, spent {spent:.4f} over {len(costs)} calls, most expensive {max(costs):.4f}")
+        assert spent == pytest.approx(sum(costs)) and reserved == pytest.approx(0.0)
+        assert cap <= spent <= cap + 2 * max(costs)
+        assert summary["status"] == "budget_exceeded"
+        assert any(r.error and r.error.startswith("budget exceeded") for r in records)
+    finally:
+        cluster.close()
+        _restore(old)
