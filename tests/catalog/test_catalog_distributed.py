@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,14 +112,16 @@ def test_two_writers_race_on_one_catalog_and_lose_nothing(postgres, pg_database,
         full = {**os.environ, **env, "AWM_HOME": str(home), "PYTHONPATH": str(REPO)}
         writers.append(subprocess.Popen([sys.executable, str(WRITER), name, str(rounds), str(go)], env=full,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    seen = []
+    seen, waits = [], []
     try:
         with Catalog.open(settings, read_only=True) as reader:
             go.touch()
             while any(w.poll() is None for w in writers):
+                began = time.perf_counter()
                 seen.append(reader.rows(
                     "SELECT (SELECT count(*) FROM environments) AS envs, (SELECT count(*) FROM rollouts) AS rollouts, "
                     "(SELECT count(*) FROM tasks) AS tasks"))
+                waits.append(time.perf_counter() - began)
         results = [w.communicate(timeout=300) for w in writers]
     finally:
         for w in writers:
@@ -128,7 +131,7 @@ def test_two_writers_race_on_one_catalog_and_lose_nothing(postgres, pg_database,
     for w, (out, err) in zip(writers, results):
         assert w.returncode == 0, err[-3000:]
     tries = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
-    print("commit tries per round:", tries, "reader queries during the race:", len(seen))
+    print("commit tries per round:", tries, f"reader queries during the race: {len(seen)}, slowest {max(waits):.3f} s")
 
     with Catalog.open(settings, read_only=True) as cat:
         snaps = [s for s in cat.snapshots() if s["snapshot_id"] > start]
