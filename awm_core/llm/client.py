@@ -191,12 +191,12 @@ class LLMClient:
                 reply, record = self._http_with_retries(request, keys)
         except BaseException:
             if hold is not None:  # a failed call is not charged: give its reservation back
-                self.budget.settle(hold, 0.0, called=False)
+                self._settle(hold, 0.0, called=False)
             raise
 
         record.cost_usd = call_cost(self.settings.llm.prices, self.model, reply.prompt_tokens, reply.completion_tokens)
         if hold is not None:
-            self.budget.settle(hold, record.cost_usd)
+            self._settle(hold, record.cost_usd)
         if self.cache:
             self.cache.put(key, reply, request)
         self._maybe_record_fixture(keys, reply)
@@ -215,6 +215,15 @@ class LLMClient:
             raise self._fail(exc, self._record(**keys, error=f"budget exceeded: {exc}")) from None
         except LLMError as exc:
             raise self._fail(exc, self._record(**keys, error=f"budget: {exc}")) from None
+
+    def _settle(self, hold: Hold, cost_usd: float, called: bool = True) -> None:
+        """Settle a reservation; when a shared budget cannot be reached the reply is still returned
+        (and recorded in the ledger) and the reservation stays counted against the cap."""
+        try:
+            self.budget.settle(hold, cost_usd, called=called)
+        except LLMError as exc:
+            log.warning("could not settle an LLM call's cost (its reservation of $%.4f stays counted): %s",
+                        hold.estimate_usd, exc)
 
     def _maybe_record_fixture(self, keys: dict[str, Any], reply: FixtureReply) -> None:
         record_dir = self.settings.llm.record_dir

@@ -18,11 +18,13 @@ recorded spend stays under ``cap + workers x the most expensive call``. A proces
 leaves its reservation counted (spend can only be over-, never under-counted).
 
 PostgreSQL unreachable: the call is refused with an ``LLMError`` naming the server (never its
-password); failing open would let the run spend past the cap unseen.
+password); failing open would let the run spend past the cap unseen. Lost only when settling,
+the client keeps the reply and the reservation stays counted.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any, Callable, Coroutine
 
@@ -136,7 +138,8 @@ class SharedBudget:
         with self._lock:
             if self._loop is not None:
                 if self._con is not None:
-                    asyncio.run_coroutine_threadsafe(self._con.close(), self._loop).result(timeout=10)
+                    with contextlib.suppress(Exception):  # already gone: nothing left to close
+                        asyncio.run_coroutine_threadsafe(self._con.close(), self._loop).result(timeout=10)
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._con = self._loop = None
 
@@ -150,7 +153,10 @@ class SharedBudget:
         return (float(row["spent_usd"]), float(row["reserved_usd"])) if row else (0.0, 0.0)
 
     def _run(self, statement: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
-        """Run one statement; a connection lost since the last call gets one fresh try."""
+        """Run one statement; a connection lost since the last call gets one fresh try.
+
+        Should the connection die after PostgreSQL applied an UPDATE but before its reply came
+        back, the retry applies it twice: that counts more spend or reservation, never less."""
         with self._lock:
             for _ in range(2):
                 try:
