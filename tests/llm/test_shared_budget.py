@@ -98,3 +98,21 @@ def test_dsn_forms_and_the_default_per_process_budget(awm_home, monkeypatch):
     settings = load_settings()
     assert isinstance(run_budget(settings, "r"), SharedBudget)
     assert "u:p@" not in json.dumps(settings.masked())
+
+
+def test_a_settle_that_cannot_reach_the_ledger_keeps_the_reply(awm_home, tmp_path):
+    class LostAfterReserve(Budget):
+        def settle(self, hold, cost_usd, called=True):
+            raise LLMError("the shared LLM budget at db:5432/x (llm.budget_dsn) cannot be used: gone")
+
+    fixtures = tmp_path / "fixtures"
+    write_fixture(fixtures, "s", "tasks", [{"content": "ok", "prompt_tokens": 1000, "completion_tokens": 2000}])
+    settings = load_settings()
+    settings.llm.fixtures_dir, settings.llm.cache = fixtures, False
+    ledger = tmp_path / "calls.jsonl"
+    client = LLMClient.for_role(settings, "generator", budget=LostAfterReserve(cap_usd=1.0), ledger=ledger)
+    out = client.chat([{"role": "user", "content": "hi"}], stage="tasks", scenario_id="s", attempt=1)
+    assert out.content == "ok" and out.record.cost_usd == pytest.approx(PRICE)
+    from awm_core.llm import read_ledger
+
+    assert read_ledger(ledger) == [out.record]
