@@ -241,7 +241,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
                     outcomes.append(fut.result())
                 except Exception as exc:  # a bug or sandbox failure in one scenario must not lose the others
                     logger.error("building %s failed: %s", s.id, exc)
-                    outcomes.append(G.EnvOutcome(s.id, "dropped", f"internal error: {type(exc).__name__}: {exc}"[:500]))
+                    outcomes.append(G.EnvOutcome(s.id, "dropped", _build_failure(exc)[:500]))
     except G.StageFailed as exc:  # only the run-wide scenario stage gets here
         status = "budget_exceeded" if exc.budget else "failed"
         scenario_info["attempts"] = exc.attempts
@@ -295,6 +295,19 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     if status == "budget_exceeded":
         logger.warning("run stopped: %s; %d validated environment(s) published", message, len(published))
     return summary
+
+
+def _build_failure(exc: BaseException) -> str:
+    """Why a scenario's build task failed, as its drop reason."""
+    if type(exc).__name__ == "KilledWorker":
+        # Dask reschedules a task whose worker process died on another worker, up to the
+        # scheduler's distributed.scheduler.allowed-failures times (default 3); past that it
+        # gives up with KilledWorker. Say so in words: the scenario was not built (not broken),
+        # and a rerun builds it, reusing the stages that had finished.
+        return ("lost: the Dask worker process running it died, more times than the scheduler's "
+                "distributed.scheduler.allowed-failures (default 3) lets Dask retry it elsewhere; rerun to "
+                f"build it (its finished stages are reused from the cache). Dask: {exc}")
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _embedder(settings: Settings):

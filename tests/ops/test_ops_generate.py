@@ -4,13 +4,16 @@
   fixture server, through the http backend: the run survives and publishes only environments
   that passed validation;
 - the finished run's page in a real headless Chromium shows its artifacts (screenshots kept);
-- fan-out on Prefect's Dask task runner with a local two-worker Dask cluster.
+- fan-out on Prefect's Dask task runner with a local two-worker Dask cluster;
+- a Dask cluster started outside the flow (``dask scheduler`` / ``dask worker`` processes) named
+  by ``generation.dask_address``, and one of its workers SIGKILLed mid-run.
 
 The SIGKILL-and-resume and the budget-cap cases are covered by tests/pipeline/test_pipeline_flow.py
 (they run the same flow against the same server fixture); they are not repeated here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -296,4 +299,190 @@ def test_dask_worker_processes_share_one_budget_through_postgres(prefect_server,
         assert any(r.error and r.error.startswith("budget exceeded") for r in records)
     finally:
         cluster.close()
+        _restore(old)
+
+
+# --------------------------------------------------------------------------- a Dask cluster started outside the flow
+
+
+@contextlib.contextmanager
+def _external_dask_cluster(folder: Path, env: dict[str, str], workers: tuple[str, ...] = ("w1", "w2"),
+                           scheduler_env: dict[str, str] | None = None):
+    """A ``dask scheduler`` and one ``dask worker`` process per name, each in its own process
+    group, started the way an operator would (the CLI, a scheduler file); yields the scheduler's
+    address and the worker processes by name. Every process is stopped at the end."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    sched_file = folder / "scheduler.json"
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, *args: str, extra: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(folder / f"{name}.log", "wb") as log:
+            procs[name] = subprocess.Popen([dask, *args], env={**env, **(extra or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        return procs[name]
+
+    try:
+        sched = start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file",
+                      str(sched_file), "--no-dashboard", extra=scheduler_env)
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            if sched.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"dask scheduler did not start: {(folder / 'scheduler.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        # --no-nanny: the worker is the process itself, so a SIGKILL loses it for good (a nanny
+        # would start a fresh worker in its place).
+        for name in workers:
+            start(name, "worker", "--scheduler-file", str(sched_file), "--nworkers", "1", "--nthreads", "1",
+                  "--no-dashboard", "--no-nanny", "--name", name, "--local-directory", str(folder / name))
+        with Client(address, set_as_default=False) as client:
+            client.wait_for_workers(len(workers), timeout=60)
+        yield address, {name: procs[name] for name in workers}
+    finally:
+        for p in reversed(list(procs.values())):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _cluster_env(prefect_server: str) -> dict[str, str]:
+    """The environment of the worker processes: the test's AWM_* settings, the project importable,
+    the session's Prefect server."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PREFECT_API_URL"] = prefect_server
+    return env
+
+
+def _use_cluster(old: dict[str, str | None], address: str) -> None:
+    """The flow's settings name the external scheduler (``generation.dask_address``)."""
+    for k, v in _use_home(Path(os.environ["AWM_HOME"]), AWM_GENERATION__TASK_RUNNER="dask",
+                          AWM_GENERATION__DASK_ADDRESS=address).items():
+        old.setdefault(k, v)
+
+
+def _what_workers_ran(address: str) -> dict[str, tuple[int, int]]:
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        ran = client.run(lambda dask_worker: (dask_worker.name, os.getpid(), dask_worker.state.executed_count,
+                                              sorted(dask_worker.plugins)))
+    return {name: (pid, n, plugins) for name, pid, n, plugins in ran.values()}
+
+
+def _assert_published_once(summary: dict) -> None:
+    assert summary["status"] == "completed", summary
+    assert sorted(summary["published"]) == sorted(SCENARIOS), summary
+    envs = _catalog_rows("SELECT count(*) AS n, count(DISTINCT env_id) AS ids FROM environments")[0]
+    assert envs == {"n": 3, "ids": 3}, envs
+    dup = _catalog_rows("SELECT env_id, task_idx, count(*) AS n FROM tasks GROUP BY ALL HAVING count(*) > 1")
+    assert dup == [], dup
+    assert _catalog_rows("SELECT count(DISTINCT env_id) AS n FROM tasks")[0]["n"] == 3
+    n = _catalog_rows(f"SELECT count(*) AS n FROM llm_calls WHERE run_id = '{summary['run_id']}'")[0]["n"]
+    assert n == summary["llm_calls"] > 60
+
+
+def test_generate_runs_on_an_external_dask_cluster_named_by_its_address(prefect_server, tmp_path):
+    """generation.dask_address: the flow uses a scheduler and workers started outside it (the
+    CLI), builds the run's resources on them through the worker plugin, and the work runs there."""
+    pytest.importorskip("prefect_dask")
+    old = _use_home(tmp_path / "home")
+    try:
+        with _external_dask_cluster(tmp_path, _cluster_env(prefect_server)) as (address, procs):
+            _use_cluster(old, address)
+            from flows.generate import run_generate
+
+            summary = run_generate(scenarios=SCENARIOS, concurrency=2)
+            ran = _what_workers_ran(address)
+        print("workers:", ran, "llm calls:", summary["llm_calls"])
+        assert set(ran) == {"w1", "w2"}
+        assert {pid for pid, _, _ in ran.values()} == {p.pid for p in procs.values()}
+        assert all(n >= 1 for _, n, _ in ran.values()), ran  # both external workers built environments
+        assert not any(p.startswith("awm-run-resources-") for *_, ps in ran.values() for p in ps), ran
+        _assert_published_once(summary)
+    finally:
+        _restore(old)
+
+
+@pytest.mark.parametrize("allowed_failures", [None, 0], ids=["rescheduled", "dask-gives-up"])
+def test_generate_survives_a_dask_worker_killed_mid_run(prefect_server, tmp_path, allowed_failures):
+    """SIGKILL one of two external workers while it builds an environment. With Dask's default
+    ``distributed.scheduler.allowed-failures`` (3) the scheduler reschedules the tasks it held on
+    the other worker and every scenario is published exactly once; with 0 Dask gives up on those
+    tasks at once, and the flow publishes the others and names each lost scenario and why."""
+    pytest.importorskip("prefect_dask")
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    old = _use_home(tmp_path / "home")
+    killed: dict[str, object] = {}
+    try:
+        sched_env = None if allowed_failures is None else {
+            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(allowed_failures)}
+        with _external_dask_cluster(tmp_path, _cluster_env(prefect_server), scheduler_env=sched_env) as (address, procs):
+            _use_cluster(old, address)
+            from flows.generate import run_generate
+
+            def kill_w1_mid_task() -> None:
+                try:
+                    with Client(address, set_as_default=False) as client:
+                        deadline = time.monotonic() + 60
+                        while time.monotonic() < deadline:
+                            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+                            busy = {names.get(a): keys for a, keys in client.processing().items() if keys}
+                            if busy.get("w1"):
+                                time.sleep(2.0)  # its environment's stages are under way
+                                killed["tasks"] = [str(k) for k in client.processing().get(
+                                    next(a for a, n in names.items() if n == "w1"), [])]
+                                os.killpg(procs["w1"].pid, signal.SIGKILL)
+                                killed["at"] = time.monotonic()
+                                return
+                            time.sleep(0.1)
+                except Exception as exc:  # reported by the assertions below
+                    killed["error"] = repr(exc)
+
+            killer = threading.Thread(target=kill_w1_mid_task, daemon=True)
+            t0 = time.monotonic()
+            killer.start()
+            summary = run_generate(scenarios=SCENARIOS, concurrency=2, offline_latency_s=0.2)
+            elapsed = time.monotonic() - t0
+            killer.join(timeout=5)
+            ran = _what_workers_ran(address)
+            assert procs["w1"].wait(timeout=10) == -signal.SIGKILL
+        print(f"killed w1 {killed.get('at', 0) - t0:.1f} s into a {elapsed:.1f} s run while it ran "
+              f"{killed.get('tasks')}; survivors: {ran}")
+        assert "at" in killed and killed.get("tasks"), killed
+        assert set(ran) == {"w2"}, ran
+        calls = _catalog_rows(f"SELECT scenario_id, count(*) AS n FROM llm_calls WHERE run_id = '{summary['run_id']}' "
+                              f"GROUP BY ALL ORDER BY 1")
+        print("summary:", {k: summary[k] for k in ("status", "published", "dropped", "llm_calls")}, "calls:", calls)
+        if allowed_failures is None:
+            _assert_published_once(summary)
+            return
+        # Dask gave up on every task the dead worker held (running or queued there).
+        lost = set(SCENARIOS) - set(summary["published"])
+        assert len(lost) == len(killed["tasks"]) and set(summary["dropped"]) == lost, summary
+        for sid in lost:
+            assert "Dask worker" in summary["dropped"][sid] and "allowed-failures" in summary["dropped"][sid], summary
+        assert summary["status"] == "partial"
+        got = _catalog_rows("SELECT count(*) AS n, count(DISTINCT env_id) AS ids FROM environments")[0]
+        assert got == {"n": 3 - len(lost), "ids": 3 - len(lost)}, got
+    finally:
         _restore(old)
