@@ -64,17 +64,6 @@ class FlowConfig(BaseModel):
             raise InputError(f"invalid {self.flow_name} parameters: {describe_errors(exc)}") from None
 
     @classmethod
-    def coerce(cls, value: "FlowConfig | dict[str, Any] | None") -> "FlowConfig":
-        """The config from itself, a dict of its fields (a deployment's parameters) or nothing (defaults)."""
-        if isinstance(value, cls):
-            return value
-        if value is None:
-            return cls()
-        if not isinstance(value, dict):
-            raise InputError(f"invalid {cls.flow_name} parameters: expected a mapping of fields, got {value!r}")
-        return cls(**value)
-
-    @classmethod
     def as_parameters(cls, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn(config)`` as a function of the config's fields (see the module docstring)."""
         fields = cls.model_fields
@@ -111,8 +100,7 @@ class FlowConfig(BaseModel):
             if optional and text.lower() in ("none", "null"):
                 return None
             try:
-                return adapter.validate_strings(text) if hasattr(adapter, "validate_strings") \
-                    else adapter.validate_python(text)
+                return adapter.validate_strings(text)
             except ValidationError as exc:
                 raise ValueError(describe_errors(exc).removeprefix("value").lstrip(": ")) from None
 

@@ -61,7 +61,6 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     from awm_core.runtime import SandboxPool
     from storage.catalog import Catalog, made_by
 
-    config = EvalConfig.coerce(config)
     settings = settings or get_settings()
     run_id = run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     started = time.perf_counter()

@@ -27,9 +27,9 @@ import importlib
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
-import random
 import tempfile
 import threading
 import time

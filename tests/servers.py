@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.server import free_port
+from flows.server import free_port, stop_group
 
 
 def pg_bin(name: str) -> str | None:
@@ -115,7 +115,7 @@ def s3_server():
                     "it plays the S3-compatible object store")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 60
         while True:
@@ -130,12 +130,7 @@ def s3_server():
         server.client().create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_group(proc, timeout=10)
 
 
 @pytest.fixture

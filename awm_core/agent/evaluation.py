@@ -29,7 +29,7 @@ from awm_core.errors import AWMError
 from awm_core.models import Environment
 from awm_core.settings import Settings
 
-Policy = Literal["reference", "random", "openai", "openai-text"]
+PolicyName = Literal["reference", "random", "openai", "openai-text"]
 ENDPOINT_POLICIES = ("openai", "openai-text")
 
 
@@ -38,7 +38,7 @@ class EvalConfig(FlowConfig):
 
     flow_name = "evaluate"
 
-    policy: Policy = Field("reference", description=(
+    policy: PolicyName = Field("reference", description=(
         "reference: replay reference solutions; random: random schema-valid calls; openai: an OpenAI-compatible "
         "endpoint with native tool calls; openai-text: the same endpoint without tools, the model writes "
         "<tool_call> blocks"))
