@@ -21,7 +21,7 @@ from awm_core.errors import ArtifactError, SolutionRefError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
-Flavour = Literal["native", "awm1k"]
+Flavour = Literal["native", "awm1k", "bfcl"]
 Verdict = Literal["complete", "partial", "incomplete"]
 
 
@@ -110,10 +110,31 @@ class Scenario(Artifact):
         return cls(id=slugify(name), name=name, description=description, category=category)
 
 
+class UserTurn(Artifact):
+    """A later user message of a scripted task, sent once the agent answered the one before."""
+
+    text: str = Field(min_length=1)
+    tools_added: list[str] = Field(default_factory=list, description=(
+        "tools the agent is first shown with this message (hidden before it)"))
+
+
 class Task(Artifact):
     scenario_id: str
     idx: int = Field(ge=0)
     text: str = Field(min_length=1)
+    follow_ups: list[UserTurn] = Field(default_factory=list, description=(
+        "a script of further user messages (BFCL multi-turn); empty for a one-message task"))
+    system_prompt: str | None = Field(None, description=(
+        "the system prompt the task is meant for (BFCL's entries); None: the agent loop's default"))
+
+    @property
+    def hidden_tools(self) -> set[str]:
+        """Tools the agent does not see until the follow-up that adds them."""
+        return {name for turn in self.follow_ups for name in turn.tools_added}
+
+    @property
+    def user_turns(self) -> int:
+        return 1 + len(self.follow_ups)
 
     @property
     def id(self) -> str:
@@ -219,7 +240,8 @@ class ApiSpec(Artifact):
 
 class EnvCode(Artifact):
     flavour: Flavour = "native"
-    source: str = Field(min_length=1, description="one Python module")
+    source: str = Field(min_length=1, description=(
+        "one Python module; for the bfcl flavour a JSON bundle of BFCL's modules and the entry's state"))
 
 
 # --------------------------------------------------------------------------- verification
@@ -238,7 +260,7 @@ class Verifier(Artifact):
 
     task_idx: int = Field(ge=0)
     code: str = Field(min_length=1)
-    style: Literal["native", "awm1k_code", "awm1k_sql"] = "native"
+    style: Literal["native", "awm1k_code", "awm1k_sql", "bfcl"] = "native"
     function_name: str = "verify"
     success_criteria: str = ""
     failure_criteria: str = ""
@@ -261,6 +283,8 @@ class ReferenceSolution(Artifact):
     task_idx: int = Field(ge=0)
     calls: list[ToolCall] = Field(default_factory=list)
     final_answer: str | None = None
+    turn_ends: list[int] = Field(default_factory=list, description=(
+        "scripted tasks: after how many calls each user turn is answered (one entry per user turn)"))
 
     def ref_errors(self) -> list[str]:
         """Refs that can be seen to be wrong without running anything (malformed, not earlier)."""
@@ -391,7 +415,7 @@ class StageProvenance(Artifact):
 
 
 class Provenance(Artifact):
-    source: Literal["generated", "awm1k", "handwritten"] = "generated"
+    source: Literal["generated", "awm1k", "bfcl", "handwritten"] = "generated"
     generator_model: str | None = None
     prompt_version: str | None = None
     run_id: str | None = None
@@ -453,4 +477,5 @@ class Environment(Artifact):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def runnable_parts_missing(self) -> list[str]:
-        return [p for p in ("db_schema", "seed_data", "code") if getattr(self, p) is None]
+        needs = ("code",) if self.flavour == "bfcl" else ("db_schema", "seed_data", "code")
+        return [p for p in needs if getattr(self, p) is None]

@@ -59,11 +59,13 @@ class Turn:
     env_s: float = 0.0
     format_error: str | None = None
     format_error_kind: FormatErrorKind | None = None
+    user_message: dict[str, Any] | None = None  # a scripted task's next user message, after this answer
 
     @property
     def messages(self) -> list[dict[str, Any]]:
-        """The turn as it enters the history: the assistant message, then its tool results."""
-        return [self.assistant, *self.tool_messages]
+        """The turn as it enters the history: the assistant message, its tool results, the next user message."""
+        tail = [self.user_message] if self.user_message is not None else []
+        return [self.assistant, *self.tool_messages, *tail]
 
     def to_dict(self, *, include_visible: bool = False) -> dict[str, Any]:
         out = {
@@ -81,6 +83,7 @@ class Turn:
             "env_s": self.env_s,
             "format_error": self.format_error,
             "format_error_kind": self.format_error_kind,
+            "user_message": self.user_message,
             "visible_count": len(self.visible),
         }
         if include_visible:
@@ -110,6 +113,12 @@ class Episode:
     final_snapshot: bytes | None = field(default=None, repr=False)
     duration_s: float = 0.0
     snapshot_s: float = 0.0
+    user_turn_starts: list[int] = field(default_factory=lambda: [0])  # first reply of each user message
+
+    def calls_by_user_turn(self) -> list[list[list[ToolCallRequest]]]:
+        """Per user message, per reply with calls, the calls made: the shape BFCL's checker reads."""
+        bounds = [*self.user_turn_starts, len(self.turns)]
+        return [[t.calls for t in self.turns[a:b] if t.calls] for a, b in zip(bounds, bounds[1:])]
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -161,6 +170,7 @@ class Episode:
             "error": self.error,
             "final_answer": self.final_answer,
             "turn_count": len(self.turns),
+            "user_turns": len(self.user_turn_starts),
             "tool_calls": self.tool_call_count,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

@@ -5,6 +5,10 @@ function tools, and replies. A reply without a tool call is the final answer. A 
 calls runs them in the session in order and appends the results. The episode ends with the final
 answer, after ``max_turns`` replies, at the first malformed tool call (``format_error``), or at
 the first call the environment could not serve (``environment_error``).
+
+A scripted task (``Task.follow_ups``, BFCL's multi-turn entries) has more user messages: a final
+answer to one sends the next (with the tools it adds), and only the answer to the last one ends
+the episode. ``max_turns`` counts replies over the whole script.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from awm_core.agent.base import Policy, PolicyReply
 from awm_core.agent.episode import Episode, ToolCallResult, Turn
-from awm_core.agent.interfaces import INTERFACES, Interface, ToolRouter
+from awm_core.agent.interfaces import INTERFACES, Interface, ToolDef, ToolRouter
 from awm_core.agent.parsing import FormatError, parse_native_tool_calls, parse_text_tool_calls, strip_thinking
 from awm_core.db import snapshot_digest
 from awm_core.models import Task
@@ -62,7 +66,9 @@ def visible_messages(
     """What the policy sees: the system prompt, the task, and only the last ``window`` turns.
 
     A turn is one assistant message with its tool results: a ``Turn`` or a list of messages.
-    ``window=None`` keeps every turn; ``window=0`` shows no earlier turn. This is the single place
+    ``window=None`` keeps every turn; ``window=0`` shows no earlier turn. In a scripted task a turn
+    can end with the next user message; the latest user message of the turns left out of the window
+    takes the task's place, so the request being worked on is always in view. This is the single place
     that decides the policy's context, in the loop and when training builds per-step samples
     (the sample for step ``t`` is ``visible_messages(system, task, episode.turns[:t], window)``,
     which equals ``episode.turns[t].visible``).
@@ -71,13 +77,23 @@ def visible_messages(
         raise ValueError(f"window must be None or an integer >= 0, got {window!r}")
     sys_msg = _as_message(system, "system")
     out = [sys_msg] if sys_msg is not None else []
-    out.append(_as_message(task_message, "user"))
-    kept = turns if window is None else turns[max(0, len(turns) - window):len(turns)] if window else []
-    for turn in kept:
+    first_kept = 0 if window is None else max(0, len(turns) - window) if window else len(turns)
+    pinned = _as_message(task_message, "user")
+    for turn in turns[:first_kept]:
+        pinned = _user_message_of(turn) or pinned
+    out.append(pinned)
+    for turn in turns[first_kept:]:
         out.extend(turn.messages if hasattr(turn, "messages") else turn)
     return out
 
 
+def _user_message_of(turn: Any) -> dict[str, Any] | None:
+    if hasattr(turn, "messages"):
+        return turn.user_message
+    return next((m for m in reversed(turn) if isinstance(m, dict) and m.get("role") == "user"), None)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
 _DIGESTS: dict[bytes, str] = {}
 _DIGEST_CACHE_SIZE = 256
 
@@ -91,7 +107,8 @@ def database_state_digest(data: bytes) -> str:
     key = hashlib.sha256(data).digest()
     found = _DIGESTS.get(key)
     if found is None:
-        found = snapshot_digest(data)
+        # Environments of the bfcl flavour snapshot canonical JSON, not a database: its hash is the digest.
+        found = snapshot_digest(data) if data.startswith(SQLITE_HEADER) else key.hex()
         if len(_DIGESTS) >= _DIGEST_CACHE_SIZE:
             _DIGESTS.clear()
         _DIGESTS[key] = found
@@ -124,9 +141,14 @@ def run_episode(
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-    router = ToolRouter(tools, interface)
+    tools = [ToolDef.of(t) for t in tools]
+    follow_ups = list(task.follow_ups) if isinstance(task, Task) else []
+    hidden = task.hidden_tools if isinstance(task, Task) else set()
+    router = ToolRouter([t for t in tools if t.name not in hidden], interface)
     policy_tools = router.policy_tools()
     text = task.text if isinstance(task, Task) else str(task)
+    if system_prompt is None and isinstance(task, Task) and task.system_prompt:
+        system_prompt = task.system_prompt
     system = _as_message(system_prompt if system_prompt is not None else default_system_prompt(interface), "system")
     episode = Episode(
         task=text, interface=interface, window=window, max_turns=max_turns,
@@ -172,6 +194,15 @@ def run_episode(
             break
         if not calls:
             episode.final_answer = strip_thinking(turn.raw)
+            if follow_ups:
+                nxt = follow_ups.pop(0)
+                turn.user_message = {"role": "user", "content": nxt.text}
+                episode.user_turn_starts.append(index + 1)
+                if nxt.tools_added:
+                    hidden -= set(nxt.tools_added)
+                    router = ToolRouter([t for t in tools if t.name not in hidden], interface)
+                    policy_tools = router.policy_tools()
+                continue
             episode.termination = "final_answer"
             break
         if _run_calls(session, router, turn, calls, resolved):

@@ -210,7 +210,8 @@ class ReferencePolicy:
     ``style="text"`` writes ``<tool_call>`` blocks (exercising the parser); ``"native"`` returns
     native calls. It costs no time, which makes it the zero-latency policy of the benchmarks.
     ``$ref`` arguments are resolved from the tool results the loop shows it (the last message
-    after each of its calls); a ref it cannot resolve raises ``SolutionRefError``.
+    after each of its calls); a ref it cannot resolve raises ``SolutionRefError``. For a scripted
+    task it answers each user message once that message's calls (``turn_ends``) are made.
     """
 
     DEFAULT_ANSWER = "Done."
@@ -224,6 +225,7 @@ class ReferencePolicy:
         self._listed = False
         self._results: dict[int, Any] = {}
         self._awaiting: int | None = None
+        self._turn = 0  # user messages answered so far (scripted tasks: one per ``turn_ends`` entry)
 
     def _take_result(self, messages: list[dict[str, Any]]) -> None:
         # With a history window of 0 the result is not shown; a ref to it then fails clearly.
@@ -238,7 +240,9 @@ class ReferencePolicy:
         if meta and not self._listed:
             self._listed = True
             return _reply("list_tools", {}, self.style, "ref_list")
-        if self._step < len(self.solution.calls):
+        ends = self.solution.turn_ends
+        turn_end = ends[self._turn] if self._turn < len(ends) else len(self.solution.calls)
+        if self._step < turn_end:
             call = self.solution.calls[self._step]
             arguments = resolve_refs(call.arguments, self._results, self._step)
             self._awaiting = self._step
@@ -247,7 +251,8 @@ class ReferencePolicy:
                 return _reply("call_tool", {"tool_name": call.tool, "arguments": arguments}, self.style,
                               f"ref_{self._step}")
             return _reply(call.tool, arguments, self.style, f"ref_{self._step}")
-        answer = self.solution.final_answer or self.DEFAULT_ANSWER
+        self._turn += 1
+        answer = (self.solution.final_answer if self._turn >= len(ends) else None) or self.DEFAULT_ANSWER
         return PolicyReply(text=answer, tool_calls=None if self.style == "text" else [])
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from awm_core.agent.episode import Episode
 from awm_core.errors import AWMError
 from awm_core.models import Environment, Verifier
+from awm_core.runtime.bfcl_env import call_string
 
 LABELS = ("completed", "partially_completed", "agent_error", "environment_error", "format_error")
 JUDGE_LABELS = ("completed", "partially_completed", "agent_error", "environment_error")
@@ -69,12 +70,15 @@ def verify_episode(pool: Any, environment: Environment, task_idx: int, episode: 
     verifier = environment.verifier(task_idx)
     if verifier is None:
         raise AWMError(f"{environment.id} has no verifier for task {task_idx}; it cannot be evaluated")
+    trace = None
+    if verifier.style == "bfcl":
+        trace = bfcl_trace(episode)
     v = pool.verify(environment, task_idx, initial_db=episode.initial_snapshot, final_db=episode.final_snapshot,
-                    final_answer=episode.final_answer)
+                    final_answer=episode.final_answer, trace=trace)
     if v.error_kind == "environment" or (v.verdict is None and v.error):
         return _outcome("environment_error", settings, verifier_evidence=v.evidence,
                         error=f"verifier failed: {v.error or 'no verdict'}")
-    if judge is None:
+    if judge is None or verifier.style == "bfcl":  # BFCL's checker is the whole rule: no judge
         if v.verdict is None:
             # awm1k_sql verifiers only gather evidence: without a judge nothing can decide.
             return _outcome("environment_error", settings, verifier_evidence=v.evidence,
@@ -91,6 +95,18 @@ def verify_episode(pool: Any, environment: Environment, task_idx: int, episode: 
         return _outcome("environment_error", settings, verifier_evidence=v.evidence, error=f"judge failed: {decision.error}")
     return _outcome(decision.classification, settings, verifier_evidence=v.evidence, verdict=v.verdict,
                     judge_reasoning=decision.reasoning)
+
+
+def bfcl_trace(episode: Episode) -> list[list[list[str]]]:
+    """The agent's calls as BFCL's checker reads them: per user turn, per reply, ``f(a=1)`` strings.
+
+    A user turn the agent never answered (the episode ran out of replies) is left out, so BFCL
+    scores the episode as force-terminated, as its own runner does.
+    """
+    turns = episode.calls_by_user_turn()
+    if episode.termination != "final_answer":
+        turns = turns[:-1]
+    return [[[call_string(c.name, c.arguments) for c in step] for step in turn] for turn in turns]
 
 
 def verify_and_reward(pool: Any, environment: Environment, episode: Episode, settings: Any,

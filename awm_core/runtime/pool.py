@@ -26,7 +26,7 @@ from typing import Any
 
 import jsonschema
 
-from awm_core.errors import SqlExecutionError
+from awm_core.errors import AWMError, SqlExecutionError
 from awm_core.models import Environment
 from awm_core.runtime import kernel, protocol
 from awm_core.settings import SandboxSettings
@@ -424,16 +424,23 @@ class SandboxPool:
         with self._lock:
             if key in self._handles:
                 return self._handles[key]
-        missing = [p for p in ("db_schema", "code") if getattr(environment, p) is None]
+        # A bfcl environment's state is BFCL's backend objects, built from its code bundle: no database.
+        needs = ("code",) if environment.flavour == "bfcl" else ("db_schema", "code")
+        missing = [p for p in needs if getattr(environment, p) is None]
         if missing:
             raise EnvLoadError(environment.id, [f"the environment has no {p}" for p in missing])
         worker = self._slot_for(key)
-        resp, blobs, _ = self._request_or_raise(worker, {
-            "op": "build_db", "schema": environment.db_schema.model_dump(mode="json"),
-            "seed": environment.seed_data.model_dump(mode="json") if environment.seed_data else None})
-        if not resp.get("ok"):
-            raise SqlExecutionError(resp.get("stage", "schema"), resp.get("errors") or ["building the database failed"])
-        handle = EnvHandle(self, environment, key, worker, blobs[0])
+        if environment.flavour == "bfcl":
+            initial = b""
+        else:
+            resp, blobs, _ = self._request_or_raise(worker, {
+                "op": "build_db", "schema": environment.db_schema.model_dump(mode="json"),
+                "seed": environment.seed_data.model_dump(mode="json") if environment.seed_data else None})
+            if not resp.get("ok"):
+                raise SqlExecutionError(resp.get("stage", "schema"),
+                                        resp.get("errors") or ["building the database failed"])
+            initial = blobs[0]
+        handle = EnvHandle(self, environment, key, worker, initial)
         try:
             worker.request({"op": "ping"}, env=handle, timeout=self.config.call_timeout_s)
         except WorkerFailure as exc:
@@ -463,16 +470,30 @@ class SandboxPool:
             raise SandboxError(str(exc)) from None
 
     def verify(self, environment: Environment, task_idx: int, *, initial_db: bytes, final_db: bytes,
-               final_answer: str | None = None) -> VerifierOutcome:
-        """Run the task's verifier in the environment's worker; never raises for verifier faults."""
+               final_answer: str | None = None, trace: list[list[list[str]]] | None = None) -> VerifierOutcome:
+        """Run the task's verifier in the environment's worker; never raises for verifier faults.
+
+        ``trace`` is what a ``bfcl`` verifier scores (BFCL's checker re-runs the agent's calls):
+        per user turn, per reply, the calls as BFCL writes them (``bfcl_env.call_string``).
+        """
         v = environment.verifier(task_idx)
         if v is None:
             return VerifierOutcome(None, {}, f"environment {environment.id} has no verifier for task {task_idx}", "verifier")
-        worker = self._slot_for(f"{environment.id}-{environment.digest()[:12]}")
+        key = f"{environment.id}-{environment.digest()[:12]}"
+        worker = self._slot_for(key)
+        header = {"op": "verify", "style": v.style, "function_name": v.function_name, "code": v.code,
+                  "final_answer": final_answer}
+        handle = None
+        if v.style == "bfcl":
+            # BFCL's checker lives in the environment's bundle: the environment must be loaded there.
+            header.update(key=key, trace=trace or [])
+            try:
+                handle = self.load(environment)
+            except AWMError as exc:
+                return VerifierOutcome(None, {}, str(exc), "environment")
         try:
-            resp, _, _ = worker.request(
-                {"op": "verify", "style": v.style, "function_name": v.function_name, "code": v.code,
-                 "final_answer": final_answer}, [initial_db, final_db], timeout=self.config.call_timeout_s)
+            resp, _, _ = worker.request(header, [initial_db or b"", final_db or b""], env=handle,
+                                        timeout=self.config.call_timeout_s)
         except WorkerFailure as exc:
             return VerifierOutcome(None, {}, str(exc), "environment")
         if not resp.get("ok"):

@@ -60,6 +60,8 @@ PRELOAD = (
     "annotated_types", "sqlalchemy.ext.declarative", "sqlalchemy.ext.hybrid", "sqlalchemy.ext.associationproxy",
     "sqlalchemy.sql.functions", "pydantic.networks", "fastapi.responses", "fastapi.encoders",
     "fastapi.middleware.cors", "starlette.responses", "anyio.to_thread",
+    # BFCL's math backend (the bfcl flavour).
+    "cmath", "mpmath", "_strptime",
 )
 
 REMOVED_BUILTINS = ("exit", "quit", "input", "breakpoint", "help", "copyright", "credits", "license")
@@ -282,8 +284,12 @@ class _OsStandIn(types.ModuleType):
         self.getpid = os.getpid
 
 
-def make_builtins(allowed: frozenset[str], *, os_standin: bool = False, guard: "Guard | None" = None) -> dict[str, Any]:
-    """A private builtins dict for one generated module (tampering stays in that module)."""
+def make_builtins(allowed: frozenset[str], *, os_standin: bool = False, guard: "Guard | None" = None,
+                  standins: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A private builtins dict for one generated module (tampering stays in that module).
+
+    ``standins`` maps a module name to the object an ``import`` of it gives instead of the module.
+    """
     b = dict(vars(builtins))
     for name in REMOVED_BUILTINS:
         b.pop(name, None)
@@ -299,6 +305,8 @@ def make_builtins(allowed: frozenset[str], *, os_standin: bool = False, guard: "
                 guard.violations.append(f"sandbox refused importing {name!r}")
             raise ImportError(f"import of {name!r} is not allowed in environment code "
                               f"(allowed: {', '.join(sorted(m for m in allowed if not m.startswith('_')))})")
+        if standins and name in standins:
+            return standins[name]
         if top == "os" and standin is not None:
             if name != "os":
                 raise ImportError(f"import of {name!r} is not allowed in environment code")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from awm_core.runtime import protocol, sandbox
+from awm_core.runtime.bfcl_env import BfclEnv
 from awm_core.runtime.schema import function_schema, openapi_tools
 
 # Imported before the audit hook goes up, so generated code finds them loaded.
@@ -81,6 +82,9 @@ class _Session:
             self.conn.rollback()
         self.conn.deserialize(self.env.snapshot)
 
+    def serialize(self) -> bytes:
+        return self.conn.serialize()
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.dispose()
@@ -95,6 +99,9 @@ class _Env:
         self.snapshot = snapshot
         self.tools: dict[str, Any] = {}
         self.infos: list[dict[str, Any]] = []
+
+    def open_session(self) -> _Session:
+        return _Session(self)
 
 
 class _NativeEnv(_Env):
@@ -436,7 +443,9 @@ class Worker:
             env = self.envs[key]
             return {"ok": True, "tools": env.infos, "problems": getattr(env, "problems", [])}, []
         try:
-            if req["flavour"] == "awm1k":
+            if req["flavour"] == "bfcl":
+                env = BfclEnv(key, req["source"], req["env_id"], self.guard)
+            elif req["flavour"] == "awm1k":
                 env = _Awm1kEnv(key, blobs[0], req["source"], req["env_id"], self.loop, self.guard,
                                 force_asgi=bool(req.get("asgi")))
             else:
@@ -467,7 +476,7 @@ class Worker:
         env = self.envs.get(req["key"])
         if env is None:
             return {"ok": False, "error_kind": "environment", "error": "the environment is not loaded in this worker"}, []
-        self.sessions[req["sid"]] = _Session(env)
+        self.sessions[req["sid"]] = env.open_session()
         return {"ok": True}, []
 
     def op_close(self, req, blobs):
@@ -489,7 +498,7 @@ class Worker:
         return {"ok": True, "worker_ms": (time.perf_counter() - t) * 1000}, []
 
     def op_snapshot(self, req, blobs):
-        return {"ok": True}, [self._session(req["sid"]).conn.serialize()]
+        return {"ok": True}, [self._session(req["sid"]).serialize()]
 
     def op_call(self, req, blobs):
         s = self._session(req["sid"])
@@ -537,6 +546,8 @@ class Worker:
         fname = req["function_name"]
         initial, final = blobs
         self.verify_counter += 1
+        if style == "bfcl":
+            return self._verify_bfcl(req)
         try:
             ns = _make_verifier_module(req["code"], f"verifier_{self.verify_counter}", self.guard)
             fn = ns.get(fname)
@@ -584,6 +595,21 @@ class Worker:
             return {"ok": True, "verdict": verdict, "evidence": out}, []
         evidence = out if isinstance(out, dict) else {"result": out}
         return {"ok": True, "verdict": None, "evidence": evidence}, []
+
+    def _verify_bfcl(self, req):
+        env = self.envs.get(req.get("key"))
+        if not isinstance(env, BfclEnv):
+            return self._vfail("environment", "the BFCL environment is not loaded in this worker")
+        try:
+            ground_truth = json.loads(req["code"])["ground_truth"]
+            out = env.check(req.get("trace") or [], ground_truth, self.verify_counter)
+        except ENV_LIMIT_ERRORS as exc:
+            return self._vfail("environment", f"BFCL's checker hit a limit: {_exc_text(exc)}", recycle=True)
+        except Exception as exc:
+            return self._vfail("verifier", f"BFCL's checker raised {_exc_text(exc)}")
+        if self.guard.violations:
+            return self._vfail("environment", "; ".join(self.guard.violations[:3]))
+        return {"ok": True, "verdict": "complete" if out["valid"] else "incomplete", "evidence": out}, []
 
     def _verify_with_paths(self, fn, style, initial: bytes, final: bytes, final_answer):
         folder = Path(self.guard.scratch) / f"verify-{self.verify_counter}"
