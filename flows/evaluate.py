@@ -62,6 +62,7 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     from storage.catalog import Catalog, made_by
 
     settings = settings or get_settings()
+    config = config.for_benchmark()
     run_id = run_id or f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     started = time.perf_counter()
     with Catalog.open(settings, read_only=True) as cat:
@@ -72,6 +73,14 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
             if unknown:
                 raise AWMError(f"environment(s) {', '.join(unknown)} not in snapshot {snapshot}")
             ids = [i for i in ids if i in set(config.env_ids)]
+        wanted = config.benchmark_categories()
+        if wanted is not None:
+            of = {r["env_id"]: r["category"] for r in cat.rows("SELECT env_id, category FROM scenarios",
+                                                                 snapshot=snapshot)}
+            ids = [i for i in ids if of.get(i) in wanted]
+            if not ids:
+                raise AWMError(f"snapshot {snapshot} holds no environments of {config.benchmark}; "
+                               "import them first: awm import bfcl")
         if not ids:
             raise AWMError(f"snapshot {snapshot} holds no environments to evaluate")
         environments = {e: cat.get_environment(e, snapshot) for e in ids}

@@ -55,23 +55,29 @@ def import_directory(path: str | Path, settings: Settings | None = None, flow_ru
                             for e in result.environments]
     if not result.environments:
         return summary
+    summary.snapshot_id = publish_environments(
+        result.environments, settings, made_by(settings, flow_run_id, source=str(Path(path).resolve()), importer="awm1k"),
+        f"import AgentWorldModel-1K: {len(result.environments)} environment(s)", catalog=catalog, progress=progress)
+    return summary
+
+
+def publish_environments(envs: list, settings: Settings, made_by_row: dict[str, Any], message: str,
+                         catalog: Catalog | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> int:
+    """Publish imported bundles as one snapshot; returns its id."""
     cat = catalog or Catalog.open(settings)
     try:
-        with cat.publish(made_by=made_by(settings, flow_run_id, source=str(Path(path).resolve()),
-                                         importer="awm1k"),
-                         message=f"import AgentWorldModel-1K: {len(result.environments)} environment(s)") as pub:
+        with cat.publish(made_by=made_by_row, message=message) as pub:
             # Batches bound the Arrow memory of a full dataset (1,000 bundles of ~100 KB code each);
             # they are still one transaction, so one snapshot.
-            envs = result.environments
             for i in range(0, len(envs), BATCH):
                 pub.add_environments(envs[i:i + BATCH])
                 if progress:
                     progress(min(i + BATCH, len(envs)), len(envs))
-        summary.snapshot_id = pub.snapshot_id
+        return pub.snapshot_id
     finally:
         if catalog is None:
             cat.close()
-    return summary
 
 
 @flow(name="import-awm1k")

@@ -60,7 +60,28 @@ def summarize(result: EvalResult, environments: dict[str, Environment] | None = 
         "labels": dict(Counter(r["label"] for r in rows).most_common()),
         "errors": dict(Counter((r["error"] or "").split(":")[0] for r in rows if r["error"]).most_common(10)),
         "failures": result.failures[:20],
+        "bfcl": bfcl_accuracy(by_cat),
     }
+
+
+# BFCL's leaderboard columns for its multi-turn categories.
+BFCL_COLUMNS = {"bfcl_base": "Multi Turn Base", "bfcl_miss_func": "Multi Turn Miss Func",
+                "bfcl_miss_param": "Multi Turn Miss Param", "bfcl_long_context": "Multi Turn Long Context"}
+
+
+def bfcl_accuracy(by_category: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Accuracy per BFCL category (entries BFCL's checker passed / episodes) and their unweighted mean,
+    BFCL's "Multi Turn Overall Acc"; None when the run holds no BFCL environment."""
+    columns = {}
+    for category, title in BFCL_COLUMNS.items():
+        rows = by_category.get(category)
+        if rows:
+            passed = sum(1 for r in rows if r["label"] == "completed")
+            columns[title] = {"passed": passed, "episodes": len(rows), "accuracy": round(passed / len(rows), 4)}
+    if not columns:
+        return None
+    overall = round(statistics.fmean(c["accuracy"] for c in columns.values()), 4)
+    return {"columns": columns, "Multi Turn Overall Acc": overall, "complete": len(columns) == len(BFCL_COLUMNS)}
 
 
 def reward_plot_png(rows: list[dict[str, Any]], title: str = "Reward distribution") -> bytes:
@@ -97,6 +118,14 @@ def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str
                          for c in summary["by_category"]]),
         "", "## Outcome classes", "", *markdown_table([("label", "l"), ("episodes", "r")], summary["labels"].items()),
     ]
+    if summary.get("bfcl"):
+        b = summary["bfcl"]
+        lines += ["", "## BFCL accuracy (by BFCL's checker)", "",
+                  *markdown_table([("column", "l"), ("passed", "r"), ("accuracy", "r")],
+                                  [[t, f"{c['passed']}/{c['episodes']}", f"{c['accuracy']:.2%}"]
+                                   for t, c in b["columns"].items()]
+                                  + [["Multi Turn Overall Acc" + ("" if b["complete"] else " (categories run)"), "",
+                                      f"{b['Multi Turn Overall Acc']:.2%}"]])]
     if summary["errors"]:
         lines += ["", "## Error classes", "", *markdown_table([("error", "l"), ("episodes", "r")],
                                                                summary["errors"].items())]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from awm_core.agent.loop import run_episode
 from awm_core.agent.policies import OpenAIChatPolicy, RandomPolicy, ReferencePolicy, TextToolCallPolicy
@@ -26,6 +26,7 @@ from awm_core.agent.rewards import LLMJudge, reward_for, verify_episode
 from awm_core.agent.splits import select
 from awm_core.configs import FlowConfig
 from awm_core.errors import AWMError
+from awm_core.interop.bfcl import parse_categories
 from awm_core.models import Environment
 from awm_core.settings import Settings
 
@@ -56,10 +57,43 @@ class EvalConfig(FlowConfig):
         "history window: turns the policy sees besides the task ('none' keeps all)"))
     interface: Literal["direct", "meta"] = Field("direct", description=(
         "direct: the environment's tools; meta: list_tools + call_tool"))
-    max_turns: int = Field(20, ge=1, description="policy replies per episode")
+    max_turns: int = Field(20, ge=1, description=(
+        "policy replies per user message (a task of one message: per episode)"))
     judge: bool = Field(False, description="classify episodes with the LLM judge (role 'judge')")
     env_ids: list[str] | None = Field(None, description="only these environments")
     max_tasks_per_env: int | None = Field(None, ge=1, description="at most this many tasks per environment")
+    benchmark: str | None = Field(None, description=(
+        "an external benchmark imported into the catalog: 'bfcl' (every multi-turn category) or "
+        "'bfcl:base,miss_func'; evaluates all its entries (no split) with the whole history in view "
+        "unless window is given"))
+
+    @field_validator("benchmark")
+    @classmethod
+    def _known_benchmark(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        name, _, categories = value.partition(":")
+        if name != "bfcl":
+            raise ValueError(f"unknown benchmark {name!r}; the benchmarks are: bfcl")
+        try:
+            return "bfcl:" + ",".join(parse_categories(categories or None))
+        except AWMError as exc:
+            raise ValueError(str(exc)) from None
+
+    def benchmark_categories(self) -> set[str] | None:
+        """Scenario categories of the benchmark's environments (None: no benchmark)."""
+        if self.benchmark is None:
+            return None
+        return {f"bfcl_{c}" for c in self.benchmark.partition(":")[2].split(",")}
+
+    def for_benchmark(self) -> "EvalConfig":
+        """The config a benchmark run uses: every entry, and BFCL's whole history unless a window was given."""
+        if self.benchmark is None:
+            return self
+        update: dict[str, Any] = {"split": "all"}
+        if "window" not in self.model_fields_set:
+            update["window"] = None
+        return self.model_copy(update=update)
 
     def model_name(self, settings: Settings) -> str:
         if self.policy == "reference":

@@ -8,11 +8,12 @@ the first call the environment could not serve (``environment_error``).
 
 A scripted task (``Task.follow_ups``, BFCL's multi-turn entries) has more user messages: a final
 answer to one sends the next (with the tools it adds), and only the answer to the last one ends
-the episode. ``max_turns`` counts replies over the whole script.
+the episode. ``max_turns`` bounds the replies to each user message (BFCL's step limit per turn).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from typing import Any, Iterable, Sequence
@@ -162,7 +163,10 @@ def run_episode(
     episode.snapshot_s += time.perf_counter() - t0
     episode.initial_digest = database_state_digest(episode.initial_snapshot)
 
-    for index in range(max_turns):
+    for index in itertools.count():
+        if index - episode.user_turn_starts[-1] >= max_turns:
+            episode.termination = "max_turns"
+            break
         visible = visible_messages(system, episode.task_message, episode.turns, window)
         t0 = time.perf_counter()
         reply = policy.act(visible, policy_tools)
@@ -210,8 +214,6 @@ def run_episode(
             failed = turn.results[-1]
             episode.error = f"environment error in {failed.tool}: {failed.error}"
             break
-    else:
-        episode.termination = "max_turns"
 
     t0 = time.perf_counter()
     try:

@@ -33,6 +33,8 @@ from awm_core.models import (
     ToolCall,
     ToolSpec,
     UserTurn,
+    ValidationCheck,
+    ValidationReport,
     Verifier,
     slugify,
 )
@@ -365,3 +367,44 @@ def read_package(package: BfclPackage, categories: str | list[str] | None = None
             except (BfclError, KeyError, ValueError) as exc:
                 out.problems.append(f"{category}: {entry.get('id')}: {exc}")
     return out
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@dataclass
+class Replay:
+    """BFCL's verdict on its own ground truth replayed through the runtime."""
+
+    env_id: str
+    passed: bool
+    detail: str
+    seconds: float
+
+
+def replay_ground_truth(pool: Any, environment: Environment, settings: Any) -> Replay:
+    """Replay the entry's ground truth as an agent would (turn by turn, through the sandbox) and score it."""
+    import time
+
+    from awm_core.agent import ReferencePolicy, run_episode, verify_episode
+
+    started = time.perf_counter()
+    task = environment.task(0)
+    handle = pool.load(environment)
+    with handle.open_session() as session:
+        episode = run_episode(ReferencePolicy(environment.solution(0)), session, task, handle.tools(),
+                              window=None, max_turns=max(20, 2 * len(environment.solution(0).calls) + task.user_turns))
+    outcome = verify_episode(pool, environment, 0, episode, settings)
+    detail = outcome.error or (outcome.verifier_evidence or {}).get("error_message") or ""
+    return Replay(environment.id, outcome.verdict == "complete", detail, time.perf_counter() - started)
+
+
+def with_replay(environment: Environment, replay: Replay) -> Environment:
+    """The environment with its ground-truth replay as its validation report.
+
+    A failed replay does not drop the task: the benchmark is scored over all of BFCL's entries,
+    as its leaderboard is; the report says which entries no agent can pass.
+    """
+    check = ValidationCheck(name="bfcl_ground_truth", passed=replay.passed, task_idx=0,
+                            detail=replay.detail or "BFCL's checker passes the replayed ground truth")
+    return environment.model_copy(update={"validation": ValidationReport(passed=replay.passed, checks=[check])})

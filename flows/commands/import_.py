@@ -1,4 +1,4 @@
-"""awm import awm1k DIR: AgentWorldModel-1K records into the catalog (one snapshot)."""
+"""awm import awm1k DIR | awm import bfcl: published datasets into the catalog (one snapshot each)."""
 from __future__ import annotations
 
 import sys
@@ -16,6 +16,19 @@ def register(sub) -> None:
     p.add_argument("dir", help="folder holding the dataset's .jsonl files")
     p.add_argument("--strict", action="store_true", help="exit 1 when any record could not be read")
     uses_prefect(p).set_defaults(func=run)
+    b = actions.add_parser("bfcl", help="import BFCL's multi-turn categories (bfcl-eval) as environments",
+                           description="Read the bfcl-eval package (installed, or --wheel FILE/FOLDER) without "
+                                       "importing it, make one environment of the bfcl flavour per multi-turn entry, "
+                                       "replay each entry's ground truth through the sandbox and score it with "
+                                       "BFCL's checker, and publish them as one snapshot.")
+    b.add_argument("--wheel", metavar="PATH", help="a bfcl-eval .whl file or unpacked bfcl_eval folder "
+                                                  "(default: the installed package)")
+    b.add_argument("--categories", default="base,miss_func,miss_param,long_context",
+                   help="comma-separated multi-turn categories (default: all four)")
+    b.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N entries of each category")
+    b.add_argument("--no-replay", dest="replay", action="store_false",
+                   help="skip replaying the ground truth on import")
+    uses_prefect(b).set_defaults(func=run_bfcl)
 
 
 def run(args) -> int:
@@ -32,3 +45,26 @@ def run(args) -> int:
         return 1
     print(summary.markdown())
     return 1 if (args.strict and summary.problems) else 0
+
+
+def run_bfcl(args) -> int:
+    from awm_core.interop.bfcl import BfclError, parse_categories
+    from flows.import_bfcl import import_package
+
+    if args.limit is not None and args.limit < 1:
+        print(f"--limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
+    try:
+        parse_categories(args.categories)
+        summary = import_package(args.wheel, args.categories, limit=args.limit, replay=args.replay,
+                                 progress=lambda phase, d, t: print(f"{phase}: {d}/{t}", file=sys.stderr))
+    except BfclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in summary.problems:
+        print(f"skipped {p}", file=sys.stderr)
+    if summary.snapshot_id is None:
+        print("nothing imported", file=sys.stderr)
+        return 1
+    print(summary.markdown())
+    return 0
