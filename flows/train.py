@@ -82,16 +82,29 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
     """Gate check, task plan and run folder. Returns (run folder, snapshot, split rows to publish)."""
     from storage.catalog import Catalog
 
+    from awm_core.interop.bfcl import benchmark_categories, is_benchmark, trainable
+
+    benchmark = is_benchmark(config.split)
     with Catalog.open(settings, read_only=True) as cat:
-        snapshot = resolve_snapshot(cat, config.snapshot)
-        environments = list(cat.environments(snapshot=snapshot))
-        stored = cat.rows("SELECT env_id, task_idx, split, seed FROM splits WHERE snapshot = ?", params=[snapshot])
+        if benchmark:
+            # An imported benchmark is checked by its own ground-truth replay on import, not by the
+            # gate for synthesized environments.
+            snapshot = config.snapshot if config.snapshot is not None else cat.environment_snapshot()
+            wanted = benchmark_categories(config.split)
+            environments = [e for e in cat.environments(snapshot=snapshot)
+                            if e.scenario.category in wanted and trainable(e)]
+            stored = [{"env_id": e.id, "task_idx": t.idx, "split": config.split, "seed": None}
+                      for e in environments for t in e.tasks]
+        else:
+            snapshot = resolve_snapshot(cat, config.snapshot)
+            environments = list(cat.environments(snapshot=snapshot))
+            stored = cat.rows("SELECT env_id, task_idx, split, seed FROM splits WHERE snapshot = ?", params=[snapshot])
     new_splits: list[dict[str, Any]] = []
-    if not stored:
+    if not stored and not benchmark:
         stored = make_splits({e.id: [t.idx for t in e.tasks] for e in environments}, seed=config.split_seed,
                              by="environment")
         new_splits = [{"snapshot": snapshot, **r} for r in stored]
-    tasks = plan_tasks(environments, stored, config.split)
+    tasks = plan_tasks(environments, stored, "all" if benchmark else config.split)
     if not tasks:
         raise AWMError(f"snapshot {snapshot} has no trainable task in split {config.split!r} "
                        "(tasks need a verifier and must not be dropped by validation)")

@@ -26,7 +26,7 @@ from awm_core.agent.rewards import LLMJudge, reward_for, verify_episode
 from awm_core.agent.splits import select
 from awm_core.configs import FlowConfig
 from awm_core.errors import AWMError
-from awm_core.interop.bfcl import parse_categories
+from awm_core.interop.bfcl import benchmark_categories
 from awm_core.models import Environment
 from awm_core.settings import Settings
 
@@ -72,19 +72,15 @@ class EvalConfig(FlowConfig):
     def _known_benchmark(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        name, _, categories = value.partition(":")
-        if name != "bfcl":
-            raise ValueError(f"unknown benchmark {name!r}; the benchmarks are: bfcl")
         try:
-            return "bfcl:" + ",".join(parse_categories(categories or None))
+            benchmark_categories(value)
         except AWMError as exc:
             raise ValueError(str(exc)) from None
+        return value
 
     def benchmark_categories(self) -> set[str] | None:
         """Scenario categories of the benchmark's environments (None: no benchmark)."""
-        if self.benchmark is None:
-            return None
-        return {f"bfcl_{c}" for c in self.benchmark.partition(":")[2].split(",")}
+        return None if self.benchmark is None else benchmark_categories(self.benchmark)
 
     def for_benchmark(self) -> "EvalConfig":
         """The config a benchmark run uses: every entry, and BFCL's whole history unless a window was given."""

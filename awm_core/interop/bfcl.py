@@ -346,6 +346,23 @@ def parse_categories(value: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def benchmark_categories(spec: str) -> set[str]:
+    """Scenario categories named by a benchmark split: ``bfcl`` (all four) or ``bfcl:base,miss_func``."""
+    name, _, categories = spec.partition(":")
+    if name != "bfcl":
+        raise BfclError(f"unknown benchmark {name!r}; the benchmarks are: bfcl")
+    return {f"bfcl_{c}" for c in parse_categories(categories or None)}
+
+
+def is_benchmark(spec: str | None) -> bool:
+    return bool(spec) and spec.partition(":")[0] == "bfcl"
+
+
+def trainable(environment: Environment) -> bool:
+    """An entry whose ground truth passed BFCL's checker on import (or was not replayed): one an agent can pass."""
+    return environment.validation is None or environment.validation.passed
+
+
 def read_package(package: BfclPackage, categories: str | list[str] | None = None,
                  limit: int | None = None) -> BfclRead:
     """Every entry of the chosen categories as environments (``limit``: the first N of each)."""

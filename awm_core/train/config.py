@@ -74,6 +74,8 @@ class TrainConfig:
     snapshot: int | None = None
     """Catalog snapshot to train on (None: the newest snapshot whose gate passed)."""
     split: str = "train"
+    """``train``, ``val``, ``all``, or a benchmark split imported into the catalog: ``bfcl`` or
+    ``bfcl:base,miss_func`` (its entries whose ground truth passed on import; no gate needed)."""
     group_size: int = 16
     tasks_per_step: int = 64
     max_turns: int = 20
@@ -198,7 +200,16 @@ class TrainConfig:
                                         or self.window < 0):
             problems.append(f"window must be null or an integer >= 0, got {self.window!r}")
         if self.split not in SPLITS:
-            problems.append(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+            from awm_core.interop.bfcl import BfclError, benchmark_categories, is_benchmark
+
+            if not is_benchmark(self.split):
+                problems.append(f"split must be one of {', '.join(SPLITS)} or a benchmark split (bfcl, "
+                                f"bfcl:base,...), got {self.split!r}")
+            else:
+                try:
+                    benchmark_categories(self.split)
+                except BfclError as exc:
+                    problems.append(f"split {self.split!r}: {exc}")
         if self.interface not in INTERFACES:
             problems.append(f"interface must be one of {', '.join(INTERFACES)}, got {self.interface!r}")
         if self.generation_backend not in GENERATION_BACKENDS:
