@@ -39,6 +39,8 @@ def _describe(err: dict[str, Any], prefix: str = "") -> str:
             return f"{name} must be {word} {ctx[bound]}, got {got!r}"
     if kind == "extra_forbidden":
         return f"{name} is not a parameter"
+    if kind == "value_error" and "error" in ctx:  # a validator's own message, as it wrote it
+        return f"{name}: {ctx['error']}"
     return f"{name}: {err.get('msg', 'invalid').lower()}, got {got!r}"
 
 
