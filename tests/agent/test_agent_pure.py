@@ -119,6 +119,30 @@ def test_visible_messages_window_three_and_none():
         visible_messages(system, task, turns, -1)
 
 
+def test_visible_messages_keeps_the_user_message_being_answered_in_view():
+    """A scripted task: turn 1 answered the first message and carries the second. Once that turn
+    leaves the window, the second message takes the task's place; the first is no longer shown."""
+    turns = [_turn(i) for i in range(4)]
+    turns[1].user_message = {"role": "user", "content": "SECOND"}
+    assert turns[1].messages[-1] == {"role": "user", "content": "SECOND"}
+    users = lambda msgs: [m["content"] for m in msgs if m["role"] == "user"]  # noqa: E731
+    assert users(visible_messages("SYS", "TASK", turns[:2], 3)) == ["TASK", "SECOND"]
+    assert users(visible_messages("SYS", "TASK", turns[:4], 2)) == ["SECOND"]
+    assert users(visible_messages("SYS", "TASK", turns[:4], 0)) == ["SECOND"]
+    assert users(visible_messages("SYS", "TASK", turns[:4], None)) == ["TASK", "SECOND"]
+    # The same from plain message lists (the trainer may hold turns that way).
+    assert users(visible_messages("SYS", "TASK", [t.messages for t in turns], 2)) == ["SECOND"]
+
+
+def test_reference_policy_answers_each_user_turn_after_its_calls():
+    sol = ReferenceSolution(task_idx=0, calls=[ToolCall(tool="list_notes"), ToolCall(tool="add_note", arguments={"title": "a"})],
+                            turn_ends=[1, 1, 2], final_answer="all done")
+    policy = ReferencePolicy(sol, style="native")
+    replies = [policy.act([], []) for _ in range(5)]
+    kinds = [r.tool_calls[0]["name"] if r.tool_calls else r.text for r in replies]
+    assert kinds == ["list_notes", "Done.", "Done.", "add_note", "all done"]
+
+
 # --------------------------------------------------------------------------- policies (pure parts)
 
 def test_text_policy_renders_tools_and_tool_results():
