@@ -111,14 +111,19 @@ def _register_packages(name: str) -> None:
                 setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], mod)
 
 
-def load_modules(modules: list[list[str]], guard: sandbox.Guard) -> None:
-    """Execute the bundle's modules (dependency order) under guarded builtins, once per content."""
+def load_modules(modules: list[list[str]], guard: sandbox.Guard) -> int:
+    """Execute the bundle's modules (dependency order) under guarded builtins, once per content.
+
+    Returns how many were executed (0 when an earlier entry of the same release loaded them all).
+    """
     builtins = sandbox.make_builtins(BFCL_IMPORTS, guard=guard, standins=_standins())
+    executed = 0
     for name, source in modules:
         digest = hashlib.sha256(source.encode()).hexdigest()
         found = sys.modules.get(name)
         if found is not None and getattr(found, "__awm_digest__", None) == digest:
             continue
+        executed += 1
         _register_packages(name)
         mod = types.ModuleType(name)
         mod.__dict__["__builtins__"] = builtins
@@ -131,6 +136,7 @@ def load_modules(modules: list[list[str]], guard: sandbox.Guard) -> None:
         except BaseException:
             sys.modules.pop(name, None)
             raise
+    return executed
 
 
 class BfclSession:
@@ -188,7 +194,7 @@ class BfclEnv:
         self.checker_module: str = bundle["checker"]
         self.utils_module = self.checker_module.rsplit(".", 1)[0] + ".multi_turn_utils"
         self.problems: list[str] = []
-        load_modules(bundle["modules"], guard)
+        self.imported_modules = load_modules(bundle["modules"], guard)
         probe = BfclSession(self)
         self.tools: dict[str, dict[str, Any]] = {}
         self.infos: list[dict[str, Any]] = []

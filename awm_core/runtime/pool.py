@@ -572,11 +572,7 @@ class EnvHandle:
         for info in infos:
             t = ToolInfo(info["name"], info.get("description", ""), info["input_schema"])
             self._tools[t.name] = t
-            try:
-                jsonschema.Draft202012Validator.check_schema(t.input_schema)
-                self._validators[t.name] = jsonschema.Draft202012Validator(t.input_schema)
-            except jsonschema.SchemaError:
-                self._validators[t.name] = None  # the server still validates its own inputs
+            self._validators[t.name] = _validator(t.input_schema)
 
     def tools(self) -> list[ToolInfo]:
         return list(self._tools.values())
@@ -619,6 +615,28 @@ class EnvHandle:
         if not errors:
             return None
         return ToolResult.failure("invalid_arguments", "; ".join(_describe(e, self._tools[tool]) for e in errors[:5]))
+
+
+_VALIDATORS: dict[str, Any] = {}
+_VALIDATORS_MAX = 4096
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """A checked validator for ``schema`` (None when the schema itself is invalid), shared by content.
+
+    Checking a schema against the metaschema costs about half a millisecond; environments of one
+    family (BFCL's entries, a regenerated environment) repeat the same tool schemas.
+    """
+    key = json.dumps(schema, sort_keys=True, default=str)
+    if key not in _VALIDATORS:
+        if len(_VALIDATORS) >= _VALIDATORS_MAX:
+            _VALIDATORS.clear()
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+            _VALIDATORS[key] = jsonschema.Draft202012Validator(schema)
+        except jsonschema.SchemaError:
+            _VALIDATORS[key] = None  # the server still validates its own inputs
+    return _VALIDATORS[key]
 
 
 def _describe(err: jsonschema.ValidationError, tool: ToolInfo) -> str:

@@ -460,9 +460,12 @@ class Worker:
                     "errors": [f"importing the environment code failed{' at ' + where if where else ''}: {_exc_text(exc)}"]}, []
         self.envs[key] = env
         # The imported app (routes, models, ORM mappers) lives as long as the worker; keeping
-        # it out of the collector's view makes the periodic full collections cheap.
-        gc.collect()
-        gc.freeze()
+        # it out of the collector's view makes the periodic full collections cheap. A BFCL entry
+        # whose modules another entry already imported brings no code: nothing new to freeze, and a
+        # full collection would cost most of its load time.
+        if getattr(env, "imported_modules", 1):
+            gc.collect()
+            gc.freeze()
         return {"ok": True, "tools": env.infos, "problems": env.problems}, []
 
     def op_unload(self, req, blobs):
