@@ -46,8 +46,9 @@ def read_plan(settings: Settings | None = None) -> Curation:
         return Curation(CurationPlan(target_live_tasks=settings.generation.live_tasks))
     try:
         envs = {r["env_id"]: r for r in cat.rows("SELECT env_id, source, created_at FROM environments")}
-        # Imported AWM-1K environments have no code of ours to regenerate or tasks of ours to retire.
-        ours = {e for e, r in envs.items() if r["source"] != "awm1k"}
+        # Imported environments (AWM-1K, the BFCL benchmark) have no code of ours to regenerate or
+        # tasks of ours to retire: a benchmark that curation thinned would no longer be the benchmark.
+        ours = {e for e, r in envs.items() if r["source"] not in ("awm1k", "bfcl")}
         tasks = [t for t in cat.rows("SELECT * FROM tasks") if t["env_id"] in ours]
         made = {e: _utc(r["created_at"]) for e, r in envs.items()}
         telemetry = [r for r in cat.rows("SELECT * FROM task_telemetry WHERE kind = 'stats'")

@@ -187,6 +187,13 @@ def test_cli_import_eval_and_train_on_bfcl(awm_home, bfcl_wheel, prefect_server,
         rows = cat.rows("SELECT category, count(*) AS n FROM scenarios GROUP BY 1 ORDER BY 1")
     assert rows == [{"category": "bfcl_base", "n": 3}, {"category": "bfcl_miss_param", "n": 3}]
 
+    # The gate leaves the benchmark out: BFCL's entries share backends and would fail its similarity rule.
+    from flows.gate import derive, load_frames
+
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        _, stats, _ = derive(load_frames(cat, cat.environment_snapshot()), get_settings())
+    assert stats["benchmark_envs"] == 6 and stats["gated_envs"] == 0
+
     assert main(["eval", "--benchmark", "bfcl:base", "--policy", "reference", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["overall"]["episodes"] == 3
