@@ -198,6 +198,9 @@ def test_cli_import_eval_and_train_on_bfcl(awm_home, bfcl_wheel, prefect_server,
     summary = json.loads(capsys.readouterr().out)
     assert summary["overall"]["episodes"] == 3
     assert summary["bfcl"]["columns"] == {"Multi Turn Base": {"passed": 3, "episodes": 3, "accuracy": 1.0}}
+    # Curation never counts, regenerates or retires benchmark entries.
+    assert main(["curate", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["live_tasks"] == 0
     assert main(["eval", "--benchmark", "bfcl:nope"]) != 0
     assert "unknown BFCL multi-turn category nope" in capsys.readouterr().err
 
