@@ -24,7 +24,8 @@ def register(sub) -> None:
     train.add_argument("--no-train-after-gate", dest="train_after_gate", action="store_false",
                        help="register train/manual without that automation")
     p.add_argument("--only", action="append", metavar="FLOW",
-                   help="register only this flow's deployments (generate, gate, evaluate, train, import_awm1k; "
+                   help="register only this flow's deployments (generate, gate, evaluate, train, import_awm1k, "
+                        "import_bfcl; "
                         "repeatable)")
     p.set_defaults(func=run)
 

@@ -102,7 +102,7 @@ def test_deployments_register_with_schedule_parameters_and_chain(prefect_server,
         assert skipped == []
         by_name = _by_name(registered)
         assert set(by_name) == {"generate/nightly", "quality-gate/after-generate", "evaluate/manual", "train/manual",
-                                "import-awm1k/manual"}
+                                "import-awm1k/manual", "import-bfcl/manual"}
         deps = {name: client.read_deployment(UUID(r.deployment_id)) for name, r in by_name.items()}
         nightly = deps["generate/nightly"]
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == \
@@ -177,7 +177,7 @@ def test_plain_prefect_deploy_reads_the_same_yaml(prefect_server, awm_home, clie
     try:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert {"generate/nightly", "quality-gate/after-generate", "evaluate/manual", "train/manual",
-                "import-awm1k/manual"} <= set(deps)
+                "import-awm1k/manual", "import-bfcl/manual"} <= set(deps)
         assert deps["generate/nightly"].schedules[0].schedule.cron == "0 2 * * *"
         train_autos = _owned_automations(client, str(deps["train/manual"].id))
         assert [a.enabled for a in train_autos] == [False]
