@@ -53,6 +53,7 @@ def import_package(wheel: str | None = None, categories: str | list[str] | None 
     ``progress(phase, done, total)`` reports the replay and the publish.
     """
     settings = settings or get_settings()
+    categories = bfcl.parse_categories(categories)  # a bad name fails before the package is looked for
     package = bfcl.locate(wheel)
     read = bfcl.read_package(package, categories, limit=limit)
     summary = BfclImportSummary(None, package.version, problems=read.problems)

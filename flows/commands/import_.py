@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.commands import group, uses_prefect
+from flows.commands import count, group, uses_prefect
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
                                                   "(default: the installed package)")
     b.add_argument("--categories", default="base,miss_func,miss_param,long_context",
                    help="comma-separated multi-turn categories (default: all four)")
-    b.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N entries of each category")
+    b.add_argument("--limit", type=count, default=None, metavar="N", help="only the first N entries of each category")
     b.add_argument("--no-replay", dest="replay", action="store_false",
                    help="skip replaying the ground truth on import")
     uses_prefect(b).set_defaults(func=run_bfcl)
@@ -37,34 +37,22 @@ def run(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"publishing environments: {done}/{total}", file=sys.stderr)
 
-    summary = import_directory(args.dir, progress=progress)
-    for p in summary.problems:
-        print(f"skipped {p}", file=sys.stderr)
-    if summary.snapshot_id is None:
-        print("nothing imported", file=sys.stderr)
-        return 1
-    print(summary.markdown())
-    return 1 if (args.strict and summary.problems) else 0
+    return _report(import_directory(args.dir, progress=progress), strict=args.strict)
 
 
 def run_bfcl(args) -> int:
-    from awm_core.interop.bfcl import BfclError, parse_categories
     from flows.import_bfcl import import_package
 
-    if args.limit is not None and args.limit < 1:
-        print(f"--limit must be >= 1, got {args.limit}", file=sys.stderr)
-        return 2
-    try:
-        parse_categories(args.categories)
-        summary = import_package(args.wheel, args.categories, limit=args.limit, replay=args.replay,
-                                 progress=lambda phase, d, t: print(f"{phase}: {d}/{t}", file=sys.stderr))
-    except BfclError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return _report(import_package(args.wheel, args.categories, limit=args.limit, replay=args.replay,
+                                  progress=lambda phase, d, t: print(f"{phase}: {d}/{t}", file=sys.stderr)))
+
+
+def _report(summary, strict: bool = False) -> int:
+    """The import's markdown on stdout, unreadable records on stderr; 1 when nothing (or, strict, not all) came in."""
     for p in summary.problems:
         print(f"skipped {p}", file=sys.stderr)
     if summary.snapshot_id is None:
         print("nothing imported", file=sys.stderr)
         return 1
     print(summary.markdown())
-    return 0
+    return 1 if (strict and summary.problems) else 0
