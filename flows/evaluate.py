@@ -101,6 +101,12 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     judge = None
     if config.judge:
         judge = LLMJudge.from_settings(settings, ledger=settings.runs_dir / run_id / "llm_calls.jsonl")
+    gen = settings.generation
+    dask_address = config.dask_address or (gen.dask_address if gen.task_runner == "dask" else None)
+    if dask_address:
+        from flows.scaleout import dask_eval_runner
+
+        runner = dask_eval_runner(dask_address)
     with SandboxPool(settings.sandbox) as pool:
         sandbox = pool.protections()
         run = EvalRun(config, settings, environments, split_of, pool=pool, run_id=run_id, snapshot=snapshot,
@@ -120,7 +126,8 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
         raise AWMError(f"every episode failed; first failure: {result.failures[0] if result.failures else '?'}")
     result.rows.sort(key=lambda r: r["rollout_id"])
     with Catalog.open(settings) as cat:
-        with cat.publish(made_by=made_by(settings, flow_run_id, evaluate_run=run_id, sandbox=sandbox),
+        extra = {"dask_workers": sorted(run.workers)} if dask_address else {}
+        with cat.publish(made_by=made_by(settings, flow_run_id, evaluate_run=run_id, sandbox=sandbox, **extra),
                          message=f"evaluate {config.policy} ({run.model}) on snapshot {snapshot}: "
                                  f"{len(result.rows)} rollout(s)") as pub:
             pub.add_rollouts(result.rows)

@@ -19,6 +19,7 @@ can spend up to N times ``llm.budget_usd``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -115,3 +116,96 @@ def task_runner_for(settings: Any, concurrency: int | None = None) -> Any:
     if gen.dask_address:
         return DaskTaskRunner(address=gen.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": width, "threads_per_worker": 1, "dashboard_address": None})
+
+
+# --------------------------------------------------------------------------- evaluation over a Dask cluster
+
+_EVAL_POOLS: dict[str, Any] = {}
+_EVAL_POOLS_LOCK = threading.Lock()
+
+
+def _worker_pool(settings: Any) -> Any:
+    """This worker process's sandbox pool for evaluation, built on first use and kept for later runs
+    (its workers stay warm); closed when the process exits."""
+    import atexit
+    import json
+
+    from awm_core.runtime import SandboxPool
+
+    key = json.dumps(settings.sandbox.model_dump(mode="json"), sort_keys=True, default=str)
+    with _EVAL_POOLS_LOCK:
+        pool = _EVAL_POOLS.get(key)
+        if pool is None:
+            pool = _EVAL_POOLS[key] = SandboxPool(settings.sandbox)
+            atexit.register(pool.close)
+        return pool
+
+
+def evaluate_environment_on_worker(config: Any, settings: Any, run_id: str, snapshot: int, environment_json: str,
+                                   task_idxs: list[int], split_of: dict[tuple[str, int], str]) -> tuple[Any, str]:
+    """One environment's episodes in a Dask worker process, on that process's own sandbox pool.
+
+    Rows stream to the run's ``rollouts.jsonl`` as on one machine (so AWM_HOME must be storage every
+    worker sees); the rows come back to the flow, which publishes every worker's rows as one snapshot.
+    Returns the result and the worker's address.
+    """
+    from awm_core.agent import LLMJudge
+    from awm_core.agent.evaluation import EvalRun
+    from awm_core.models import Environment
+
+    env = Environment.from_json(environment_json)
+    judge = None
+    if config.judge:
+        judge = LLMJudge.from_settings(settings, ledger=settings.runs_dir / run_id / "llm_calls.jsonl")
+    run = EvalRun(config, settings, {env.id: env}, split_of, pool=_worker_pool(settings), run_id=run_id,
+                  snapshot=snapshot, judge=judge)
+    try:
+        result = run.run_environment(env.id, task_idxs)
+    finally:
+        run.close()
+    try:
+        from distributed import get_worker
+
+        where = get_worker().address
+    except (ImportError, ValueError):
+        where = "local"
+    return result, where
+
+
+def dask_eval_runner(address: str) -> Any:
+    """An evaluation runner (``run_evaluation(runner=...)``) spreading environments over the Dask
+    cluster at ``address``: one Dask task per environment, episodes on the worker's own pool.
+
+    A worker that dies takes its running environments with it; Dask reschedules them on the others
+    (``distributed.scheduler.allowed-failures``), and since only returned rows are published, an
+    environment that was partly run on the dead worker is published once, from its rerun.
+    """
+    def runner(run: Any, plan: dict[str, list[int]]) -> list[Any]:
+        from distributed import Client, as_completed
+
+        # as_completed finds its client as the default one, so this client is the default while it lives.
+        with Client(address) as client:
+            futures = {}
+            for env_id, idxs in plan.items():
+                split_of = {k: v for k, v in run.split_of.items() if k[0] == env_id}
+                futures[client.submit(evaluate_environment_on_worker, run.config, run.settings, run.run_id,
+                                      run.snapshot, run.environments[env_id].to_json(), idxs, split_of,
+                                      key=f"evaluate-{run.run_id}-{env_id}", pure=False)] = env_id
+            results: dict[str, Any] = {}
+            for future in as_completed(futures):
+                env_id = futures[future]
+                try:
+                    (rows, calls, failures), where = future.result()
+                except Exception as exc:  # Dask gave up on it (its workers kept dying)
+                    rows, calls, failures = [], [], [f"{env_id}: not evaluated: {type(exc).__name__}: {exc}"]
+                    where = None
+                if where:
+                    run.workers.add(where)
+                for row in rows:
+                    run.progress.add(row)
+                for _ in failures:
+                    run.progress.add(None)
+                results[env_id] = (rows, calls, failures)
+        return [results[e] for e in plan]
+
+    return runner

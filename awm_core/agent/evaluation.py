@@ -62,6 +62,9 @@ class EvalConfig(FlowConfig):
     judge: bool = Field(False, description="classify episodes with the LLM judge (role 'judge')")
     env_ids: list[str] | None = Field(None, description="only these environments")
     max_tasks_per_env: int | None = Field(None, ge=1, description="at most this many tasks per environment")
+    dask_address: str | None = Field(None, description=(
+        "a Dask scheduler (tcp://host:8786) to spread the environments over, each worker with its own sandbox "
+        "pool; default: generation.dask_address when generation.task_runner is dask, else this process"))
     benchmark: str | None = Field(None, description=(
         "an external benchmark imported into the catalog: 'bfcl' (every multi-turn category) or "
         "'bfcl:base,miss_func'; evaluates all its entries (no split) with the whole history in view "
@@ -272,6 +275,7 @@ class EvalRun:
         self._write_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="episode")
         self.progress = Progress(total, on_update)
+        self.workers: set[str] = set()  # Dask workers that ran environments (a Dask runner fills it)
         self._client = self._make_client()
 
     def close(self) -> None:

@@ -89,9 +89,9 @@ def visible_messages(
 
 
 def _user_message_of(turn: Any) -> dict[str, Any] | None:
-    if hasattr(turn, "messages"):
-        return turn.user_message
-    return next((m for m in reversed(turn) if isinstance(m, dict) and m.get("role") == "user"), None)
+    # Only a Turn says which user message follows it; in a plain message list a "user" message may
+    # be a tool result written for a model without a tool role.
+    return getattr(turn, "user_message", None)
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"

@@ -130,8 +130,8 @@ def test_visible_messages_keeps_the_user_message_being_answered_in_view():
     assert users(visible_messages("SYS", "TASK", turns[:4], 2)) == ["SECOND"]
     assert users(visible_messages("SYS", "TASK", turns[:4], 0)) == ["SECOND"]
     assert users(visible_messages("SYS", "TASK", turns[:4], None)) == ["TASK", "SECOND"]
-    # The same from plain message lists (the trainer may hold turns that way).
-    assert users(visible_messages("SYS", "TASK", [t.messages for t in turns], 2)) == ["SECOND"]
+    # Plain message lists carry no follow-up: a "user" message in one is not pinned.
+    assert users(visible_messages("SYS", "TASK", [t.messages for t in turns], 0)) == ["TASK"]
 
 
 def test_reference_policy_answers_each_user_turn_after_its_calls():

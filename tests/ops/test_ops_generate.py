@@ -408,12 +408,31 @@ def test_generate_runs_on_an_external_dask_cluster_named_by_its_address(prefect_
 
             summary = run_generate(scenarios=SCENARIOS, concurrency=2)
             ran = _what_workers_ran(address)
-        print("workers:", ran, "llm calls:", summary["llm_calls"])
+            # Evaluation fans out over the same cluster (generation.dask_address): one Dask task per
+            # environment, each worker on its own sandbox pool; every row lands in one snapshot.
+            from awm_core.agent.evaluation import EvalConfig
+            from awm_core.settings import get_settings
+            from flows.evaluate import run_evaluation
+
+            result = run_evaluation(EvalConfig(policy="reference", split="all", episodes_per_task=2))
+            after = _what_workers_ran(address)
+        print("workers:", ran, "llm calls:", summary["llm_calls"], "after eval:", after)
         assert set(ran) == {"w1", "w2"}
         assert {pid for pid, _, _ in ran.values()} == {p.pid for p in procs.values()}
         assert all(n >= 1 for _, n, _ in ran.values()), ran  # both external workers built environments
         assert not any(p.startswith("awm-run-resources-") for *_, ps in ran.values() for p in ps), ran
         _assert_published_once(summary)
+
+        assert all(after[w][1] > ran[w][1] for w in ran), (ran, after)  # both workers ran environments
+        assert len(result.rows) == 60 and {r["reward"] for r in result.rows} == {1.0}
+        rows = _catalog_rows(f"SELECT count(*) AS n, count(DISTINCT rollout_id) AS ids, count(DISTINCT snapshot) AS "
+                             f"snaps FROM rollouts WHERE run_id = '{result.run_id}'")[0]
+        assert rows == {"n": 60, "ids": 60, "snaps": 1}, rows
+        from storage.catalog import Catalog
+
+        with Catalog.open(get_settings(), read_only=True) as cat:
+            made = {x["snapshot_id"]: x for x in cat.snapshots()}[result.published_snapshot]["made_by"]
+        assert len(made["dask_workers"]) == 2, made
     finally:
         _restore(old)
 
