@@ -182,6 +182,7 @@ class _Reader:
         self._sources: dict[str, str] = {}
         self._docs: dict[str, list[dict[str, Any]]] = {}
         self._params: dict[str, dict[str, list[str]]] = {}
+        self._imports: dict[str, list[str]] = {}
 
     def source(self, module: str) -> str:
         if module not in self._sources:
@@ -196,7 +197,9 @@ class _Reader:
         def visit(module: str, path: tuple[str, ...]) -> None:
             if module in order or module in path:
                 return
-            for dep in _imports_of(self.source(module)):
+            if module not in self._imports:
+                self._imports[module] = _imports_of(self.source(module))
+            for dep in self._imports[module]:
                 visit(dep, (*path, module))
             order.append(module)
 

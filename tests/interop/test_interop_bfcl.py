@@ -44,16 +44,20 @@ def package(bfcl_wheel):
     return bfcl.locate(bfcl_wheel)
 
 
+@pytest.fixture(scope="session")
+def entries(package):
+    """Every entry of the four categories, read once."""
+    return bfcl.read_package(package)
+
+
 @pytest.fixture(scope="module")
 def pool():
     with SandboxPool(get_settings().sandbox) as p:
         yield p
 
 
-def _entry(package, entry_id: str):
-    category = entry_id.removeprefix("multi_turn_").rsplit("_", 1)[0]
-    read = bfcl.read_package(package, category)
-    return next(e for e in read.environments if e.scenario.extra["bfcl"]["id"] == entry_id)
+def _entry(entries, entry_id: str):
+    return next(e for e in entries.environments if e.scenario.extra["bfcl"]["id"] == entry_id)
 
 
 def _score(pool, env, solution: ReferenceSolution):
@@ -63,11 +67,11 @@ def _score(pool, env, solution: ReferenceSolution):
     return episode, verify_episode(pool, env, 0, episode, get_settings())
 
 
-def test_every_category_replays_its_ground_truth_through_the_runtime(package, pool):
+def test_every_category_replays_its_ground_truth_through_the_runtime(entries, pool):
     """BFCL's checker passes every entry whose ground truth an agent can make: 200/200 base,
     miss_param and long_context; 199/200 miss_func (entry 49's ground truth calls ``tail`` two turns
     before BFCL shows it to the model)."""
-    read = bfcl.read_package(package)
+    read = entries
     assert read.problems == [] and read.counts == {c: 200 for c in bfcl.CATEGORIES}
     passed = {c: 0 for c in bfcl.CATEGORIES}
     failed = []
@@ -82,8 +86,8 @@ def test_every_category_replays_its_ground_truth_through_the_runtime(package, po
     assert [f[0] for f in failed] == ["bfcl_multi_turn_miss_func_49"] and "unknown tool 'tail'" in failed[0][1]
 
 
-def test_a_wrong_file_name_or_amount_fails_and_extra_reads_pass(package, pool):
-    env = _entry(package, "multi_turn_base_0")
+def test_a_wrong_file_name_or_amount_fails_and_extra_reads_pass(entries, pool):
+    env = _entry(entries, "multi_turn_base_0")
     good = env.solution(0)
     assert good.calls[2].tool == "mv" and good.calls[2].arguments == {"source": "final_report.pdf", "destination": "temp"}
     _, outcome = _score(pool, env, good)
@@ -105,8 +109,7 @@ def test_a_wrong_file_name_or_amount_fails_and_extra_reads_pass(package, pool):
     assert outcome.verdict == "complete", outcome.verifier_evidence
 
     # A wrong amount: a trading entry whose ground truth places an order.
-    read = bfcl.read_package(package, "base")
-    trade = next(e for e in read.environments
+    trade = next(e for e in entries.environments
                  if any(c.tool == "place_order" for c in e.solution(0).calls))
     sol = trade.solution(0).model_copy(deep=True)
     order = next(c for c in sol.calls if c.tool == "place_order")
@@ -129,8 +132,8 @@ class _Recorder:
         return self.inner.act(messages, tools)
 
 
-def test_miss_func_shows_a_held_out_function_only_from_its_turn(package, pool):
-    env = _entry(package, "multi_turn_miss_func_0")
+def test_miss_func_shows_a_held_out_function_only_from_its_turn(entries, pool):
+    env = _entry(entries, "multi_turn_miss_func_0")
     task = env.task(0)
     hidden_turn = next(i for i, t in enumerate(task.follow_ups, 1) if t.tools_added)
     held = set(task.follow_ups[hidden_turn - 1].tools_added)
@@ -151,8 +154,8 @@ def test_miss_func_shows_a_held_out_function_only_from_its_turn(package, pool):
     assert verify_episode(pool, env, 0, episode, get_settings()).verdict == "complete"
 
 
-def test_an_episode_cut_short_is_force_terminated(package, pool):
-    env = _entry(package, "multi_turn_base_1")
+def test_an_episode_cut_short_is_force_terminated(entries, pool):
+    env = _entry(entries, "multi_turn_base_1")
     handle = pool.load(env)
     with handle.open_session() as session:
         episode = run_episode(ReferencePolicy(env.solution(0)), session, env.task(0), handle.tools(), max_turns=1)
