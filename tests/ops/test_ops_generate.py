@@ -396,11 +396,20 @@ def _assert_published_once(summary: dict) -> None:
     assert n == summary["llm_calls"] > 60
 
 
-def test_generate_runs_on_an_external_dask_cluster_named_by_its_address(prefect_server, tmp_path):
-    """generation.dask_address: the flow uses a scheduler and workers started outside it (the
-    CLI), builds the run's resources on them through the worker plugin, and the work runs there."""
+def test_generate_runs_on_an_external_dask_cluster_named_by_its_address(prefect_server, tmp_path, postgres,
+                                                                         pg_database, s3_server):
+    """The multi-machine setup on loopback. generation.dask_address: the flow uses a scheduler and
+    workers started outside it (the CLI), builds the run's resources on them through the worker
+    plugin, and the work runs there; the catalog's metadata is on PostgreSQL and its Parquet on an
+    S3-compatible server; the evaluation fans out over the same workers; a second process with
+    nothing shared but the servers reads it all back with `awm catalog sql`."""
     pytest.importorskip("prefect_dask")
-    old = _use_home(tmp_path / "home")
+    import json
+    import subprocess
+    import sys
+
+    catalog_env = {**s3_server.env("nightly"), "AWM_CATALOG__METADATA": "postgres:" + pg_database("fanout")}
+    old = _use_home(tmp_path / "home", **catalog_env)
     try:
         with _external_dask_cluster(tmp_path, _cluster_env(prefect_server)) as (address, procs):
             _use_cluster(old, address)
@@ -433,6 +442,18 @@ def test_generate_runs_on_an_external_dask_cluster_named_by_its_address(prefect_
         with Catalog.open(get_settings(), read_only=True) as cat:
             made = {x["snapshot_id"]: x for x in cat.snapshots()}[result.published_snapshot]["made_by"]
         assert len(made["dask_workers"]) == 2, made
+
+        reader = tmp_path / "reader-home"  # another machine: only the servers are shared
+        reader.mkdir()
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "catalog", "sql", "--format", "json",
+                              "SELECT (SELECT count(*) FROM environments) AS envs, count(*) AS rollouts, "
+                              "count(DISTINCT rollout_id) AS ids FROM rollouts"],
+                             env={**os.environ, "AWM_HOME": str(reader), "PYTHONPATH": str(REPO)}, cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout) == [{"envs": 3, "rollouts": 60, "ids": 60}]
+        keys = s3_server.keys("nightly/")
+        assert any(k.endswith(".parquet") for k in keys), keys
     finally:
         _restore(old)
 
@@ -505,3 +526,4 @@ def test_generate_survives_a_dask_worker_killed_mid_run(prefect_server, tmp_path
         assert got == {"n": 3 - len(lost), "ids": 3 - len(lost)}, got
     finally:
         _restore(old)
+
