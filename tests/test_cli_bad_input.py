@@ -84,6 +84,7 @@ def bad_inputs(tmp):
         (["import", "bfcl", "--limit", "0"], "--limit"),
         (["eval", "--benchmark", "mmlu"], "unknown benchmark 'mmlu'"),
         (["train", "--set", "split=bfcl:nope"], "nope"),
+        (["train", "--split", "bfcl:nope"], "nope"),
         (["train", "--config", str(tmp / "missing.toml")], "missing.toml"),
         (["train", "--config", str(tmp / "bad.json")], "bad.json"),
         (["train", "--config", str(tmp / "latin1.json")], "not UTF-8"),

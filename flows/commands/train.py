@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting; VALUE is read as JSON when it parses (--set window=null)")
     p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: newest gated one)")
+    p.add_argument("--split", default=None, help="train, val, all, or an imported benchmark: bfcl, bfcl:base,... "
+                                                 "(the same as --set split=...)")
     p.add_argument("--warm-start", nargs="?", type=non_negative, const=WARM_START_STEPS, default=None, metavar="STEPS",
                    help="first take STEPS supervised steps on the training tasks' reference solutions (default "
                         f"{WARM_START_STEPS}; sets warmstart_steps), so a fresh model starts out writing tool calls")
@@ -63,6 +65,9 @@ def effective_config(args):
     if args.snapshot is not None:
         data["snapshot"] = args.snapshot
         changed = True
+    if getattr(args, "split", None) is not None:
+        data["split"] = args.split
+        changed = True
     if getattr(args, "warm_start", None) is not None:
         data["warmstart_steps"] = args.warm_start
         changed = True
@@ -102,7 +107,7 @@ def _resume(args) -> int:
     from flows.train import resume_target
 
     given = [flag for flag, v in (("--config", args.config), ("--preset", args.preset), ("--set", args.set),
-                                  ("--snapshot", args.snapshot is not None), ("--show", args.show),
+                                  ("--snapshot", args.snapshot is not None), ("--split", args.split), ("--show", args.show),
                                   ("--warm-start", args.warm_start is not None)) if v]
     if given:
         raise SettingsError(f"--resume continues a run with the settings in its folder; drop {', '.join(given)}")

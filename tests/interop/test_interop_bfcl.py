@@ -207,6 +207,6 @@ def test_cli_import_eval_and_train_on_bfcl(awm_home, bfcl_wheel, prefect_server,
     assert main(["eval", "--benchmark", "bfcl:nope"]) != 0
     assert "unknown BFCL multi-turn category nope" in capsys.readouterr().err
 
-    assert main(["train", "--set", "split=bfcl:miss_param", "--set", "steps=1", "--set", "tasks_per_step=1",
+    assert main(["train", "--split", "bfcl:miss_param", "--set", "steps=1", "--set", "tasks_per_step=1",
                  "--set", "group_size=2", "--set", "max_turns=2"]) == 0
     assert "finished: 1 steps" in capsys.readouterr().out
