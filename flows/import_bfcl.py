@@ -63,7 +63,7 @@ def import_package(wheel: str | None = None, categories: str | list[str] | None 
     by_category = {c: {"entries": 0, "replayed": 0 if replay else None} for c in read.counts}
     if replay:
         checked = []
-        with SandboxPool(settings) as pool:
+        with SandboxPool(settings.sandbox) as pool:
             for i, env in enumerate(envs, 1):
                 result = bfcl.replay_ground_truth(pool, env, settings)
                 pool.unload(env)
@@ -88,7 +88,7 @@ def import_package(wheel: str | None = None, categories: str | list[str] | None 
 
 
 @flow(name="import-bfcl")
-def import_bfcl(wheel: str | None = None, categories: str = "base,miss_func,miss_param,long_context",
+def import_bfcl(wheel: str | None = None, categories: str = bfcl.ALL_CATEGORIES,
                 replay: bool = True) -> dict[str, Any]:
     """Import BFCL's multi-turn categories (from ``wheel`` or the installed package) as one snapshot."""
     log = get_run_logger()

@@ -15,6 +15,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from awm_core.models import (
 from awm_core.runtime.bfcl_env import CHECKER_MODULE, UTILS_MODULE, json_schema
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
+ALL_CATEGORIES = ",".join(CATEGORIES)
 PACKAGE = "bfcl_eval"
 CONSTANTS = "constants/executable_backend_config.py"
 PROMPTS = "constants/default_prompts.py"
@@ -404,16 +406,15 @@ class Replay:
 
 def replay_ground_truth(pool: Any, environment: Environment, settings: Any) -> Replay:
     """Replay the entry's ground truth as an agent would (turn by turn, through the sandbox) and score it."""
-    import time
-
     from awm_core.agent import ReferencePolicy, run_episode, verify_episode
 
     started = time.perf_counter()
     task = environment.task(0)
     handle = pool.load(environment)
     with handle.open_session() as session:
+        # max_turns bounds the replies to each user message: a turn's calls and its answer fit.
         episode = run_episode(ReferencePolicy(environment.solution(0)), session, task, handle.tools(),
-                              window=None, max_turns=max(20, 2 * len(environment.solution(0).calls) + task.user_turns))
+                              window=None, max_turns=max(20, len(environment.solution(0).calls) + 1))
     outcome = verify_episode(pool, environment, 0, episode, settings)
     detail = outcome.error or (outcome.verifier_evidence or {}).get("error_message") or ""
     return Replay(environment.id, outcome.verdict == "complete", detail, time.perf_counter() - started)

@@ -79,10 +79,6 @@ def bfcl_result(value: Any) -> str:
     return str(value)
 
 
-class _Restricted(types.SimpleNamespace):
-    pass
-
-
 def _standins() -> dict[str, Any]:
     # BFCL's executor needs importlib.import_module (the backends, by name) and inspect.getmembers;
     # the real modules would hand the code frames and any module. The file system backend imports
@@ -93,9 +89,9 @@ def _standins() -> dict[str, Any]:
         return sys.modules[name]
 
     return {
-        "importlib": _Restricted(import_module=import_module),
-        "inspect": _Restricted(getmembers=inspect.getmembers, ismethod=inspect.ismethod),
-        "subprocess": _Restricted(),
+        "importlib": types.SimpleNamespace(import_module=import_module),
+        "inspect": types.SimpleNamespace(getmembers=inspect.getmembers, ismethod=inspect.ismethod),
+        "subprocess": types.SimpleNamespace(),
     }
 
 
@@ -215,8 +211,6 @@ class BfclEnv:
     def call(self, session: BfclSession, tool: str, args: dict[str, Any]) -> str:
         try:
             return bfcl_result(session.methods[tool](**args))
-        except TypeError as exc:
-            raise ToolError(f"Error during execution: {exc}") from None
         except (ToolError, MemoryError, RecursionError):
             raise
         except Exception as exc:  # BFCL shows the model the error text and goes on

@@ -479,18 +479,19 @@ class SandboxPool:
         v = environment.verifier(task_idx)
         if v is None:
             return VerifierOutcome(None, {}, f"environment {environment.id} has no verifier for task {task_idx}", "verifier")
-        key = f"{environment.id}-{environment.digest()[:12]}"
-        worker = self._slot_for(key)
         header = {"op": "verify", "style": v.style, "function_name": v.function_name, "code": v.code,
                   "final_answer": final_answer}
         handle = None
         if v.style == "bfcl":
             # BFCL's checker lives in the environment's bundle: the environment must be loaded there.
-            header.update(key=key, trace=trace or [])
             try:
                 handle = self.load(environment)
             except AWMError as exc:
                 return VerifierOutcome(None, {}, str(exc), "environment")
+            header.update(key=handle.key, trace=trace or [])
+            worker = handle.worker
+        else:
+            worker = self._slot_for(f"{environment.id}-{environment.digest()[:12]}")
         try:
             resp, _, _ = worker.request(header, [initial_db or b"", final_db or b""], env=handle,
                                         timeout=self.config.call_timeout_s)

@@ -23,7 +23,9 @@ def register(sub) -> None:
                                        "BFCL's checker, and publish them as one snapshot.")
     b.add_argument("--wheel", metavar="PATH", help="a bfcl-eval .whl file or unpacked bfcl_eval folder "
                                                   "(default: the installed package)")
-    b.add_argument("--categories", default="base,miss_func,miss_param,long_context",
+    from awm_core.interop.bfcl import ALL_CATEGORIES
+
+    b.add_argument("--categories", default=ALL_CATEGORIES,
                    help="comma-separated multi-turn categories (default: all four)")
     b.add_argument("--limit", type=count, default=None, metavar="N", help="only the first N entries of each category")
     b.add_argument("--no-replay", dest="replay", action="store_false",
