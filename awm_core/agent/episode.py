@@ -115,10 +115,13 @@ class Episode:
     snapshot_s: float = 0.0
     user_turn_starts: list[int] = field(default_factory=lambda: [0])  # first reply of each user message
 
-    def calls_by_user_turn(self) -> list[list[list[ToolCallRequest]]]:
-        """Per user message, per reply with calls, the calls made: the shape BFCL's checker reads."""
+    def calls_by_user_turn(self) -> list[list[list[ToolCallResult]]]:
+        """Per user message, per reply that called the environment, the environment calls it made
+        (a meta ``call_tool`` as the tool it ran; ``list_tools`` left out): the shape BFCL's checker reads."""
         bounds = [*self.user_turn_starts, len(self.turns)]
-        return [[t.calls for t in self.turns[a:b] if t.calls] for a, b in zip(bounds, bounds[1:])]
+        steps = [[[r for r in t.results if r.tool is not None] for t in self.turns[a:b]]
+                 for a, b in zip(bounds, bounds[1:])]
+        return [[step for step in turn if step] for turn in steps]
 
     @property
     def messages(self) -> list[dict[str, Any]]:

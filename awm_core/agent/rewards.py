@@ -106,7 +106,7 @@ def bfcl_trace(episode: Episode) -> list[list[list[str]]]:
     turns = episode.calls_by_user_turn()
     if episode.termination != "final_answer":
         turns = turns[:-1]
-    return [[[call_string(c.name, c.arguments) for c in step] for step in turn] for turn in turns]
+    return [[[call_string(c.tool, c.arguments) for c in step] for step in turn] for turn in turns]
 
 
 def verify_and_reward(pool: Any, environment: Environment, episode: Episode, settings: Any,

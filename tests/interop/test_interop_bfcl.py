@@ -118,6 +118,18 @@ def test_a_wrong_file_name_or_amount_fails_and_extra_reads_pass(entries, pool):
     assert outcome.verdict == "incomplete", (trade.id, order)
 
 
+def test_the_meta_interface_is_scored_on_the_tools_it_ran(entries, pool):
+    """BFCL's checker reads the environment calls (call_tool's inner tool), not the meta-tool names."""
+    env = _entry(entries, "multi_turn_base_0")
+    handle = pool.load(env)
+    with handle.open_session() as session:
+        episode = run_episode(ReferencePolicy(env.solution(0)), session, env.task(0), handle.tools(),
+                              interface="meta", window=None)
+    assert {c.name for t in episode.turns for c in t.calls} == {"list_tools", "call_tool"}
+    outcome = verify_episode(pool, env, 0, episode, get_settings())
+    assert outcome.verdict == "complete", outcome.verifier_evidence
+
+
 class _Recorder:
     """Replays a solution and records the tool names it was offered before each reply."""
 
