@@ -183,8 +183,15 @@ def dask_eval_runner(address: str) -> Any:
     def runner(run: Any, plan: dict[str, list[int]]) -> list[Any]:
         from distributed import Client, as_completed
 
-        # as_completed finds its client as the default one, so this client is the default while it lives.
-        with Client(address) as client:
+        from awm_core.errors import AWMError
+
+        try:
+            # as_completed finds its client as the default one, so this client is the default while it lives.
+            client = Client(address)
+        except OSError as exc:
+            raise AWMError(f"cannot reach the Dask scheduler at {address} (--dask-address / "
+                           f"generation.dask_address): {exc}") from None
+        with client:
             futures = {}
             for env_id, idxs in plan.items():
                 split_of = {k: v for k, v in run.split_of.items() if k[0] == env_id}

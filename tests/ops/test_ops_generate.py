@@ -527,3 +527,17 @@ def test_generate_survives_a_dask_worker_killed_mid_run(prefect_server, tmp_path
     finally:
         _restore(old)
 
+
+
+def test_an_unreachable_dask_scheduler_is_one_clear_error():
+    pytest.importorskip("distributed")
+    import dask
+
+    from awm_core.errors import AWMError
+    from conftest import free_port
+    from flows.scaleout import dask_eval_runner
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(AWMError, match=f"cannot reach the Dask scheduler at {address}"):
+            dask_eval_runner(address)(None, {})
