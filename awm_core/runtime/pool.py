@@ -549,6 +549,8 @@ class EnvHandle:
         self._tools: dict[str, ToolInfo] = {}
         self._validators: dict[str, Any] = {}
         self._tools_ready = False
+        # tool -> how the worker reaches its code (AWM-1K: "bound", "handler" or "asgi"; see the worker)
+        self.call_paths: dict[str, str] = {}
 
     def _load_request(self) -> dict[str, Any]:
         env = self.environment
@@ -567,6 +569,7 @@ class EnvHandle:
             raise EnvLoadError(self.id, resp["problems"])
         if not self._tools_ready:
             self._set_tools(resp["tools"])
+            self.call_paths = resp.get("call_paths") or {}
             self._tools_ready = True
 
     def _set_tools(self, infos: list[dict[str, Any]]) -> None:

@@ -30,6 +30,9 @@ from awm_core.runtime.schema import function_schema, openapi_tools
 # Imported before the audit hook goes up, so generated code finds them loaded.
 import fastapi  # noqa: F401
 import fastapi.openapi.utils  # noqa: F401
+import fastapi.params
+import fastapi.routing
+import fastapi.utils
 import pydantic  # noqa: F401
 import sqlalchemy
 import sqlalchemy.dialects.sqlite  # noqa: F401
@@ -37,7 +40,13 @@ import sqlalchemy.orm
 import sqlalchemy.pool
 import starlette.applications  # noqa: F401
 from fastapi import exception_handlers as _fh
+from fastapi.datastructures import DefaultPlaceholder as _DefaultPlaceholder
+from fastapi.dependencies.utils import request_body_to_args as _request_body_to_args
+from fastapi.dependencies.utils import request_params_to_args as _request_params_to_args
 from fastapi.exceptions import RequestValidationError as _RVE, WebSocketRequestValidationError as _WSRVE
+from fastapi.routing import serialize_response as _serialize_response
+from starlette.datastructures import QueryParams as _QueryParams
+from starlette.responses import JSONResponse as _JSONResponse, Response as _Response
 from starlette.exceptions import HTTPException as _HTTPExc
 from starlette.requests import Request as _Request
 from starlette.routing import Match as _Match
@@ -102,6 +111,10 @@ class _Env:
 
     def open_session(self) -> _Session:
         return _Session(self)
+
+    def call_paths(self) -> dict[str, str]:
+        """tool -> how a call reaches its code (the AWM-1K flavour has several ways)."""
+        return {}
 
 
 class _NativeEnv(_Env):
@@ -185,6 +198,13 @@ class _Awm1kEnv(_Env):
         self.routes = {} if force_asgi or not _plain_app(self.app) else _api_routes(self.app, self.tools)
         self.picks: dict[tuple[str, str], bool] = {}  # (method, path) -> the router picks the tool's route
 
+    def call_paths(self) -> dict[str, str]:
+        """``bound`` (parameters bound here with FastAPI's functions), ``handler`` (FastAPI's request
+        handler for the route) or ``asgi`` (the whole app); a direct path still falls back to ASGI for
+        a concrete path that an earlier route shadows."""
+        return {t: "asgi" if d is None else "bound" if d.bindable else "handler"
+                for t, d in ((t, self.routes.get(t)) for t in self.tools)}
+
     def _bind(self, session: _Session) -> None:
         if session.engine is None:
             conn = session.conn
@@ -222,7 +242,7 @@ class _Awm1kEnv(_Env):
         try:
             direct = self.routes.get(tool)
             status, content_type, data = self.loop.run_until_complete(
-                _direct_call(self.app, direct, route["method"], path, urllib.parse.urlencode(query), raw, self.picks)
+                _direct_call(self.app, direct, route["method"], path, query, body, raw, self.picks)
                 if direct is not None else
                 _asgi_call(self.app, route["method"], path, urllib.parse.urlencode(query), raw))
         finally:
@@ -257,16 +277,79 @@ def _plain_app(app) -> bool:
     return not app.user_middleware and all(defaults.get(k) is v for k, v in handlers.items())
 
 
-def _api_routes(app, tools: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
-    """tool -> (APIRoute, its request handler). Whether the router would pick that route for a
+def _api_routes(app, tools: dict[str, dict[str, Any]]) -> dict[str, "_Direct"]:
+    """tool -> how to call its APIRoute directly. Whether the router would pick that route for a
     concrete path is checked per call (``_direct_call``), since an earlier route may shadow it."""
     out = {}
     for name, t in tools.items():
         for r in app.router.routes:
             if isinstance(r, fastapi.routing.APIRoute) and r.path == t["path"] and t["method"] in r.methods:
-                out[name] = (r, r.get_route_handler())
+                out[name] = _Direct(r, app)
                 break
     return out
+
+
+_SPECIAL_PARAMS = ("request_param_name", "websocket_param_name", "http_connection_param_name",
+                   "response_param_name", "background_tasks_param_name", "security_scopes_param_name")
+
+
+class _Direct:
+    """One route called without the ASGI app: bound here when FastAPI would bind its request from
+    the path, the query and a JSON body alone (no dependencies, headers, cookies, forms, special
+    parameters or streaming; the default response class), else through FastAPI's own request
+    handler for the route."""
+
+    def __init__(self, route, app):
+        self.route = route
+        self.handler = route.get_route_handler()
+        d = route.dependant
+        body = route.body_field
+        self.bindable = (
+            not d.dependencies and not d.header_params and not d.cookie_params
+            and not any(getattr(d, n, None) for n in _SPECIAL_PARAMS)
+            and isinstance(route.response_class, _DefaultPlaceholder)
+            and not (body is not None and isinstance(body.field_info, fastapi.params.Form))
+            and not (inspect.isgeneratorfunction(d.call) or inspect.isasyncgenfunction(d.call))
+            and hasattr(route, "_embed_body_fields"))
+        if self.bindable:
+            self.is_coroutine = fastapi.routing._is_coroutine_callable(d.call)
+            # Where the endpoint is, for the message of a validation error (as FastAPI words it).
+            self.endpoint_ctx = fastapi.routing._extract_endpoint_context(d.call)
+
+    async def bound(self, method: str, path_params: dict[str, Any], query: list[tuple[str, str]], body: Any) -> Any:
+        """The route's response as FastAPI's request handler makes it: parameters validated by
+        FastAPI's own functions in its order (path, query, then body), the endpoint called (a sync
+        one inline, where FastAPI would use a worker thread), the result serialized with the
+        route's response model."""
+        route, d = self.route, self.route.dependant
+        ctx = {**self.endpoint_ctx, "path": f"{method} {d.path}"} if d.path else self.endpoint_ctx
+        values, errors = _request_params_to_args(d.path_params, path_params)
+        query_values, query_errors = _request_params_to_args(d.query_params, _QueryParams(query))
+        values.update(query_values)
+        errors += query_errors
+        if d.body_params:
+            body_values, body_errors = await _request_body_to_args(
+                body_fields=d.body_params, received_body=body, embed_body_fields=route._embed_body_fields)
+            values.update(body_values)
+            errors.extend(body_errors)
+        if errors:
+            raise _RVE(errors, body=body, endpoint_ctx=ctx)
+        raw = await d.call(**values) if self.is_coroutine else d.call(**values)
+        if isinstance(raw, _Response):
+            return raw
+        dump_json = route.response_field is not None
+        content = await _serialize_response(
+            field=route.response_field, response_content=raw, include=route.response_model_include,
+            exclude=route.response_model_exclude, by_alias=route.response_model_by_alias,
+            exclude_unset=route.response_model_exclude_unset, exclude_defaults=route.response_model_exclude_defaults,
+            exclude_none=route.response_model_exclude_none, is_coroutine=True, endpoint_ctx=ctx,
+            dump_json=dump_json)
+        status = {"status_code": route.status_code} if route.status_code else {}
+        response = (_Response(content=content, media_type="application/json", **status) if dump_json
+                    else _JSONResponse(content, **status))
+        if not fastapi.utils.is_body_allowed_for_status_code(response.status_code):
+            response.body = b""
+        return response
 
 
 def _router_picks(app, route, scope, cache: dict) -> bool:
@@ -287,18 +370,29 @@ def _router_picks(app, route, scope, cache: dict) -> bool:
     return hit
 
 
-async def _direct_call(app, direct, method: str, path: str, query: str, body: bytes,
-                       picks: dict) -> tuple[int, str, bytes]:
-    """FastAPI's own request handler for the route (binding, validation, serialization), without
-    the middleware stack and router; falls back to ASGI when the router would match elsewhere."""
-    route, handler = direct
-    scope = _scope(method, path, query, body)
+async def _direct_call(app, direct: _Direct, method: str, path: str, query: list[tuple[str, str]], body: Any,
+                       raw: bytes, picks: dict) -> tuple[int, str, bytes]:
+    """The route called without the middleware stack and router (``_Direct``); falls back to ASGI
+    when the router would match elsewhere. ``body`` is the JSON body as an object, ``raw`` its bytes."""
+    route = direct.route
+    query_string = urllib.parse.urlencode(query)
+    scope = _scope(method, path, query_string, raw)
     scope["app"] = app
     if not _router_picks(app, route, scope, picks):
-        return await _asgi_call(app, method, path, query, body)
+        return await _asgi_call(app, method, path, query_string, raw)
     _, child = route.matches(scope)
+    if direct.bindable:
+        try:
+            response = await direct.bound(method, child["path_params"], query, body)
+        except _HTTPExc as exc:
+            response = await _fh.http_exception_handler(None, exc)
+        except _RVE as exc:
+            response = await _fh.request_validation_exception_handler(None, exc)
+        except Exception as exc:
+            raise ToolError(f"HTTP 500 (server error in the environment code): {_exc_text(exc)}") from exc
+        return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
     scope.update(child)
-    request = _Request(scope, _receive_once(body))
+    request = _Request(scope, _receive_once(raw))
     try:
         # The exit stacks FastAPI's middleware and request wrapper would open: dependencies with
         # yield and uploaded files are closed through them, in the same order.
@@ -308,7 +402,7 @@ async def _direct_call(app, direct, method: str, path: str, query: str, body: by
                 scope["fastapi_inner_astack"] = request_stack
                 async with contextlib.AsyncExitStack() as function_stack:
                     scope["fastapi_function_astack"] = function_stack
-                    response = await handler(request)
+                    response = await direct.handler(request)
     except _HTTPExc as exc:
         response = await _fh.http_exception_handler(request, exc)
     except _RVE as exc:
@@ -316,7 +410,7 @@ async def _direct_call(app, direct, method: str, path: str, query: str, body: by
     except Exception as exc:
         raise ToolError(f"HTTP 500 (server error in the environment code): {_exc_text(exc)}") from exc
     if not hasattr(response, "body"):  # streaming responses: let ASGI drive them
-        return await _asgi_call(app, method, path, query, body)
+        return await _asgi_call(app, method, path, query_string, raw)
     return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
 
 
@@ -441,7 +535,8 @@ class Worker:
         key = req["key"]
         if key in self.envs:
             env = self.envs[key]
-            return {"ok": True, "tools": env.infos, "problems": getattr(env, "problems", [])}, []
+            return {"ok": True, "tools": env.infos, "problems": getattr(env, "problems", []),
+                    "call_paths": getattr(env, "call_paths", dict)()}, []
         try:
             if req["flavour"] == "bfcl":
                 env = BfclEnv(key, req["source"], req["env_id"], self.guard)
@@ -466,7 +561,8 @@ class Worker:
         if getattr(env, "imported_modules", 1):
             gc.collect()
             gc.freeze()
-        return {"ok": True, "tools": env.infos, "problems": env.problems}, []
+        return {"ok": True, "tools": env.infos, "problems": env.problems,
+                "call_paths": getattr(env, "call_paths", dict)()}, []
 
     def op_unload(self, req, blobs):
         env = self.envs.pop(req["key"], None)
