@@ -41,11 +41,14 @@ def main(argv: list[str] | None = None) -> dict:
         from storage.catalog import Catalog
 
         cat = Catalog.open(settings, read_only=True)
-        snap = a.snapshot if a.snapshot is not None else cat.latest_gated_snapshot()
-        if snap is None:
-            raise SystemExit("the catalog has no gated snapshot; pass --snapshot")
-        ids = a.envs.split(",") if a.envs else None
-        envs = list(cat.environments(snap, ids=ids))
+        try:
+            snap = a.snapshot if a.snapshot is not None else cat.latest_gated_snapshot()
+            if snap is None:
+                raise SystemExit("the catalog has no gated snapshot; pass --snapshot")
+            ids = a.envs.split(",") if a.envs else None
+            envs = list(cat.environments(snap, ids=ids))
+        finally:
+            cat.close()
     else:
         envs = [counters()]
     dataset = trl_dataset(envs)

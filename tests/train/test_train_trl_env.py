@@ -75,3 +75,27 @@ def test_the_readme_example_runs(tmp_path):
     main = runpy.run_path(str(script))["main"]
     last = main(["--steps", "1", "--out", str(tmp_path)])
     assert last["reward"] == load_settings().rewards.agent_error
+
+
+def test_the_example_trains_on_a_catalog_snapshot(awm_home, tmp_path):
+    """``examples/trl_grpo.py --catalog``: environments read from a published snapshot; without a
+    gated snapshot it stops with one line saying so."""
+    import runpy
+    from pathlib import Path
+
+    from storage.catalog import Catalog
+
+    cat = Catalog.open(load_settings())
+    try:
+        with cat.publish(message="toy for stock TRL") as pub:
+            pub.add_environments([counters()])
+        snapshot = pub.snapshot_id
+    finally:
+        cat.close()
+    script = Path(__file__).resolve().parents[2] / "examples" / "trl_grpo.py"
+    main = runpy.run_path(str(script))["main"]
+    with pytest.raises(SystemExit, match="no gated snapshot"):
+        main(["--catalog", "--steps", "1", "--out", str(tmp_path)])
+    last = main(["--catalog", "--snapshot", str(snapshot), "--envs", "counters", "--steps", "1",
+                 "--out", str(tmp_path)])
+    assert last["reward"] == load_settings().rewards.agent_error
