@@ -381,28 +381,14 @@ async def _direct_call(app, direct: _Direct, method: str, path: str, query: list
     if not _router_picks(app, route, scope, picks):
         return await _asgi_call(app, method, path, query_string, raw)
     _, child = route.matches(scope)
-    if direct.bindable:
-        try:
-            response = await direct.bound(method, child["path_params"], query, body)
-        except _HTTPExc as exc:
-            response = await _fh.http_exception_handler(None, exc)
-        except _RVE as exc:
-            response = await _fh.request_validation_exception_handler(None, exc)
-        except Exception as exc:
-            raise ToolError(f"HTTP 500 (server error in the environment code): {_exc_text(exc)}") from exc
-        return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
-    scope.update(child)
-    request = _Request(scope, _receive_once(raw))
+    request = None
     try:
-        # The exit stacks FastAPI's middleware and request wrapper would open: dependencies with
-        # yield and uploaded files are closed through them, in the same order.
-        async with contextlib.AsyncExitStack() as middleware_stack:
-            scope["fastapi_middleware_astack"] = middleware_stack
-            async with contextlib.AsyncExitStack() as request_stack:
-                scope["fastapi_inner_astack"] = request_stack
-                async with contextlib.AsyncExitStack() as function_stack:
-                    scope["fastapi_function_astack"] = function_stack
-                    response = await direct.handler(request)
+        if direct.bindable:
+            response = await direct.bound(method, child["path_params"], query, body)
+        else:
+            scope.update(child)
+            request = _Request(scope, _receive_once(raw))
+            response = await _run_handler(direct.handler, request)
     except _HTTPExc as exc:
         response = await _fh.http_exception_handler(request, exc)
     except _RVE as exc:
@@ -412,6 +398,19 @@ async def _direct_call(app, direct: _Direct, method: str, path: str, query: list
     if not hasattr(response, "body"):  # streaming responses: let ASGI drive them
         return await _asgi_call(app, method, path, query_string, raw)
     return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
+
+
+async def _run_handler(handler, request):
+    """FastAPI's request handler inside the exit stacks its middleware and request wrapper would
+    open: dependencies with yield and uploaded files are closed through them, in the same order."""
+    scope = request.scope
+    async with contextlib.AsyncExitStack() as middleware_stack:
+        scope["fastapi_middleware_astack"] = middleware_stack
+        async with contextlib.AsyncExitStack() as request_stack:
+            scope["fastapi_inner_astack"] = request_stack
+            async with contextlib.AsyncExitStack() as function_stack:
+                scope["fastapi_function_astack"] = function_stack
+                return await handler(request)
 
 
 def _receive_once(body: bytes):

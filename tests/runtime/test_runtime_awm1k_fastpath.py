@@ -71,3 +71,129 @@ def test_direct_and_asgi_paths_agree_on_every_sample_tool(awm1k_samples):
     assert None in kinds  # at least some example calls succeed, so content is compared too
     errors = [r[3] for v in direct.values() for r in v.values() if r[3]]
     assert any(e.startswith("HTTP 422") for e in errors)  # FastAPI's validation errors are compared too
+
+
+# Routes of every kind the direct paths tell apart: bound here (path, query, JSON body; a response
+# model; a status code; an HTTPException; a sync and an async endpoint) and left to FastAPI's
+# request handler (a dependency with yield, a header parameter).
+MIXED_APP = '''
+import os
+from typing import Optional
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import create_engine, Column, Integer, String
+from sqlalchemy.orm import declarative_base, sessionmaker
+
+engine = create_engine(os.getenv("DATABASE_PATH", "sqlite:///shop.db"), connect_args={"check_same_thread": False})
+SessionLocal = sessionmaker(bind=engine)
+Base = declarative_base()
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id = Column(Integer, primary_key=True)
+    name = Column(String, nullable=False)
+    qty = Column(Integer, nullable=False, default=0)
+
+
+Base.metadata.create_all(engine)
+app = FastAPI()
+
+
+def get_db():
+    db = SessionLocal()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+class ItemIn(BaseModel):
+    name: str = Field(..., min_length=2)
+    qty: int = 0
+
+
+class ItemOut(BaseModel):
+    id: int
+    name: str
+    qty: int
+
+
+@app.post("/items", operation_id="create_item", response_model=ItemOut, status_code=201)
+async def create_item(body: ItemIn):
+    s = SessionLocal()
+    item = Item(name=body.name, qty=body.qty)
+    s.add(item)
+    s.commit()
+    out = ItemOut(id=item.id, name=item.name, qty=item.qty)
+    s.close()
+    return out
+
+
+@app.get("/items/{item_id}", operation_id="get_item", response_model=ItemOut)
+def get_item(item_id: int, db=Depends(get_db)):
+    item = db.get(Item, item_id)
+    if item is None:
+        raise HTTPException(status_code=404, detail=f"item {item_id} not found")
+    return item
+
+
+@app.get("/items", operation_id="list_items")
+def list_items(min_qty: int = Query(0, ge=0), names: Optional[list[str]] = Query(None), limit: int = 10):
+    s = SessionLocal()
+    q = s.query(Item).filter(Item.qty >= min_qty)
+    if names:
+        q = q.filter(Item.name.in_(names))
+    rows = [{"id": i.id, "name": i.name, "qty": i.qty} for i in q.limit(limit)]
+    s.close()
+    return {"items": rows}
+
+
+@app.put("/items/{item_id}/qty", operation_id="set_qty")
+async def set_qty(item_id: int, qty: int = Query(..., ge=0)):
+    s = SessionLocal()
+    item = s.get(Item, item_id)
+    if item is None:
+        s.close()
+        raise HTTPException(status_code=404, detail="no such item")
+    item.qty = qty
+    s.commit()
+    s.close()
+    return {"id": item_id, "qty": qty}
+
+
+@app.get("/whoami", operation_id="whoami")
+def whoami(x_user: str = Header("anonymous")):
+    return {"user": x_user}
+'''
+
+MIXED_CALLS = [
+    ("create_item", {"name": "lamp", "qty": 2}), ("create_item", {"name": "x"}), ("create_item", {"qty": "many"}),
+    ("get_item", {"item_id": 1}), ("get_item", {"item_id": 9}), ("get_item", {"item_id": "one"}),
+    ("list_items", {}), ("list_items", {"names": ["lamp", "desk"], "min_qty": 1}), ("list_items", {"min_qty": -1}),
+    ("set_qty", {"item_id": 1, "qty": 5}), ("set_qty", {"item_id": 7, "qty": 1}), ("set_qty", {"item_id": 1}),
+    ("list_items", {"limit": "ten"}), ("whoami", {}),
+]
+
+
+def test_bound_handler_and_asgi_paths_agree_on_routes_of_every_kind():
+    from awm_core.models import DbSchema, EnvCode, Environment, Scenario, TableSchema
+
+    ddl = "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL DEFAULT 0)"
+    env = Environment(id="mixed_shop", scenario=Scenario(id="mixed_shop", name="mixed_shop", description="shop"),
+                      db_schema=DbSchema(tables=[TableSchema(name="items", ddl=ddl)]),
+                      code=EnvCode(flavour="awm1k", source=MIXED_APP))
+    seen, paths = {}, {}
+    for asgi in (False, True):
+        with SandboxPool(load_settings().sandbox.model_copy(update={"awm1k_asgi": asgi}), workers=1) as pool:
+            handle = pool.load(env)
+            paths[asgi] = handle.call_paths
+            with handle.open_session() as s:
+                seen[asgi] = [_raw_call(s, tool, args) for tool, args in MIXED_CALLS]
+    assert paths[False] == {"create_item": "bound", "list_items": "bound", "set_qty": "bound",
+                            "get_item": "handler", "whoami": "handler"}
+    assert set(paths[True].values()) == {"asgi"}
+    assert seen[False] == seen[True]
+    outcomes = [(ok, (err or "")[:8]) for ok, _, _, err in seen[False]]
+    # Successes, FastAPI's 422s, the endpoints' own 404s: every kind of answer is compared.
+    assert {o[1] for o in outcomes} >= {"", "HTTP 422", "HTTP 404"}
