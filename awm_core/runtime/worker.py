@@ -284,7 +284,7 @@ def _api_routes(app, tools: dict[str, dict[str, Any]]) -> dict[str, "_Direct"]:
     for name, t in tools.items():
         for r in app.router.routes:
             if isinstance(r, fastapi.routing.APIRoute) and r.path == t["path"] and t["method"] in r.methods:
-                out[name] = _Direct(r, app)
+                out[name] = _Direct(r)
                 break
     return out
 
@@ -299,7 +299,7 @@ class _Direct:
     parameters or streaming; the default response class), else through FastAPI's own request
     handler for the route."""
 
-    def __init__(self, route, app):
+    def __init__(self, route):
         self.route = route
         self.handler = route.get_route_handler()
         d = route.dependant
@@ -395,9 +395,7 @@ async def _direct_call(app, direct: _Direct, method: str, path: str, query: list
         response = await _fh.request_validation_exception_handler(request, exc)
     except Exception as exc:
         raise ToolError(f"HTTP 500 (server error in the environment code): {_exc_text(exc)}") from exc
-    if not hasattr(response, "body"):  # streaming responses: let ASGI drive them
-        return await _asgi_call(app, method, path, query_string, raw)
-    return response.status_code, response.headers.get("content-type", ""), bytes(response.body)
+    return await _respond(response, scope, raw)
 
 
 async def _run_handler(handler, request):
@@ -439,8 +437,12 @@ def _scope(method: str, path: str, query: str, body: bytes) -> dict[str, Any]:
 
 
 async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
-    scope = _scope(method, path, query, body)
-    receive = _receive_once(body)
+    return await _respond(app, _scope(method, path, query, body), body)
+
+
+async def _respond(asgi, scope: dict[str, Any], body: bytes) -> tuple[int, str, bytes]:
+    """What ``asgi`` (the app, or a response the direct path made) sends for one request: status,
+    content type, body. A response sent this way also runs its background tasks and streams."""
     status = 500
     ctype = ""
     chunks: list[bytes] = []
@@ -456,7 +458,7 @@ async def _asgi_call(app, method: str, path: str, query: str, body: bytes) -> tu
             chunks.append(message.get("body", b""))
 
     try:
-        await app(scope, receive, send)
+        await asgi(scope, _receive_once(body), send)
     except Exception as exc:
         # Starlette re-raises after answering 500; the agent gets the cause, which the
         # official server hides behind "Internal Server Error".

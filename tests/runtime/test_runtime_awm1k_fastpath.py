@@ -4,6 +4,7 @@ every tool of the shared samples called with its spec examples, with no argument
 arguments of the wrong type (sent past the pool's schema check, so FastAPI's validation answers)."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -74,12 +75,14 @@ def test_direct_and_asgi_paths_agree_on_every_sample_tool(awm1k_samples):
 
 
 # Routes of every kind the direct paths tell apart: bound here (path, query, JSON body; a response
-# model; a status code; an HTTPException; a sync and an async endpoint) and left to FastAPI's
-# request handler (a dependency with yield, a header parameter).
+# model; a status code; an HTTPException; a sync and an async endpoint; a streamed response) and
+# left to FastAPI's request handler (a dependency with yield, a header parameter, background tasks).
+# The streamed and background routes write, so running one twice or not at all shows in list_items.
 MIXED_APP = '''
 import os
 from typing import Optional
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, Column, Integer, String
 from sqlalchemy.orm import declarative_base, sessionmaker
@@ -165,6 +168,25 @@ async def set_qty(item_id: int, qty: int = Query(..., ge=0)):
 @app.get("/whoami", operation_id="whoami")
 def whoami(x_user: str = Header("anonymous")):
     return {"user": x_user}
+
+
+def add_item(name):
+    s = SessionLocal()
+    s.add(Item(name=name, qty=1))
+    s.commit()
+    s.close()
+
+
+@app.post("/export", operation_id="export_items")
+def export_items():
+    add_item("exported")
+    return StreamingResponse(iter([b'{"streamed": ', b'true}']), media_type="application/json")
+
+
+@app.post("/touch", operation_id="touch_later")
+def touch_later(background_tasks: BackgroundTasks):
+    background_tasks.add_task(add_item, "touched")
+    return {"queued": True}
 '''
 
 MIXED_CALLS = [
@@ -173,6 +195,7 @@ MIXED_CALLS = [
     ("list_items", {}), ("list_items", {"names": ["lamp", "desk"], "min_qty": 1}), ("list_items", {"min_qty": -1}),
     ("set_qty", {"item_id": 1, "qty": 5}), ("set_qty", {"item_id": 7, "qty": 1}), ("set_qty", {"item_id": 1}),
     ("list_items", {"limit": "ten"}), ("whoami", {}),
+    ("export_items", {}), ("touch_later", {}), ("list_items", {}),
 ]
 
 
@@ -191,9 +214,12 @@ def test_bound_handler_and_asgi_paths_agree_on_routes_of_every_kind():
             with handle.open_session() as s:
                 seen[asgi] = [_raw_call(s, tool, args) for tool, args in MIXED_CALLS]
     assert paths[False] == {"create_item": "bound", "list_items": "bound", "set_qty": "bound",
-                            "get_item": "handler", "whoami": "handler"}
+                            "export_items": "bound", "get_item": "handler", "whoami": "handler",
+                            "touch_later": "handler"}
     assert set(paths[True].values()) == {"asgi"}
     assert seen[False] == seen[True]
+    names = [i["name"] for i in json.loads(seen[False][-1][1])["items"]]
+    assert names == ["lamp", "exported", "touched"]  # the stream ran once, the background task ran
     outcomes = [(ok, (err or "")[:8]) for ok, _, _, err in seen[False]]
     # Successes, FastAPI's 422s, the endpoints' own 404s: every kind of answer is compared.
     assert {o[1] for o in outcomes} >= {"", "HTTP 422", "HTTP 404"}
