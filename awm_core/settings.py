@@ -178,7 +178,7 @@ class SandboxSettings(BaseModel):
     allow_weak_sandbox: bool = Field(
         False, description="run generated code even where Landlock or seccomp cannot be applied (in-process guards only)")
     awm1k_asgi: bool = Field(False, description="call AWM-1K route handlers through the whole ASGI app, "
-                                                "not the direct route-handler fast path")
+                                                "not the direct paths (bound parameters or FastAPI's handler)")
 
 
 class RewardSettings(BaseModel):
