@@ -15,6 +15,15 @@ Measured in one run, side by side:
   and a new MCP session per call as the official agent does). fastapi-mcp needs ``mcp<2``,
   so the script makes its own virtual environment under ``benchmarks/out/`` (once; needs
   the package index) and runs the official server and client there;
+- the same two servers called by a minimal MCP client (``RawMCPClient``: ``http.client`` on one
+  keep-alive connection, timed to the arrival of the result), which shows what the servers cost
+  with almost no client library in the way;
+- two floors, on the official side: the dataset's route function called directly (what every path
+  pays for the environment's own SQLAlchemy and pydantic work), and the mcp 1.x client against a
+  server that answers a constant (what the client library and one HTTP exchange cost). From them
+  the run prints each target's ceiling: official / floor for the Python API, official / (constant
+  server + route function) for a server called by the mcp 1.x client. A target above its ceiling
+  cannot be met by anything this runtime does;
 - reset: ``Session.reset()`` here; a new server process on a fresh database copy there
   (the official code has no reset: it starts a new server);
 - memory: resident memory of the workers holding N live sessions here; one official server
@@ -497,10 +506,21 @@ def memory_for_sessions(env: Environment, n: int) -> dict:
             "parent_rss_mb": rss_mb(os.getpid())}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_with_samples(ap: argparse.ArgumentParser, prefix: str) -> tuple[argparse.Namespace, Path] | None:
+    """Adds ``--samples``, parses, and makes this run's work folder under ``benchmarks/out/``; None
+    (with the reason on stderr) when the AgentWorldModel-1K samples are not there."""
     ap.add_argument("--samples", type=Path, default=REPO.parent / "shared" / "awm1k-samples",
                     help="folder with the AgentWorldModel-1K sample JSONL files")
+    args = ap.parse_args()
+    if not (args.samples / "gen_envs.jsonl").exists():
+        print(f"AgentWorldModel-1K samples not found in {args.samples} (use --samples)", file=sys.stderr)
+        return None
+    OUT.mkdir(parents=True, exist_ok=True)
+    return args, Path(tempfile.mkdtemp(prefix=prefix, dir=OUT))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=1000, help="timed calls per runtime row")
     ap.add_argument("--official-calls", type=int, default=300, help="timed calls on one official MCP session")
     ap.add_argument("--fresh-calls", type=int, default=30, help="timed official calls with a new MCP session each")
@@ -508,12 +528,10 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=1024, help="live sessions for the memory row")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of this runtime and the official path")
     ap.add_argument("--skip-official", action="store_true", help="leave out the official path (no venv needed)")
-    args = ap.parse_args()
-    if not (args.samples / "gen_envs.jsonl").exists():
-        print(f"AgentWorldModel-1K samples not found in {args.samples} (use --samples)", file=sys.stderr)
+    parsed = parse_with_samples(ap, "env-runtime-")
+    if parsed is None:
         return 2
-    OUT.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="env-runtime-", dir=OUT))
+    args, work = parsed
     native, cp1 = native_environment(), awm1k_environment(args.samples)
 
     rounds = max(1, args.rounds)
@@ -636,7 +654,7 @@ def main() -> int:
         print(f"| {name} | {env_name} | {len(xs)} | {med:.3f} | {p90:.3f} |")
     if official:
         med, p90 = stats(official["startup"])
-        print(f"| official: new server process on a fresh database copy (until HTTP answers) | content_platform_1 | "
+        print(f"| official: new server process on a fresh database copy (until it accepts connections) | content_platform_1 | "
               f"{len(official['startup'])} | {med:.1f} | {p90:.1f} |")
     print()
     print(f"| memory, {args.sessions} live sessions of content_platform_1 | MB |")

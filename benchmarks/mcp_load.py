@@ -27,13 +27,12 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from env_runtime import OUT, REPO, OfficialServer, OurMCPServer, awm1k_environment, rss_mb  # noqa: E402
+from env_runtime import OfficialServer, OurMCPServer, awm1k_environment, parse_with_samples, rss_mb  # noqa: E402
 
 LOAD_CLIENT = '''
 import anyio, json, sys, time
@@ -129,18 +128,14 @@ def run_load(python: Path, script: Path, url: str, pid: int, clients: int, calls
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=Path, default=REPO.parent / "shared" / "awm1k-samples",
-                    help="folder with the AgentWorldModel-1K sample JSONL files")
     ap.add_argument("--clients", type=int, default=256, help="concurrent MCP client sessions")
     ap.add_argument("--calls", type=int, default=20, help="tool calls per client")
     ap.add_argument("--runs", type=int, default=3, help="runs per server and mode (the median is shown)")
     ap.add_argument("--skip-official", action="store_true", help="leave out the official server")
-    args = ap.parse_args()
-    if not (args.samples / "gen_envs.jsonl").exists():
-        print(f"AgentWorldModel-1K samples not found in {args.samples} (use --samples)", file=sys.stderr)
+    parsed = parse_with_samples(ap, "mcp-load-")
+    if parsed is None:
         return 2
-    OUT.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mcp-load-", dir=OUT))
+    args, work = parsed
     env = awm1k_environment(args.samples)
     official = OfficialServer(env, work)  # builds the official venv if needed; its client runs there
     script = work / "load_client.py"
