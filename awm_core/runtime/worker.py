@@ -301,7 +301,6 @@ class _Direct:
 
     def __init__(self, route):
         self.route = route
-        self.handler = route.get_route_handler()
         d = route.dependant
         body = route.body_field
         self.bindable = (
@@ -311,6 +310,7 @@ class _Direct:
             and not (body is not None and isinstance(body.field_info, fastapi.params.Form))
             and not (inspect.isgeneratorfunction(d.call) or inspect.isasyncgenfunction(d.call))
             and hasattr(route, "_embed_body_fields"))
+        self.handler = None if self.bindable else route.get_route_handler()
         if self.bindable:
             self.is_coroutine = fastapi.routing._is_coroutine_callable(d.call)
             # Where the endpoint is, for the message of a validation error (as FastAPI words it).
