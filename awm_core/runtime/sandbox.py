@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import math
 import os
 import resource
 import sys
@@ -82,6 +83,14 @@ _PATH_EVENTS = {
     "os.chdir": (0,), "os.chroot": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def cpu_soft_limit(budget_s: int) -> int:
+    """RLIMIT_CPU's soft value giving the process ``budget_s`` more seconds of CPU from now.
+
+    The limit counts whole seconds of the process's life, so the seconds used are rounded up:
+    rounded down, a worker at 1.95 s with a 1 s budget would get 0.05 s."""
+    return math.ceil(sum(resource.getrusage(resource.RUSAGE_SELF)[:2])) + budget_s
 
 
 class SandboxViolation(PermissionError):
@@ -209,11 +218,10 @@ def apply_limits(cfg: dict[str, Any], read_roots: Sequence[str]) -> dict[str, An
     }
     for res, value in limits.items():
         resource.setrlimit(res, (value, value))
-    used = int(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
     # The soft limit is moved forward before every request (SIGXCPU ends the worker when
     # one request burns its budget); the hard limit stays open so the worker can do that
     # after giving up root.
-    resource.setrlimit(resource.RLIMIT_CPU, (used + cfg["cpu_s"], resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft_limit(cfg["cpu_s"]), resource.RLIM_INFINITY))
     active["rlimits"] = True
     active["separate_uid"] = False
     if cfg.get("uid_base") is not None and os.geteuid() == 0:

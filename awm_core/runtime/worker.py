@@ -512,8 +512,7 @@ class Worker:
     def _refresh_cpu_limit(self) -> None:
         # RLIMIT_CPU counts the whole life of the worker; move the soft limit so each
         # request gets the configured budget (a backstop behind the parent's wall clock).
-        used = int(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
-        soft = used + self.cfg["cpu_s"]
+        soft = sandbox.cpu_soft_limit(self.cfg["cpu_s"])
         with self.guard.trusted():
             resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,21 @@ def test_pool_restarts_workers_and_reports_why(pool, hostile):
     after = {w["slot"]: w for w in pool.stats()["workers"]}
     slot = hostile.worker.slot
     assert after[slot]["restarts"] > before[slot] and "exited with code 3" in after[slot]["last_failure"]
+
+
+def test_each_request_gets_its_whole_cpu_budget():
+    """RLIMIT_CPU takes whole seconds of the process's life: the seconds used are rounded up, so a
+    worker at 1.95 s with a 1 s budget gets 1 s more, not 0.05 s (a restarted worker busy with its
+    imports was killed while loading an environment)."""
+    import resource
+
+    from awm_core.runtime.sandbox import cpu_soft_limit
+
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # some CPU used, so the seconds have a fraction
+        pass
+    used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    assert cpu_soft_limit(1) - used >= 1
 
 
 def test_cpu_time_limit_backs_up_the_wall_clock(healthy):
