@@ -474,6 +474,13 @@ def _make_verifier_module(code: str, name: str, guard: sandbox.Guard) -> dict[st
     return ns
 
 
+def _load_reply(env) -> dict[str, Any]:
+    """What a load answers, for an environment just imported or already held (a BFCL entry has
+    no call paths)."""
+    return {"ok": True, "tools": env.infos, "problems": env.problems,
+            "call_paths": env.call_paths() if isinstance(env, _Env) else {}}
+
+
 class _NoSession(Exception):
     pass
 
@@ -535,8 +542,7 @@ class Worker:
         key = req["key"]
         if key in self.envs:
             env = self.envs[key]
-            return {"ok": True, "tools": env.infos, "problems": getattr(env, "problems", []),
-                    "call_paths": getattr(env, "call_paths", dict)()}, []
+            return _load_reply(env), []
         try:
             if req["flavour"] == "bfcl":
                 env = BfclEnv(key, req["source"], req["env_id"], self.guard)
@@ -561,8 +567,7 @@ class Worker:
         if getattr(env, "imported_modules", 1):
             gc.collect()
             gc.freeze()
-        return {"ok": True, "tools": env.infos, "problems": env.problems,
-                "call_paths": getattr(env, "call_paths", dict)()}, []
+        return _load_reply(env), []
 
     def op_unload(self, req, blobs):
         env = self.envs.pop(req["key"], None)
