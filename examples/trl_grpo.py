@@ -38,17 +38,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     settings = get_settings()
     if a.catalog:
+        from awm_core.errors import CatalogError
         from storage.catalog import Catalog
 
-        cat = Catalog.open(settings, read_only=True)
-        try:
-            snap = a.snapshot if a.snapshot is not None else cat.latest_gated_snapshot()
-            if snap is None:
-                raise SystemExit("the catalog has no gated snapshot; pass --snapshot")
-            ids = a.envs.split(",") if a.envs else None
-            envs = list(cat.environments(snap, ids=ids))
-        finally:
-            cat.close()
+        try:  # no catalog, an unknown snapshot or environment: one line, not a traceback
+            cat = Catalog.open(settings, read_only=True)
+            try:
+                snap = a.snapshot if a.snapshot is not None else cat.latest_gated_snapshot()
+                if snap is None:
+                    raise SystemExit("error: the catalog has no gated snapshot; pass --snapshot")
+                ids = a.envs.split(",") if a.envs else None
+                envs = list(cat.environments(snap, ids=ids))
+            finally:
+                cat.close()
+        except CatalogError as exc:
+            raise SystemExit(f"error: {exc}") from None
     else:
         envs = [counters()]
     dataset = trl_dataset(envs)

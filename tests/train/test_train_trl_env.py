@@ -79,7 +79,7 @@ def test_the_readme_example_runs(tmp_path):
 
 def test_the_example_trains_on_a_catalog_snapshot(awm_home, tmp_path):
     """``examples/trl_grpo.py --catalog``: environments read from a published snapshot; without a
-    gated snapshot it stops with one line saying so."""
+    gated snapshot, or with an unknown environment, it stops with one line saying so."""
     import runpy
     from pathlib import Path
 
@@ -96,6 +96,8 @@ def test_the_example_trains_on_a_catalog_snapshot(awm_home, tmp_path):
     main = runpy.run_path(str(script))["main"]
     with pytest.raises(SystemExit, match="no gated snapshot"):
         main(["--catalog", "--steps", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^error: no environment 'nope' in the catalog"):
+        main(["--catalog", "--snapshot", str(snapshot), "--envs", "nope", "--out", str(tmp_path)])
     last = main(["--catalog", "--snapshot", str(snapshot), "--envs", "counters", "--steps", "1",
                  "--out", str(tmp_path)])
     assert last["reward"] == load_settings().rewards.agent_error
