@@ -276,7 +276,8 @@ class ReferenceSolution(Artifact):
     """Tool calls replayed in order in a fresh session, then the final answer.
 
     An argument value ``{"$ref": "<call>.<path>"}`` stands for a value of an earlier call's
-    JSON result (``"0.id"``, ``"1.items.0.id"``): ids that call creates cannot be known when
+    JSON result (``"0.id"``, ``"1.items.0.id"``, or ``"0.0.id"`` when call 0 returns a bare
+    list): ids that call creates cannot be known when
     the solution is written. Every replay resolves them with ``resolve_refs``.
     """
 

@@ -38,6 +38,9 @@ NATIVE_IMPORTS = frozenset({
     "functools", "decimal", "statistics", "uuid", "hashlib", "random", "string", "enum",
     "dataclasses", "time", "calendar", "copy", "operator", "textwrap", "fractions",
     "numbers", "zoneinfo", "__future__", "awm_core.errors",
+    # datetime.strptime and time.strptime import _strptime lazily, and that import goes through
+    # the calling module's __import__ (this guard), so without it strptime raises ImportError.
+    "_strptime",
 })
 AWM1K_IMPORTS = NATIVE_IMPORTS | frozenset({
     "fastapi", "pydantic", "sqlalchemy", "starlette", "os", "typing_extensions", "uvicorn",

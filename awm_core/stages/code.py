@@ -15,11 +15,11 @@ from awm_core.models import EnvCode
 from awm_core.runtime import EXAMPLE_RULE
 from awm_core.stages.base import (
     ALLOWED_IMPORTS, CURRENT_USER_ID, StageContext, extract_python, messages, render_scenario, render_schema,
-    run_stage,
+    render_spec_json, run_stage,
 )
 
 NAME = "code"
-PROMPT_VERSION = "code-v2"
+PROMPT_VERSION = "code-v3"
 JSON_MODE = False
 PER_TASK = False
 
@@ -64,7 +64,7 @@ Answer with the module in exactly one ```python fenced block and nothing else.
 def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
     ctx.need("scenario", "db_schema", "api_spec")
     user = USER.format(scenario=render_scenario(ctx), schema=render_schema(ctx),
-                       spec=ctx.api_spec.model_dump_json(exclude_defaults=True), user_id=CURRENT_USER_ID,
+                       spec=render_spec_json(ctx), user_id=CURRENT_USER_ID,
                        imports=", ".join(ALLOWED_IMPORTS), example_rule=EXAMPLE_RULE)
     return messages(SYSTEM.format(example_rule=EXAMPLE_RULE), user, previous_errors)
 
@@ -83,6 +83,8 @@ def import_errors(tree: ast.AST, allowed: tuple[str, ...] = ALLOWED_IMPORTS) -> 
             mods = [node.module or ""]
             if node.module == "awm_core.errors" and [a.name for a in node.names] == ["ToolError"]:
                 continue
+            if node.module == "__future__":
+                continue  # a compiler directive every sandbox flavour admits, not a module the code uses
         for m in mods:
             if m.split(".")[0] not in allowed:
                 errors.append(f"line {node.lineno}: import of {m!r} is not allowed; allowed modules: {', '.join(allowed)}")

@@ -19,10 +19,12 @@ from awm_core.stages.base import (
 )
 
 NAME = "schema"
-PROMPT_VERSION = "schema-v1"
+PROMPT_VERSION = "schema-v2"
 JSON_MODE = True
 PER_TASK = False
 execute = no_execution  # its checks run in parse
+# The table cap the prompt states (nothing rejects a schema for exceeding it).
+MAX_TABLES = 12
 
 SYSTEM = """
 You are a database architect. You design compact, correct SQLite 3 schemas for small applications whose
@@ -37,15 +39,18 @@ The schema must support every one of these user tasks:
 {tasks}
 
 Design the database:
-- 5 to 12 tables; only what the tasks need plus what makes the data realistic.
+- 5 to {max_tables} tables, counting app_clock (below) when you add it; only what the tasks need plus what makes the
+  data realistic.
 - A `users` table with profile fields only (no password, token, session or other auth columns). The signed-in
   user is always users.id = {user_id}; rows owned by a user carry a user_id foreign key.
 - Every table has an INTEGER PRIMARY KEY (or a composite primary key for pure link tables); use NOT NULL,
   UNIQUE, CHECK (e.g. status IN ('open','closed'), amount >= 0) and FOREIGN KEY ... REFERENCES constraints
   where they hold. Foreign keys must reference tables defined earlier in the list (order tables parents first).
 - SQLite types only: INTEGER, REAL, TEXT (ISO-8601 dates and times), BLOB; booleans as INTEGER 0/1.
-- Tools must not read the wall clock. If anything needs "the current date/time", add a one-row table
-  `app_clock(id INTEGER PRIMARY KEY CHECK (id = 1), now TEXT NOT NULL)` that the seed data fills.
+- Tools must not read the wall clock. If anything needs "the current date/time" (a row a task creates needs a
+  date the task does not state, such as a created_at stamp, or a task speaks of "today" or "overdue"), add a
+  one-row table `app_clock(id INTEGER PRIMARY KEY CHECK (id = 1), now TEXT NOT NULL)` that the seed data fills;
+  it is one of the {max_tables} tables.
 - Add CREATE INDEX statements for the columns tasks search or filter by.
 - Each "ddl" is exactly one CREATE TABLE statement for the table named in "name"; "indexes" holds that
   table's CREATE INDEX statements. No INSERTs, views, triggers or FTS tables.
@@ -57,7 +62,8 @@ Answer with JSON only:
 
 def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
     ctx.need("scenario", "tasks")
-    user = USER.format(scenario=render_scenario(ctx), tasks=render_tasks(ctx), user_id=CURRENT_USER_ID)
+    user = USER.format(scenario=render_scenario(ctx), tasks=render_tasks(ctx), user_id=CURRENT_USER_ID,
+                       max_tables=MAX_TABLES)
     return messages(SYSTEM, user, previous_errors)
 
 

@@ -18,7 +18,7 @@ from awm_core.stages.base import (
 )
 
 NAME = "seed_data"
-PROMPT_VERSION = "seed_data-v1"
+PROMPT_VERSION = "seed_data-v2"
 JSON_MODE = True
 PER_TASK = False
 execute = no_execution  # its checks run in parse
@@ -44,7 +44,8 @@ Write the seed data:
 - Every entity a task names (by title, name, amount or date) exists exactly as the task spells it.
   Rows a task updates or deletes exist; rows a task creates do NOT already exist.
 - Add distractors: similar but non-matching rows, so searches and filters have something to reject
-  and questions have one right answer. About 60-150 rows in total.
+  and questions have one right answer. About 60-150 rows in total: a guide, not a hard limit (no check counts
+  rows; later stages are shown every row, so stay near it).
 - Always list columns explicitly: INSERT INTO t (a, b) VALUES (...); the value count equals the column count.
 - Give explicit integer ids so later rows can reference them. Literal values only: no datetime('now'),
   random() or other expressions whose value changes between runs; write dates as ISO-8601 text.

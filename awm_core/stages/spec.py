@@ -23,7 +23,7 @@ from awm_core.stages.base import (
 )
 
 NAME = "spec"
-PROMPT_VERSION = "spec-v2"
+PROMPT_VERSION = "spec-v3"
 JSON_MODE = True
 PER_TASK = False
 execute = no_execution  # its checks run in parse
@@ -51,7 +51,10 @@ update and delete for the main entities, plus any aggregate a question task need
 
 Rules:
 - name: unique snake_case verb_noun (search_recipes, get_recipe, create_meal_plan), a valid Python identifier.
-- The signed-in user is always user id {user_id}: never a parameter. No login/logout/auth tools.
+- The signed-in user is always user id {user_id}: tools act as that user, so no parameter may name the signed-in
+  user (no parameter called {banned}). This rule is only about the signed-in user: a parameter for ANOTHER
+  person is fine and is named after that person's role, e.g. assignee_id, member_id, recipient_id.
+  No login/logout/auth tools.
 - parameters: an object mapping each parameter name to
   {{"type": "string"|"integer"|"number"|"boolean"|"array"|"object", "description": "...", "required": true|false,
     "example": <a value>}}; arrays also give "items": {{"type": ...}}; fixed value sets give "enum": [...].
@@ -69,6 +72,8 @@ Answer with JSON only: {{"tools": [{{"name": "...", "description": "...", "param
 """
 
 MIN_TOOLS = 3
+# Parameter names that can only mean the signed-in user; the prompt and the check share them.
+SIGNED_IN_USER_PARAMS = ("user_id", "current_user_id")
 TYPES = {"string", "integer", "number", "boolean", "array", "object"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -77,7 +82,7 @@ def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
     ctx.need("scenario", "tasks", "db_schema", "seed_data")
     user = USER.format(scenario=render_scenario(ctx), schema=render_schema(ctx), seed=render_seed_rows(ctx),
                        cap=SEED_ROWS_PER_TABLE, tasks=render_tasks(ctx), target=ctx.target_tools,
-                       user_id=CURRENT_USER_ID, example_rule=EXAMPLE_RULE)
+                       user_id=CURRENT_USER_ID, banned=" or ".join(SIGNED_IN_USER_PARAMS), example_rule=EXAMPLE_RULE)
     return messages(SYSTEM, user, previous_errors)
 
 
@@ -133,8 +138,10 @@ def check_spec(spec: ApiSpec, ctx: StageContext, stage: str = NAME) -> None:
             where = f"tool {t.name}, parameter {pname}"
             if not _NAME_RE.match(pname) or keyword.iskeyword(pname) or pname == "conn":
                 errors.append(f"{where}: the name must be a snake_case Python identifier other than 'conn'")
-            if pname in ("user_id", "current_user_id"):
-                errors.append(f"{where}: the signed-in user is implicit (id {CURRENT_USER_ID}); remove this parameter")
+            if pname in SIGNED_IN_USER_PARAMS:
+                errors.append(f"{where}: the signed-in user is implicit (id {CURRENT_USER_ID}); remove this parameter. "
+                              "If it means another person (not the signed-in user), name it after that person's role, "
+                              "e.g. assignee_id, member_id, recipient_id")
             if p.type not in TYPES:
                 errors.append(f"{where}: type {p.type!r} is not one of {', '.join(sorted(TYPES))}")
                 continue

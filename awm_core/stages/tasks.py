@@ -13,7 +13,7 @@ from awm_core.models import Task
 from awm_core.stages.base import StageContext, extract_json, messages, no_execution, render_scenario, run_stage
 
 NAME = "tasks"
-PROMPT_VERSION = "tasks-v2"
+PROMPT_VERSION = "tasks-v3"
 JSON_MODE = True
 PER_TASK = False
 execute = no_execution  # its checks run in parse
@@ -37,6 +37,9 @@ Rules for every task:
   no payments to outside services, no browsing of external websites.
 - Deterministic outcome: exactly one correct end state or one correct answer. Avoid "recent", "today", "now"
   unless the date is spelled out.
+- A task that creates something states every date and time the new record needs (a due date, a start time,
+  the date of an expense) as a calendar date such as 2026-03-14, never "today", "tomorrow" or "next Friday":
+  the tools never read the real clock, so the date has to come from the task.
 - Mix the kinds: {questions} asking a question whose answer is a specific value the user wants to know
   (a count, a total, a name, a date), and {changes} changing data (create, update, delete){multi}.
 - Order from beginner (one operation) to advanced (three or more dependent operations).
