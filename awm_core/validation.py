@@ -5,7 +5,10 @@ with its example arguments (each in a fresh session) returns no error. Per task:
 episode must not satisfy the verifier; the reference solution replayed in a fresh session
 must satisfy it; a second replay must end in the same database (``snapshot_digest``); wrong
 episodes derived from the solution (``awm_core.mutations``: a state-changing call dropped,
-an id argument swapped, an unrelated row destroyed, a wrong number in the answer) must not.
+an id argument swapped, a value the task states changed, a row destroyed, inserted or edited
+elsewhere, a wrong or hedged answer) must not (``verifier_mutation``: the verifier is
+lenient); equivalent episodes (read-only calls around the solution, independent calls
+reordered, the answer reworded) must (``verifier_equivalence``: the verifier is too strict).
 
 The same checks are what the code, verifier and solution stages run on each attempt, so a
 stage's rejection and the final report say the same thing in the same words. Generated code
@@ -20,9 +23,9 @@ from collections import OrderedDict
 from typing import Any
 
 from awm_core import mutations
-from awm_core.db import build_database, snapshot_digest
+from awm_core.db import build_database, open_snapshot, snapshot_digest
 from awm_core.errors import SolutionRefError, SqlExecutionError, StageError
-from awm_core.models import Environment, ValidationCheck, ValidationReport, resolve_refs
+from awm_core.models import Environment, ToolCall, ValidationCheck, ValidationReport, resolve_refs
 
 DETAIL_CHARS = 700
 
@@ -207,6 +210,9 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
 # one verifier run), for every task of every environment of a nightly run: the count per kind
 # and task is capped so validation stays a small multiple of the replays it already does.
 MAX_MUTATIONS_PER_KIND = 3
+# Every value a task states is one way to get it wrong: a create with a name, a type, a date and
+# a count needs all four tried.
+MAX_VALUE_CHANGES = 6
 
 
 def _mutation(task_idx: int, passed: bool, detail: str, tool: str | None = None) -> ValidationCheck:
@@ -221,12 +227,14 @@ def _skipped(task_idx: int, what: str, why: str, tool: str | None = None) -> Val
 
 # "skipped <what> because <why>", after an optional "<label>: " (the audit's); <what> may
 # quote arguments, <why> is one of this module's phrases, so the last "because" splits them.
+SOUNDNESS_CHECKS = ("verifier_mutation", "verifier_equivalence")
 _SKIPPED = re.compile(r"^(?:[^:]*: )?skipped (.*) because (.*)$", re.S)
 
 
 def skipped_mutation(check: ValidationCheck) -> tuple[str, str] | None:
-    """(mutation, reason) of a ``verifier_mutation`` check that was skipped, else None."""
-    m = _SKIPPED.match(check.detail) if check.name == "verifier_mutation" and check.passed else None
+    """(mutation or equivalence, reason) of a ``verifier_mutation`` or ``verifier_equivalence``
+    check that was skipped, else None."""
+    m = _SKIPPED.match(check.detail) if check.name in SOUNDNESS_CHECKS and check.passed else None
     return (m.group(1), m.group(2)) if m else None
 
 
@@ -319,59 +327,266 @@ def _swap_checks(pool, env, task_idx, handle, solution, changing, reference) -> 
             for sw in swaps]
 
 
-def _destructive_check(pool, env, task_idx, initial, final, solution) -> ValidationCheck:
+def _task_text(env: Environment, task_idx: int) -> str:
+    return next((t.text for t in env.tasks if t.idx == task_idx), "")
+
+
+def _value_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
+    tools = {t.name: t for t in env.api_spec.tools} if env.api_spec else {}
+    changes, free = mutations.value_changes(handle.snapshot, solution, changing, tools, _task_text(env, task_idx))
+    checks = []
+    if free:
+        checks.append(_skipped(task_idx, f"change_value of {', '.join(free[:8])}",
+                               "the task does not state those values (judged free)"))
+    if not changes and not free:
+        checks.append(_skipped(task_idx, "change_value", "no state-changing call has an argument the task states "
+                                                         "that another valid value could replace"))
+    return checks + [
+        _mutant_check(pool, env, task_idx, handle,
+                      f"change_value in {_call_label(solution, ch.call_idx)}: {ch.argument} {_short(json.dumps(ch.old), 60)}"
+                      f" -> {_short(json.dumps(ch.new), 60)} ({ch.kind}; the task states {ch.argument})",
+                      solution.calls[ch.call_idx].tool, mutations.with_value(solution, ch), solution, reference)
+        for ch in changes[:MAX_VALUE_CHANGES]]
+
+
+_NOTHING_CHANGED = "the reference solution changes nothing (a question task: the answer checks cover it)"
+
+
+def _damage_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
+    """extra_destructive, extra_insert and extra_update: changes no tool call of the task makes,
+    applied to the reference final database."""
     if snapshot_digest(final) == snapshot_digest(initial):
-        return _skipped(task_idx, "extra_destructive", "the reference solution changes nothing (a question "
-                                                       "task: wrong_answer covers it)")
-    touched = mutations.changed_tables(initial, final)
-    damaged = mutations.delete_unrelated_row(final, touched, prefer=env.verifier(task_idx).code)
-    if damaged is None:
-        return _skipped(task_idx, "extra_destructive", "every non-empty table is one the solution changes")
-    what = f"extra_destructive: the reference final database, then {damaged[1]}"
-    return _judge(pool, env, task_idx, what, initial, damaged[0], solution.final_answer)
+        return [_skipped(task_idx, kind, _NOTHING_CHANGED)
+                for kind in ("extra_destructive", "extra_insert", "extra_update")]
+    changes = mutations.snapshot_changes(initial, final)
+    touched = set(changes)
+    prefer = env.verifier(task_idx).code
+    conn = open_snapshot(final, readonly=True)
+    try:
+        others = [t for t in mutations.user_tables(conn) if t not in touched]
+    finally:
+        conn.close()
+    targets = {t: c["inserted"] + [u["new"] for u in c["updated"]] for t, c in changes.items()}
+    updated = [(t, u) for t, c in changes.items() for u in c["updated"]]
+    built = [
+        ("extra_destructive", "", mutations.delete_unrelated_row(final, touched, prefer=prefer),
+         "every non-empty table is one the solution changes"),
+        ("extra_insert", " in a table the task changes", mutations.insert_copy(final, sorted(touched), targets),
+         "no table the solution changes takes a copy of a row"),
+        ("extra_insert", " in another table", mutations.insert_copy(final, others, prefer=prefer),
+         "no other table takes a copy of a row"),
+        ("extra_update", " of another column of a row the task changes",
+         next((d for t, u in updated if (d := mutations.alter_column(final, t, u["key"], set(u["columns"])))), None),
+         "the solution updates no row with another column to alter (it only inserts or deletes)"),
+        ("extra_update", " in another table", mutations.alter_unrelated_row(final, touched, prefer=prefer),
+         "no other table has a row with a column to alter"),
+    ]
+    checks = []
+    for kind, where, damaged, why in built:
+        if damaged is None:
+            checks.append(_skipped(task_idx, f"{kind}{where}", why))
+        else:
+            what = f"{kind}{where}: the reference final database, then {damaged[1]}"
+            checks.append(_judge(pool, env, task_idx, what, initial, damaged[0], solution.final_answer))
+    return checks
+
+
+def _reads_answer(pool, env, task_idx, initial, final, solution) -> str | None:
+    """Why the answer checks cannot run (None when they can)."""
+    if not solution.final_answer:
+        return "the reference solution gives no final answer"
+    if _verify(pool, env, task_idx, initial, final, None).verdict == "complete":
+        return "the verifier does not read the answer (the reference final database without an answer is complete)"
+    return None
 
 
 def _answer_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
+    """wrong_answer and hedged_answer: the answer's numbers changed, embedded, hedged or only
+    inside a date; a database value it states hedged with another of the same column."""
     answer = solution.final_answer
-    if not answer:
-        return [_skipped(task_idx, "wrong_answer", "the reference solution gives no final answer")]
-    if _verify(pool, env, task_idx, initial, final, None).verdict == "complete":
-        return [_skipped(task_idx, "wrong_answer", "the verifier does not read the answer (the reference final "
-                                                   "database without an answer is complete)")]
+    why = _reads_answer(pool, env, task_idx, initial, final, solution)
+    if why:
+        return [_skipped(task_idx, kind, why) for kind in ("wrong_answer", "hedged_answer")]
+
+    def judge(kind, label, text):
+        return _judge(pool, env, task_idx, f"{kind} ({label}): {_short(text, 160)!r} instead of "
+                                           f"{_short(answer, 160)!r}", initial, final, text)
+    checks = []
     wrong = mutations.wrong_answers(answer)
-    if not wrong:
-        return [_skipped(task_idx, "wrong_answer", "the answer has no number to change")]
     # When the asked value is not a number (a title, a name), changed numbers leave it right.
-    if _verify(pool, env, task_idx, initial, final, mutations.without_numbers(answer)).verdict == "complete":
-        return [_skipped(task_idx, "wrong_answer", "the asked value is not one of the answer's numbers (the answer "
-                                                   "without its numbers is still complete)")]
-    return [_judge(pool, env, task_idx, f"wrong_answer ({label}): {_short(text, 160)!r} instead of "
-                                        f"{_short(answer, 160)!r}", initial, final, text)
-            for label, text in wrong]
+    if not wrong:
+        checks.append(_skipped(task_idx, "wrong_answer", "the answer has no number to change"))
+    elif _verify(pool, env, task_idx, initial, final, mutations.without_numbers(answer)).verdict == "complete":
+        checks.append(_skipped(task_idx, "wrong_answer", "the asked value is not one of the answer's numbers (the "
+                                                         "answer without its numbers is still complete)"))
+        wrong = []
+    else:
+        checks += [judge("wrong_answer", label, text) for label, text in wrong]
+    hedges = []
+    dbs = [initial, final]
+    for m in mutations.number_matches(answer) if wrong else []:
+        # Each number the verifier needs (the answer without it is not complete) is an asked value.
+        if _verify(pool, env, task_idx, initial, final, mutations.without_number(answer, m)).verdict != "complete":
+            hedges += [("hedged_answer", label, text) for label, text in mutations.hedged_number(answer, m, dbs)]
+    for value in mutations.answer_values(answer, _task_text(env, task_idx), dbs):
+        # A value the answer can do without is context ("your order from Acme shipped"), not what was asked.
+        if _verify(pool, env, task_idx, initial, final, mutations.without_value(answer, value.text)).verdict != "complete":
+            hedges.append(("hedged_answer", f"another {value.column} of {value.table} as a second guess",
+                           mutations.hedged_value(answer, value)))
+    if not hedges:
+        checks.append(_skipped(task_idx, "hedged_answer", "the answer states no number or database value the verifier "
+                                                          "reads"))
+    return checks + [judge(*h) for h in hedges[:MAX_MUTATIONS_PER_KIND + 1]]
+
+
+def _replayed(handle, solution) -> tuple[bytes | None, list[bytes], list[str]]:
+    """(initial, database after each call, digests from the initial one on) of the reference
+    solution; the states are None when it does not replay."""
+    initial = handle.snapshot
+    states = _replay_states(handle, solution)
+    if states is None:
+        return initial, None, []
+    return initial, states, [snapshot_digest(initial)] + [snapshot_digest(b) for b in states]
+
+
+def _cannot_judge(env: Environment, task_idx: int) -> str | None:
+    verifier = env.verifier(task_idx)
+    if verifier is not None and verifier.style == "awm1k_sql":
+        return "the verifier collects evidence for a judge and has no verdict"
+    if env.solution(task_idx) is None:
+        return "there is no reference solution to derive episodes from"
+    return None
 
 
 def mutation_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
     """The verifier on wrong episodes derived from the reference solution (``awm_core.mutations``):
     it must not say "complete" on any. One ``verifier_mutation`` check per mutation tried or
     skipped; run after the solution checks passed."""
-    verifier = env.verifier(task_idx)
+    why = _cannot_judge(env, task_idx)
+    if why:
+        return [_skipped(task_idx, "mutations", why)]
     solution = env.solution(task_idx)
-    if verifier is not None and verifier.style == "awm1k_sql":
-        return [_skipped(task_idx, "mutations", "the verifier collects evidence for a judge and has no verdict")]
-    if solution is None:
-        return [_skipped(task_idx, "mutations", "there is no reference solution to derive wrong episodes from")]
     handle = _handle(pool, env)
-    initial = handle.snapshot
-    states = _replay_states(handle, solution)
+    initial, states, digests = _replayed(handle, solution)
     if states is None:
         return [_skipped(task_idx, "mutations", "the reference solution does not replay")]
-    digests = [snapshot_digest(initial)] + [snapshot_digest(b) for b in states]
     changing = [i for i in range(len(states)) if digests[i + 1] != digests[i]]
     final = states[-1] if states else initial
     return (_drop_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
             + _swap_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
-            + [_destructive_check(pool, env, task_idx, initial, final, solution)]
+            + _value_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
+            + _damage_checks(pool, env, task_idx, initial, final, solution)
             + _answer_checks(pool, env, task_idx, initial, final, solution))
+
+
+# --------------------------------------------------------------------------- equivalences
+
+
+def _equivalence(task_idx: int, passed: bool, detail: str, tool: str | None = None) -> ValidationCheck:
+    return ValidationCheck(name="verifier_equivalence", task_idx=task_idx, passed=passed, tool=tool,
+                           detail=detail[:DETAIL_CHARS])
+
+
+def _accepts(pool, env, task_idx, what, initial, final, answer) -> ValidationCheck:
+    out = _verify(pool, env, task_idx, initial, final, answer)
+    if out.verdict == "complete":
+        return _equivalence(task_idx, True, f"{what}: complete")
+    said = f"said \"{out.verdict}\"" if out.verdict else f"raised: {_short(out.error, 200)}"
+    return _equivalence(task_idx, False, (
+        f"the verifier {said} after {what}; that episode does the task as well as the reference solution, so the "
+        f"verifier is too strict. Its evidence: {_short(out.evidence, 300)}"))
+
+
+def _skipped_equivalence(task_idx: int, what: str, why: str) -> ValidationCheck:
+    return _equivalence(task_idx, True, f"skipped {what} because {why}")
+
+
+_SAME_DB = "it ends in the same database as the reference solution (nothing new to judge)"
+
+
+def _read_only_check(pool, env, task_idx, handle, solution, reference) -> ValidationCheck:
+    tools = mutations.read_tools(env.api_spec.tools if env.api_spec else [], {c.tool for c in solution.calls})
+    if not tools:
+        return _skipped_equivalence(task_idx, "read_only_calls", "no read tool has example arguments to call it with")
+    look = [ToolCall(tool=t.name, arguments=t.example_arguments()) for t in tools[:2]]
+    n = len(solution.calls)
+    calls = ([(-len(look) + k, c) for k, c in enumerate(look)] + list(enumerate(solution.calls))
+             + [(n + k, c) for k, c in enumerate(look)])
+    what = f"read_only_calls: {', '.join(c.tool for c in look)} before and after the reference solution"
+    final = _replay_mutant(handle, calls)
+    if snapshot_digest(final) == reference:
+        return _skipped_equivalence(task_idx, what, _SAME_DB)
+    return _accepts(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer)
+
+
+def _reorder_check(pool, env, task_idx, handle, solution, changing, reference) -> ValidationCheck:
+    """The first reordering of independent state-changing calls that replays cleanly and ends
+    in the same rows as the reference (new rows may get other keys)."""
+    orders = mutations.reorderings(solution, changing) if len(changing) > 1 else []
+    if not orders:
+        return _skipped_equivalence(task_idx, "reordered_calls", "no two state-changing calls are independent")
+    _, states, _ = _replayed(handle, solution)
+    why = ""
+    for order in orders[:MAX_MUTATIONS_PER_KIND]:
+        what = f"reordered_calls: the reference solution's calls in the order {order}"
+        final, failure = _replay_in_order(handle, solution, order)
+        if failure:
+            why = f"a call fails in that order, so the order matters ({failure})"
+        elif snapshot_digest(final) == reference:
+            why = _SAME_DB
+        elif not mutations.same_up_to_new_keys(handle.snapshot, states[-1], final):
+            why = "that order ends in another database (the order matters)"
+        else:
+            return _accepts(pool, env, task_idx, what + " (the same rows; new rows may have other keys)",
+                            handle.snapshot, final, solution.final_answer)
+    return _skipped_equivalence(task_idx, what, why)
+
+
+def _replay_in_order(handle, solution, order: list[int]) -> tuple[bytes | None, str | None]:
+    results: dict[int, Any] = {}
+    with handle.open_session() as s:
+        for i in order:
+            call = solution.calls[i]
+            try:
+                r = s.call(call.tool, resolve_refs(call.arguments, results, i))
+            except SolutionRefError as exc:
+                return None, str(exc)
+            if not r.ok:
+                return None, f"call {i} {call.tool}: {_short(r.error, 120)}"
+            results[i] = r.content
+        return s.snapshot(), None
+
+
+def _reworded_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
+    why = _reads_answer(pool, env, task_idx, initial, final, solution)
+    if why:
+        return [_skipped_equivalence(task_idx, "reworded_answer", why)]
+    return [_accepts(pool, env, task_idx, f"reworded_answer ({label}): {_short(text, 200)!r} instead of "
+                                          f"{_short(solution.final_answer, 160)!r}", initial, final, text)
+            for label, text in mutations.reworded_answers(solution.final_answer)]
+
+
+def equivalence_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
+    """The verifier on episodes that do the task as well as the reference solution: it must say
+    "complete" on each. One ``verifier_equivalence`` check per episode tried or skipped."""
+    why = _cannot_judge(env, task_idx)
+    if why:
+        return [_skipped_equivalence(task_idx, "equivalences", why)]
+    solution = env.solution(task_idx)
+    handle = _handle(pool, env)
+    initial, states, digests = _replayed(handle, solution)
+    if states is None:
+        return [_skipped_equivalence(task_idx, "equivalences", "the reference solution does not replay")]
+    changing = [i for i in range(len(states)) if digests[i + 1] != digests[i]]
+    final = states[-1] if states else initial
+    return ([_read_only_check(pool, env, task_idx, handle, solution, digests[-1]),
+             _reorder_check(pool, env, task_idx, handle, solution, changing, digests[-1])]
+            + _reworded_checks(pool, env, task_idx, initial, final, solution))
+
+
+def soundness_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
+    """Lenient and too strict, side by side: ``mutation_checks`` then ``equivalence_checks``."""
+    return mutation_checks(pool, env, task_idx) + equivalence_checks(pool, env, task_idx)
 
 
 def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = True) -> list[ValidationCheck]:
@@ -383,7 +598,7 @@ def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = 
         replayed = solution_checks(pool, env, task_idx)
         checks += replayed
         if all(c.passed for c in replayed):
-            checks += mutation_checks(pool, env, task_idx)
+            checks += soundness_checks(pool, env, task_idx)
     return checks
 
 
@@ -429,8 +644,10 @@ def validate_environment(pool, env: Environment, *, min_valid_tasks: int = 1,
 
 
 # A failed or missing one drops the task; in generation a lenient verifier (verifier_mutation)
-# is regenerated with the mutation that fooled it, like a too strict one.
-REQUIRED_TASK_CHECKS = ("verifier_noop", "verifier_solution", "replay_determinism", "verifier_mutation")
+# is regenerated with the mutation that fooled it, a too strict one (verifier_equivalence or
+# verifier_solution) with the episode it rejected.
+REQUIRED_TASK_CHECKS = ("verifier_noop", "verifier_solution", "replay_determinism", "verifier_mutation",
+                        "verifier_equivalence")
 
 
 def report_from_checks(env: Environment, env_checks: list[ValidationCheck], task_checks: dict[int, list[ValidationCheck]],
@@ -474,41 +691,178 @@ def publishable(env: Environment, report: ValidationReport) -> Environment:
 
 # --------------------------------------------------------------------------- LLM-free audit
 
+# ``audit_environment`` sorts what it finds into three: a check that failed is a defect, a check
+# that passed is a pass, and a part it cannot judge on this bundle (a piece is missing, or what it
+# would run says nothing without seed rows) is *not checkable*: no check at all, neither a pass
+# nor a defect, listed as "<part>: <why>".
 
-def _audit_mutations(pool, env: Environment, task_idx: int, label: str) -> list[ValidationCheck]:
-    if env.solution(task_idx) is not None and env.code is None:
-        found = [_skipped(task_idx, "mutations", "there is no environment code to replay the reference solution in")]
-    else:
-        found = mutation_checks(pool, env, task_idx)
-    for c in found:
-        c.detail = f"{label}: {c.detail}"[:DETAIL_CHARS]
+_NO_SEED = "on the empty schema (the environment has no seed data)"
+_HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
+# How the worker words an exception the code did not handle: "<ExceptionType>: message", plus
+# " (line N of the environment code)" when a frame of that code raised it.
+_UNHANDLED = re.compile(r"\(line \d+ of the environment code\)\s*$"
+                        r"|^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
+# Verifier exceptions that hold whatever the rows: the code or its SQL is wrong.
+_CODE_ERRORS = re.compile(r"^the verifier raised (NameError|ImportError|ModuleNotFoundError|SyntaxError|"
+                          r"UnboundLocalError|OperationalError|DatabaseError|ProgrammingError)\b")
+
+
+def _seeded(env: Environment) -> bool:
+    return env.seed_data is not None and bool(env.seed_data.statements())
+
+
+def handled_rejection(result) -> bool:
+    """Whether a failed tool call is the tool's own, handled answer: an HTTP 4xx other than 422
+    (AWM-1K: "not found", "bad request", ...) or a native tool's ``ToolError``. On a database
+    without rows that is what a correct tool answers when its example names a row, so it says
+    nothing of the tool. Everything else is a defect whatever the data: an exception the code did
+    not handle (FastAPI's 500, a native traceback), any 5xx, 422 (the example does not fit the
+    route's parameters), arguments that do not fit the tool's schema (``invalid_arguments``), a
+    tool the code lacks (``unknown_tool``), the sandbox stopping the code (``environment``), a
+    result that is not JSON."""
+    if result.ok or result.error_kind != "tool":
+        return False
+    error = (result.error or "").strip()
+    status = _HTTP_STATUS.match(error)
+    if status:
+        code = int(status.group(1))
+        return 400 <= code < 500 and code != 422
+    return not _UNHANDLED.search(error) and not error.startswith("the tool returned something that is not JSON")
+
+
+_NO_LOAD = "tool examples: the environment code does not load (see its defects)"
+
+
+def _audit_tools(pool, env: Environment) -> tuple[list[ValidationCheck], list[str]]:
+    """``tool_checks`` on the seeded database. Without seed rows every example runs on the empty
+    schema: a success is a pass and a crash a defect, but a tool that rejects its example itself
+    (``handled_rejection``: the row the example names is not there) is not checkable."""
+    if _seeded(env):
+        checks = tool_checks(pool, env)
+        return checks, [_NO_LOAD] if any(c.name != "tool_example" for c in checks) else []
+    checks = load_errors(pool, env)
+    if checks:
+        return checks, [_NO_LOAD]
+    rejected = []
+    for tc in pool.check_tools(_base(env)):
+        if not tc.ok and handled_rejection(tc.result):
+            rejected.append(f"{tc.tool} ({_short(' '.join((tc.result.error or '').split()), 100)})")
+            continue
+        outcome = "succeeded" if tc.ok else f"failed ({tc.result.error_kind}): {tc.result.error}"
+        checks.append(ValidationCheck(
+            name="tool_example", tool=tc.tool, passed=tc.ok,
+            detail=f"tool {tc.tool} called with its spec example arguments {_short(tc.arguments)} {_NO_SEED} "
+                   f"{outcome}"[:DETAIL_CHARS]))
+    if not rejected:
+        return checks, []
+    return checks, [f"tool examples of {', '.join(rejected)}: the environment has no seed data, and on the empty "
+                    "schema each tool rejected its example itself, as a correct tool does when the row the example "
+                    "names is not there (a crash would be a defect)"]
+
+
+def _note(notes: dict, part: str, style: str, task_idx: int, why: str) -> None:
+    notes.setdefault((part, style, why), []).append(task_idx)
+
+
+def _note_lines(notes: dict) -> list[str]:
+    """One line per (part, verifier style, reason), with the tasks it applies to."""
+    out = []
+    for (part, style, why), tasks in notes.items():
+        many = "s" if len(tasks) > 1 else ""
+        out.append(f"{part} of the {style} verifier{many} of task{many} {', '.join(map(str, sorted(tasks)))}: {why}")
+    return out
+
+
+def _audit_mutations(pool, env: Environment, task_idx: int, label: str, notes: dict) -> list[ValidationCheck]:
+    """The wrong and equivalent episodes tried (``soundness_checks``); the ones that cannot be
+    built, or would prove nothing, go to ``notes`` as not checkable."""
+    style = env.verifier(task_idx).style
+    if env.solution(task_idx) is None:
+        _note(notes, "mutations", style, task_idx, "there is no reference solution to derive wrong episodes from")
+        return []
+    if env.code is None:
+        _note(notes, "mutations", style, task_idx, "there is no environment code to replay the reference solution in")
+        return []
+    found = []
+    for c in soundness_checks(pool, env, task_idx):
+        skipped = skipped_mutation(c)
+        if skipped:
+            kind = skipped[0].split()[0].rstrip(":") if skipped[0].strip() else "mutations"
+            what = "mutations" if c.name == "verifier_mutation" else "equivalences"
+            _note(notes, what if kind in ("mutations", "equivalences") else f"{kind} {what}", style, task_idx,
+                  skipped[1])
+        else:
+            c.detail = f"{label}: {c.detail}"[:DETAIL_CHARS]
+            found.append(c)
     return found
+
+
+def _audit_verifier(pool, env: Environment, v, label: str, initial: bytes, notes: dict) -> list[ValidationCheck]:
+    """A verifier with a verdict, on a seeded database: the no-op check and the mutations. Else
+    only whether it runs on a no-op episode is judged (``verifier_run``), and the no-op rejection
+    and the mutations are not checkable: an evidence collector gives no verdict, and on the empty
+    schema a verdict says nothing of the rows the task is about."""
+    one = env.model_copy(update={"verifiers": [v]})
+    seeded = _seeded(env)
+    if v.style != "awm1k_sql" and seeded:
+        c = noop_check(pool, one, v.task_idx, initial_db=initial)
+        c.detail = f"{label}: {c.detail}"[:DETAIL_CHARS]
+        return [c] + _audit_mutations(pool, one, v.task_idx, label, notes)
+    _note(notes, "no-op rejection and mutations", v.style, v.task_idx,
+          "the verifier collects evidence for an LLM judge and gives no verdict of its own"
+          if v.style == "awm1k_sql" else
+          "the environment has no seed data: on the empty schema a verdict says nothing of the rows the task is "
+          "about")
+    out = _verify(pool, one, v.task_idx, initial, initial, None)
+    where = "on a no-op episode (final db == initial db, final_answer None)" + ("" if seeded else f" {_NO_SEED}")
+    if out.verdict is None and out.error:
+        if seeded or out.error_kind == "environment" or not out.error.startswith("the verifier raised ") \
+                or _CODE_ERRORS.match(out.error):
+            return [ValidationCheck(name="verifier_run", task_idx=v.task_idx, passed=False,
+                                    detail=f"{label} failed {where}: {out.error}"[:DETAIL_CHARS])]
+        _note(notes, "runs", v.style, v.task_idx,
+              f"the verifier raised {_NO_SEED}, where the rows it reads are not there ({_short(out.error, 160)})")
+        return []
+    return [ValidationCheck(name="verifier_run", task_idx=v.task_idx, passed=True,
+                            detail=f"{label} ran {where} without raising")]
 
 
 def audit_environment(pool, env: Environment) -> tuple[ValidationReport, list[str]]:
     """What can be checked without an LLM on any bundle, complete or not (e.g. AWM-1K records):
-    schema and seed errors, tools failing on their spec examples, verifiers that do not
-    compile, verifiers that accept a no-op run or (where the bundle has a reference solution)
-    a wrong episode derived from it (``mutation_checks``). Returns the report and the parts that could
-    not be checked (and why)."""
+    schema and seed errors, tools failing on their spec examples, verifiers that do not compile
+    or do not run, verifiers that accept a no-op run or (where the bundle has a reference
+    solution) a wrong episode derived from it (``mutation_checks``).
+
+    Returns the report and the parts that are not checkable on this bundle, one line each,
+    "<part>: <why>". The report's checks are only what ran: a failed one is a defect (and
+    ``report.passed`` means "no defect"), a passed one a pass; a not checkable part is neither.
+    A tool example that the tool itself rejects on a bundle without seed data (a 404: the row is
+    not there) is not checkable; a crash is a defect with or without seed data."""
     checks: list[ValidationCheck] = []
-    skipped: list[str] = []
+    notes: list[str] = []
     initial: bytes | None = None
     if env.db_schema is None:
-        skipped.append("schema, seed, tools and verifier runs: no database schema")
+        notes.append("schema, seed, tools and verifier runs: no database schema")
     else:
-        checks += database_checks(env) if env.seed_data is not None else database_checks(
-            env.model_copy(update={"seed_data": None}))[:1]
+        checks += [c for c in database_checks(env) if env.seed_data is not None or c.name != "seed"]
         if env.seed_data is None:
-            skipped.append("seed: no seed data (tools and verifiers run on the empty schema)")
+            notes.append("seed: no seed data (tools and verifiers run on the empty schema)")
+        elif not _seeded(env):
+            notes.append("seed: the seed data has no rows (tools and verifiers run on the empty schema)")
         if all(c.passed for c in checks):
             initial = build_database(env.db_schema, env.seed_data)
-    if initial is not None and env.code is not None:
-        checks += tool_checks(pool, env)
-    elif env.code is None:
-        skipped.append("tools: no environment code")
+        else:
+            notes.append("tool examples and verifier runs: the database cannot be built (see the schema and seed "
+                         "defects)")
+    if env.code is None:
+        notes.append("tools: no environment code")
+    elif initial is not None:
+        found, why = _audit_tools(pool, env)
+        checks += found
+        notes += why
     if not env.verifiers:
-        skipped.append("verifiers: none in the bundle")
+        notes.append("verifiers: none in the bundle")
+    per_verifier: dict = {}
     for v in env.verifiers:
         label = f"{v.style} verifier of task {v.task_idx}"
         try:
@@ -518,25 +872,7 @@ def audit_environment(pool, env: Environment) -> tuple[ValidationReport, list[st
                                           detail=f"{label} does not compile: line {exc.lineno}: {exc.msg}"))
             continue
         checks.append(ValidationCheck(name="verifier_compile", task_idx=v.task_idx, passed=True, detail=label))
-        if initial is None:
-            continue
-        one = env.model_copy(update={"verifiers": [v]})
-        c = noop_check(pool, one, v.task_idx, initial_db=initial)
-        c.detail = f"{label}: {c.detail}"
-        if v.style == "awm1k_sql" and c.passed is False and "raised" not in c.detail:
-            c.passed = True  # evidence collectors have no verdict of their own
-        checks.append(c)
-        checks += _audit_mutations(pool, one, v.task_idx, label)
-    skipped += _skipped_mutation_lines(checks)
-    report = ValidationReport(passed=all(c.passed for c in checks), checks=checks)
-    return report, skipped
-
-
-def _skipped_mutation_lines(checks: list[ValidationCheck]) -> list[str]:
-    """One line per reason mutations were skipped, with the tasks it applies to."""
-    tasks: dict[str, set[int]] = {}
-    for c in checks:
-        found = skipped_mutation(c)
-        if found:
-            tasks.setdefault(found[1], set()).add(c.task_idx)
-    return [f"verifier mutations of task(s) {', '.join(map(str, sorted(t)))}: {why}" for why, t in tasks.items()]
+        if initial is not None:
+            checks += _audit_verifier(pool, env, v, label, initial, per_verifier)
+    notes += _note_lines(per_verifier)
+    return ValidationReport(passed=all(c.passed for c in checks), checks=checks), notes

@@ -38,7 +38,7 @@ from awm_core.models import (
 )
 from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
 from awm_core.stages.base import stage_name, summarise_errors
-from awm_core.stages.verifier import lenience_errors
+from awm_core.stages.verifier import soundness_errors
 from awm_core.validation import publishable, report_from_checks
 from tasks.registry import RunRegistry
 
@@ -352,8 +352,11 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
                 continue
             try:
                 s = stage("solution", tctx.with_(verifiers=[v.value]))
-                # The verifier also accepted a wrong episode made from the solution: it is lenient.
-                hint, solution_attempts = lenience_errors(s.checks), s.attempts
+                # The verifier also accepted a wrong episode made from the solution (lenient), or
+                # rejected an equivalent one (too strict).
+                hint, solution_attempts = soundness_errors(s.checks), s.attempts
+                # The regenerated verifier sees the tools this solution calls in full.
+                shown = tctx.with_(solutions=[s.value])
             except StageFailed as exc:
                 if exc.budget:
                     raise
@@ -362,10 +365,11 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
                         "if the solution below is a correct way to do the task, the verifier is too strict "
                         "or checks the wrong thing: " + summarise_errors(exc.errors)[-1]]
                 solution_attempts = exc.attempts
+                shown = tctx
             if hint:
                 # Regenerate the verifier with the evidence, then the solution once more.
                 try:
-                    v = stage("verifier", tctx, extra_errors=hint, attempt_offset=v.attempts)
+                    v = stage("verifier", shown, extra_errors=hint, attempt_offset=v.attempts)
                     s = stage("solution", tctx.with_(verifiers=[v.value]), attempt_offset=solution_attempts)
                 except StageFailed as exc2:
                     if exc2.budget:

@@ -23,6 +23,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from awm_core.answers import answer_dates, answer_numbers, answer_times
+from awm_core.changes import db_changes
 from awm_core.runtime import protocol, sandbox
 from awm_core.runtime.bfcl_env import BfclEnv
 from awm_core.runtime.schema import function_schema, openapi_tools
@@ -470,6 +472,10 @@ def _make_verifier_module(code: str, name: str, guard: sandbox.Guard) -> dict[st
     ns: dict[str, Any] = {"__name__": name, "__builtins__": sandbox.make_builtins(sandbox.VERIFIER_IMPORTS, os_standin=True, guard=guard)}
     ns["sqlite3"] = sqlite3
     ns["json"] = json
+    # The helpers the verifier prompt names (awm_core.changes, awm_core.answers); a verifier that
+    # defines these names itself, or never uses them, runs as before.
+    ns.update(db_changes=db_changes, answer_numbers=answer_numbers, answer_dates=answer_dates,
+              answer_times=answer_times)
     exec(compile(code, f"<{name}>", "exec"), ns)
     return ns
 

@@ -25,16 +25,17 @@ from awm_core.models import (
     Task,
     Verifier,
 )
+from awm_core.runtime.sandbox import NATIVE_IMPORTS
 
 # The one user every task acts as; prompts and checks share this number.
 CURRENT_USER_ID = 1
 
-# Modules environment and verifier code may import (the sandbox enforces its own list too;
-# this one gives the model a precise repair instruction before anything runs).
-ALLOWED_IMPORTS = (
-    "sqlite3", "json", "datetime", "re", "math", "typing", "collections", "itertools",
-    "functools", "decimal", "statistics",
-)
+# Modules environment code may import: the sandbox's own list, so the prompt and the static
+# check can never promise or refuse what the sandbox does not. Names with "_" are there for
+# the standard library's lazy imports (_strptime) or are compiler directives, and ToolError
+# reaches generated code as a builtin: none of them is for the model to import. Sorted, so
+# the prompt is a stable cache key.
+ALLOWED_IMPORTS = tuple(sorted(m for m in NATIVE_IMPORTS if not m.startswith("_") and m != "awm_core.errors"))
 
 # How much earlier-error text one prompt may carry; beyond it the list is cut with a note.
 MAX_ERROR_LINES = 40
@@ -57,6 +58,8 @@ class StageContext(BaseModel):
     api_spec: ApiSpec | None = None
     code: EnvCode | None = None
     verifiers: list[Verifier] = Field(default_factory=list)
+    # A verifier regenerated after a reference solution exists is shown the tools that solution calls.
+    solutions: list[ReferenceSolution] = Field(default_factory=list)
     task_idx: int | None = None
     tasks_per_scenario: int = 10
     target_tools: int = 35
@@ -87,7 +90,7 @@ class StageContext(BaseModel):
         data: dict[str, Any] = {
             "id": self.scenario_id, "scenario": self.scenario, "tasks": self.tasks,
             "db_schema": self.db_schema, "seed_data": self.seed_data, "api_spec": self.api_spec,
-            "code": self.code, "verifiers": self.verifiers,
+            "code": self.code, "verifiers": self.verifiers, "solutions": self.solutions,
         }
         data.update(parts)
         return Environment(**data)
@@ -269,6 +272,19 @@ def render_spec(ctx: StageContext) -> str:
             for n, p in t.parameters.items())
         lines.append(f"- {t.name}({params}) -> {json.dumps(t.returns, separators=(',', ':'))[:300]}: {t.description}")
     return "\n".join(lines)
+
+
+def render_spec_json(ctx: StageContext) -> str:
+    """The whole spec as compact JSON, defaults left out except each parameter's "required":
+    its default is true, so dropping defaults would leave required parameters unmarked and
+    only the optional ones saying anything."""
+    data = ctx.api_spec.model_dump(mode="json", exclude_defaults=True)
+    for tool, shown in zip(ctx.api_spec.tools, data["tools"]):
+        for pname, p in tool.parameters.items():
+            kept = shown["parameters"][pname]
+            shown["parameters"][pname] = {k: v for k, v in p.model_dump(mode="json").items()
+                                          if k in kept or k == "required"}
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------- one attempt

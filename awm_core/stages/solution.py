@@ -22,7 +22,7 @@ from awm_core.stages.base import (
 
 NAME = "solution"
 PER_TASK = True
-PROMPT_VERSION = "solution-v2"
+PROMPT_VERSION = "solution-v3"
 JSON_MODE = True
 
 SYSTEM = """
@@ -51,8 +51,9 @@ parameters exactly (names and types; omit optional ones you do not need). For a 
 with the exact value, in final_answer; for a pure change, final_answer may be a short confirmation or null.
 A value that an earlier call returns (e.g. the id of a row it creates) cannot be known in advance: write it as
 {{"$ref": "<call index>.<path into that call's JSON result>"}}, e.g. {{"$ref": "0.id"}} for the "id" field of
-call 0's result, or {{"$ref": "1.items.0.id"}} (numbers index lists). The replay puts the real value there; a
-$ref may only point at an earlier call.
+call 0's result, or {{"$ref": "1.items.0.id"}} (numbers index lists). When a call's result is itself a JSON
+list, the index comes right after the call number: {{"$ref": "0.0.id"}} is the "id" of the first item of the list
+call 0 returned. The replay puts the real value there; a $ref may only point at an earlier call.
 
 Answer with JSON only: {{"calls": [{{"tool": "name", "arguments": {{...}}}}], "final_answer": "..." or null}}
 """
@@ -100,14 +101,14 @@ def execute(solution: ReferenceSolution, ctx: StageContext, pool) -> list:
     """Replay, verdict and determinism checks (raising if one fails), then the verifier's
     mutation checks; returns them all for the report. A failed mutation check does not reject
     the solution: it shows the verifier is lenient, which only a new verifier can fix."""
-    from awm_core.validation import failed_details, mutation_checks, solution_checks
+    from awm_core.validation import failed_details, solution_checks, soundness_checks
 
     env = ctx.environment(solutions=[solution])
     checks = solution_checks(pool, env, solution.task_idx)
     errors = failed_details(checks)
     if errors:
         raise StageError(f"{NAME}.{ctx.task_idx}", errors)
-    return checks + mutation_checks(pool, env, solution.task_idx)
+    return checks + soundness_checks(pool, env, solution.task_idx)
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

@@ -5,7 +5,8 @@ Checked statically (compiles, allowed imports, the signature) and in the sandbox
 no-op episode (final == initial, no answer) it must run without error and must NOT say
 "complete" (a verifier that passes a no-op checks something that was already true). Once a
 reference solution passes it, the solution stage runs it on wrong episodes derived from that
-solution; ``lenience_errors`` turns any it accepted into the next verifier attempt's errors.
+solution, and on equivalent ones it must accept; ``soundness_errors`` turns any it judged wrongly
+into the next verifier attempt's errors.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 
 from awm_core.errors import StageError
 from awm_core.models import Verifier
-from awm_core.mutations import NUMBER_PATTERN, word_stem
+from awm_core.mutations import word_stem
 from awm_core.stages.base import (
     CURRENT_USER_ID, StageContext, extract_python, messages, render_scenario, render_schema, render_seed,
     render_spec, run_stage,
@@ -24,15 +25,18 @@ from awm_core.stages.code import compile_module, import_errors
 
 NAME = "verifier"
 PER_TASK = True
-PROMPT_VERSION = "verifier-v2"
+PROMPT_VERSION = "verifier-v3"
 JSON_MODE = False
 IMPORTS = ("sqlite3", "json", "re", "math", "datetime", "decimal", "collections")
+# Provided in the verifier's namespace by the sandbox (awm_core.runtime.worker).
+HELPERS = ("db_changes", "answer_numbers", "answer_dates", "answer_times")
 
 SYSTEM = """
 You write automatic checkers for tasks an AI agent performs on an application's SQLite database. A checker
 compares the database before and after the agent's episode (and the agent's final answer) and decides,
-deterministically, whether the task was completed. It must never say "complete" for an episode in which
-nothing was done, and must accept every correct way of doing the task.
+deterministically, whether the task was completed. It must never say "complete" for a wrong episode (nothing
+done, a wrong value, a wrong row, a change nobody asked for, a wrong or hedged answer), and must accept every
+correct way of doing the task.
 """
 
 USER = """
@@ -59,36 +63,63 @@ Write `def verify(initial_db, final_db, final_answer):`
 - initial_db and final_db are read-only sqlite3.Connection objects (initial and final state); final_answer is
   the agent's last message (str) or None. Do not write to them and do not open files.
 - Return {{"verdict": "complete" | "partial" | "incomplete", "evidence": {{...what you checked, with values...}}}}.
-- Change tasks: find the intended change by comparing final_db against initial_db (the new/updated/deleted rows
-  with the values the task gives, and the other columns the tools above set when they do it) and check
-  nothing unrelated was destroyed. Match text case-insensitively and trimmed; do not depend on ids the
-  agent's inserts will get, find rows by their content.
-- Question tasks: compute the right value from initial_db with SQL (do not hard-code it), then parse values
-  out of final_answer and compare values, never substrings ("4" is inside "2024" and "14"):
+{helpers}
+- Change tasks: exactly the changes the task asks for and nothing else. Call db_changes(initial_db, final_db)
+  once and check all of:
+  * the changed tables are exactly the ones the intended change touches (with the side effects the tools above
+    write when they do it, such as a log row or an updated_at column);
+  * in each of them, exactly the expected rows inserted, updated or deleted, found by their content (never by
+    the ids the agent's inserts will get), with every value the task states (names, numbers, dates, times,
+    statuses and other enum values, flags) equal to what it says; for an updated row, exactly the expected
+    columns changed;
+  * no other row inserted, updated or deleted in any table (a stray copy of a row, an edit to another row or
+    to another column counts).
+  A value the task does not state (an optional note, a timestamp a tool sets) may be anything. Match text
+  case-insensitively and trimmed. Tools that only look things up may write too (a view count, an access
+  log: see their code); those changes are not wrong.
+- Question tasks: compute the right value from initial_db with SQL (do not hard-code it), then read values out
+  of final_answer with the helpers and compare values, never substrings ("4" is inside "2024" and "14"):
 {parsed_rule}
-- Multi-step tasks: "partial" when some but not all required changes are present.
+- Multi-step tasks: "partial" when some but not all required changes are present and nothing wrong was done.
 - A no-op episode (final_db identical to initial_db, final_answer None) must give "incomplete".
 - Deterministic and fast: no clock, no randomness; imports only from {imports}.
 
 Answer with the function (and any helpers it needs) in exactly one ```python fenced block.
 """
 
-
-# How a question verifier reads the answer. The number pattern is the one the wrong_answer
-# mutation changes numbers by, so a verifier written this way rejects exactly those mutants.
-PARSED_VALUES_RULE = f"""
-  numbers: found = [float(x.replace(",", "")) for x in re.findall(r"{NUMBER_PATTERN}", final_answer or "")]
-    and complete only if some v in found has abs(v - expected) < 0.005: "$1,234.50" and "1234.5" both match
-    1234.5, while "14" and "2024" never match 4;
-  dates: extract them (re.findall(r"\\d{{4}}-\\d{{2}}-\\d{{2}}", ...), or a spelled-out month and day) and compare dates;
-  names and titles: whole words, case-insensitively:
-    re.search(r"\\b" + re.escape(name.lower()) + r"\\b", final_answer.lower()).
+HELPERS_TEXT = """
+- Already defined in your namespace (call them; do not import or define them):
+  db_changes(initial_db, final_db) -> {"<table>": {"inserted": [row], "updated": [{"key": {...}, "old": row,
+    "new": row, "columns": [changed column names]}], "deleted": [row]}} for every table with a change; rows are
+    dicts of column -> value, matched by primary key; tables without a change are absent.
+  answer_numbers(text) -> the numbers in text outside dates and times, as floats ("$1,234.50" -> 1234.5; the
+    "03" of "2025-05-03" and the 3 of "May 3" are not numbers).
+  answer_dates(text, default_year=None) -> the dates in text as "YYYY-MM-DD" ("2026-12-10", "Dec 10, 2026",
+    "10 December", "12/10/2026"); a date written without a year takes default_year.
+  answer_times(text) -> the clock times in text as 24-hour "HH:MM" ("3:30 PM" -> "15:30", "09:00").
 """.strip("\n")
 
-# The verifier is written before the reference solution (tasks/generation.py), so which tools
-# the intended episode calls is not known yet: the prompt shows the whole module when it fits
-# (it usually does) and otherwise the tools over tables the task mentions first, then helpers,
-# then the rest, up to this many characters, naming what was left out.
+
+# How a question verifier reads the answer; the wrong_answer and hedged_answer mutations and the
+# reworded_answer equivalences (awm_core.mutations) are built to what this says.
+PARSED_VALUES_RULE = r"""
+  numbers: complete only if some v in answer_numbers(final_answer) has abs(v - expected) < 0.005 ("$1,234.50",
+    "1,234.50 dollars" and "1234.5" all match 1234.5; "14", "2024" and the day of a date never match 4);
+  dates and times: compare answer_dates(...) / answer_times(...) with the expected ones;
+  names and titles: whole words, case-insensitively:
+    re.search(r"\b" + re.escape(name.lower()) + r"\b", final_answer.lower()).
+  A hedged answer is wrong: also compute the wrong candidates of the same kind (the other values of the column
+  the answer comes from: other names, titles, statuses, and the same number for the other rows) and give
+  "incomplete" when the answer states any of them as well as the right one ("Maria Lopez (or Tomasz Nowak)").
+  A reworded answer is right: any sentence around the value, units written out, thousands separators, a date
+  or time written another way.
+""".strip("\n")
+
+# The verifier is first written before the reference solution (tasks/generation.py): the prompt
+# shows the whole module when it fits (it usually does) and otherwise always the tools the
+# solution calls (once there is one) and the tools that write the tables the task names, then
+# the other tools over those tables, helpers and the rest, up to this many characters, naming
+# what was left out.
 TOOL_CODE_CHARS = 20_000
 
 
@@ -104,6 +135,27 @@ def _relevance(tool, task_words: set[str]) -> int:
     return 2 * in_name + in_tables
 
 
+_WRITE = re.compile(r"\b(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM|REPLACE\s+INTO)\s+[\"`\[]?(\w+)", re.I)
+
+
+def written_tables(source: str) -> set[str]:
+    """Tables a tool's code writes (the names after INSERT INTO / UPDATE / DELETE FROM)."""
+    return {m.group(1).lower() for m in _WRITE.finditer(source)}
+
+
+def kept_tools(ctx: StageContext, funcs: dict[str, str]) -> list[str]:
+    """Tools whose code the prompt never cuts: those the task's reference solution calls (when
+    the context has one) and those that write a table the task names."""
+    solution = next((s for s in ctx.solutions if s.task_idx == ctx.task_idx), None)
+    called = [c.tool for c in solution.calls] if solution else []
+    task_words = _words(ctx.task().text)
+    tables = {t.name.lower() for t in ctx.db_schema.tables} if ctx.db_schema else set()
+    # "meal plan" names meal_plan_entries: all of a table's words but one will do.
+    named = {t for t in tables if len(_words(t.replace("_", " ")) & task_words) >= max(1, len(t.split("_")) - 1)}
+    writers = [n for n, src in funcs.items() if not n.startswith("_") and written_tables(src) & named]
+    return list(dict.fromkeys(n for n in called + writers if n in funcs))
+
+
 def render_tool_code(ctx: StageContext, cap: int = TOOL_CODE_CHARS) -> str:
     source = ctx.code.source.strip()
     if len(source) <= cap:
@@ -116,11 +168,13 @@ def render_tool_code(ctx: StageContext, cap: int = TOOL_CODE_CHARS) -> str:
     task_words = _words(ctx.task().text)
     scored = sorted(((_relevance(t, task_words), t.name) for t in ctx.api_spec.tools if t.name in funcs),
                     key=lambda x: -x[0])
+    kept = kept_tools(ctx, funcs)
     related = [n for score, n in scored if score > 0]
     order = related + [n for n in funcs if n.startswith("_")] + [n for score, n in scored if score == 0]
     shown, left_out = ["\n".join(constants)] if constants else [], []
+    shown += [funcs[n] for n in kept]  # never cut, whatever they cost
     used = sum(map(len, shown))
-    for name in order:
+    for name in (n for n in order if n not in kept):
         if used + len(funcs[name]) > cap:
             left_out.append(name)
             continue
@@ -136,7 +190,8 @@ def build_messages(ctx: StageContext, previous_errors: list[str]) -> list[dict]:
     task = ctx.task()
     user = USER.format(scenario=render_scenario(ctx), schema=render_schema(ctx), seed=render_seed(ctx),
                        spec=render_spec(ctx), code=render_tool_code(ctx), idx=task.idx, task=task.text,
-                       user_id=CURRENT_USER_ID, imports=", ".join(IMPORTS), parsed_rule=PARSED_VALUES_RULE)
+                       user_id=CURRENT_USER_ID, imports=", ".join(IMPORTS), parsed_rule=PARSED_VALUES_RULE,
+                       helpers=HELPERS_TEXT)
     return messages(SYSTEM, user, previous_errors)
 
 
@@ -171,15 +226,18 @@ def execute(verifier: Verifier, ctx: StageContext, pool) -> list:
     return [check]
 
 
-def lenience_errors(checks: list) -> list[str]:
+def soundness_errors(checks: list) -> list[str]:
     """Repair instructions for a verifier that said "complete" on wrong episodes (failed
-    ``verifier_mutation`` checks), naming each mutation that fooled it."""
+    ``verifier_mutation`` checks: lenient) or not on equivalent ones (failed
+    ``verifier_equivalence`` checks: too strict), naming each episode."""
     fooled = [c.detail for c in checks if c.name == "verifier_mutation" and not c.passed]
-    if not fooled:
-        return []
-    return ["your previous verifier accepted the reference solution but also said \"complete\" for a wrong episode "
-            "made from it; check every change the task asks for (the right rows, by content), that nothing else "
-            "was destroyed, and the exact value in the answer: " + d for d in fooled]
+    strict = [c.detail for c in checks if c.name == "verifier_equivalence" and not c.passed]
+    return (["your previous verifier accepted the reference solution but also said \"complete\" for a wrong episode "
+             "made from it; check every change the task asks for (the right rows, by content, with the values the "
+             "task states), that nothing else was inserted, updated or deleted (db_changes), and the exact value "
+             "in the answer with no other candidate beside it: " + d for d in fooled]
+            + ["your previous verifier rejected an episode that does the task as well as the reference solution; "
+               "accept every correct way of doing it: " + d for d in strict])
 
 
 def run(client, ctx: StageContext, *, attempt: int, previous_errors: list[str], pool=None):

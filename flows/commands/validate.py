@@ -3,8 +3,11 @@
 DIR holds AgentWorldModel-1K JSONL files; without DIR the environments of the catalog's
 newest snapshot are checked. Reports per environment and task: schema and seed errors, tools
 that fail on their spec examples, verifiers that do not compile, verifiers that accept a
-no-op run or a wrong episode made from the task's reference solution (mutations); then lists
-every defect found.
+no-op run or a wrong episode made from the task's reference solution (mutations). Three
+things are kept apart: defects (checks that failed), parts that are not checkable on the bundle
+and why (a missing piece; an evidence-collecting verifier's verdict; without seed data, a tool
+that rejects its example itself because the row is not there, or a verifier's verdict on the
+empty schema), and checks that passed. The exit status counts defects only.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ def register(sub) -> None:
                     "verifier on a no-op episode and on wrong episodes made from the task's reference solution, where "
                     "there is one: a state-changing call dropped, an id argument swapped, an unrelated row deleted, "
                     "a wrong number in the answer (it must say complete on none). DIR: a folder of AgentWorldModel-1K "
-                    "JSONL files; without DIR, the environments of the newest catalog snapshot. Exit 1 when a "
-                    "defect is found.")
+                    "JSONL files; without DIR, the environments of the newest catalog snapshot. Prints a table, "
+                    "the parts that are not checkable and why (not defects: e.g. no seed data, no reference "
+                    "solution), and every defect. Exit 1 when a defect is found (parts not checkable do not count).")
     p.add_argument("dir", nargs="?", default=None, help="folder of AWM-1K .jsonl files (default: the catalog)")
     p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (without DIR; default newest)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -44,6 +48,8 @@ def load_environments(args) -> tuple[list, list[str]]:
 
 
 def audit(environments, settings=None) -> list[dict]:
+    """Per environment: ``passed`` (no defect), ``checks`` (what ran: a failed one is a defect),
+    ``not_checkable`` ("<part>: <why>" lines: neither passes nor defects) and their counts."""
     from awm_core.runtime import SandboxPool
     from awm_core.settings import get_settings
     from awm_core.validation import audit_environment
@@ -51,39 +57,37 @@ def audit(environments, settings=None) -> list[dict]:
     results = []
     with SandboxPool((settings or get_settings()).sandbox) as pool:
         for env in environments:
-            report, skipped = audit_environment(pool, env)
-            results.append({"env_id": env.id, "flavour": env.flavour, "passed": report.passed, "skipped": skipped,
-                            "checks": [c.model_dump(mode="json") for c in report.checks]})
+            report, not_checkable = audit_environment(pool, env)
+            checks = [c.model_dump(mode="json") for c in report.checks]
+            results.append({"env_id": env.id, "flavour": env.flavour, "passed": report.passed,
+                            "counts": {"passed": sum(c["passed"] for c in checks),
+                                       "defects": sum(not c["passed"] for c in checks),
+                                       "not_checkable": len(not_checkable)},
+                            "not_checkable": not_checkable, "checks": checks})
     return results
 
 
 def table(results: list[dict]) -> str:
-    from awm_core.models import ValidationCheck
-    from awm_core.validation import skipped_mutation
-
-    rows = ["| environment | schema | seed | tools ok | verifiers compile | no-op rejected | mutations rejected "
-            "| defects |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    """One row per environment: checks passed/run per kind ("-": none ran), then the counts of
+    passed checks, defects and parts not checkable."""
+    rows = ["| environment | schema | seed | tools ok | verifiers compile | verifiers run | no-op rejected "
+            "| mutations rejected | passed | defects | not checkable |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         checks = r["checks"]
 
-        def count(name):
-            cs = [c for c in checks if c["name"] == name]
+        def count(*names):
+            cs = [c for c in checks if c["name"] in names]
             return f"{sum(c['passed'] for c in cs)}/{len(cs)}" if cs else "-"
-
-        def mutations():
-            tried = [c for c in checks if c["name"] == "verifier_mutation"
-                     and not skipped_mutation(ValidationCheck.model_validate(c))]
-            return f"{sum(c['passed'] for c in tried)}/{len(tried)}" if tried else "-"
 
         def state(name):
             cs = [c for c in checks if c["name"] == name]
             return "-" if not cs else ("ok" if all(c["passed"] for c in cs) else f"{sum(not c['passed'] for c in cs)} errors")
 
-        defects = sum(not c["passed"] for c in checks)
-        tools = [c for c in checks if c["name"] in ("tool_example", "code_load")]
-        tools_s = f"{sum(c['passed'] for c in tools)}/{len(tools)}" if tools else "-"
-        rows.append(f"| {r['env_id']} | {state('schema')} | {state('seed')} | {tools_s} | {count('verifier_compile')} | "
-                    f"{count('verifier_noop')} | {mutations()} | {defects} |")
+        n = r["counts"]
+        rows.append(f"| {r['env_id']} | {state('schema')} | {state('seed')} | {count('tool_example', 'code_load')} | "
+                    f"{count('verifier_compile')} | {count('verifier_run')} | {count('verifier_noop')} | "
+                    f"{count('verifier_mutation')} | {n['passed']} | {n['defects']} | {n['not_checkable']} |")
     return "\n".join(rows)
 
 
@@ -108,13 +112,19 @@ def run(args) -> int:
         print(json.dumps({"environments": results, "read_problems": problems}, indent=1))
     else:
         print(table(results))
-        for r in results:
-            for s in r["skipped"]:
-                print(f"  {r['env_id']}: not checked: {s}")
+        notes = [f"{r['env_id']}: {s}" for r in results for s in r["not_checkable"]]
         found = defects(results)
-        print(f"\n{len(found)} defect(s) in {sum(not r['passed'] for r in results)} of {len(results)} environment(s)")
+        bad = sum(not r["passed"] for r in results)
+        print(f"\nNot checkable ({len(notes)}; not defects: a part missing from the bundle, or a run that says "
+              "nothing without seed data):")
+        for n in notes:
+            print(f"- {n}")
+        print(f"\nDefects ({len(found)}):" if found else "\nDefects: none")
         for d in found:
             print(f"- {d}")
+        print(f"\n{sum(r['counts']['passed'] for r in results)} check(s) passed; {len(found)} defect(s) in {bad} of "
+              f"{len(results)} environment(s); {len(notes)} part(s) not checkable")
         for p in problems:
             print(f"unreadable record: {p}", file=sys.stderr)
+    # Defects only: what could not be checked is reported, not failed.
     return 1 if any(not r["passed"] for r in results) else 0

@@ -15,17 +15,20 @@ from test_pipeline_validation import NOOP_PASSING, VERIFIER
 def test_validate_awm1k_samples_reports_real_defects(awm1k_samples, awm_home, capsys):
     assert main(["validate", str(awm1k_samples)]) == 1
     out = capsys.readouterr().out
-    assert ("| environment | schema | seed | tools ok | verifiers compile | no-op rejected | mutations rejected | "
-            "defects |") in out
+    assert ("| environment | schema | seed | tools ok | verifiers compile | verifiers run | no-op rejected | "
+            "mutations rejected | passed | defects | not checkable |") in out
+    not_checkable, defects = out.split("\nNot checkable (", 1)[1].split("\nDefects (", 1)
     # Defects present in the published dataset records: a SQL-mode verifier with unbalanced
     # brackets, and tools whose own spec examples crash their FastAPI handlers.
-    assert "e_commerce_33/2 [verifier_compile] awm1k_sql verifier of task 2 does not compile" in out
-    assert "content_platform_1 [tool_example:get_channel_by_id]" in out
-    assert "marketplace_1: not checked: schema, seed, tools and verifier runs: no database schema" in out
-    # The dataset ships no reference solutions: nothing to derive wrong episodes from.
-    assert "| e_commerce_33 | ok | ok | - | 5/6 | 5/5 | - | 1 |" in out
-    assert ("e_commerce_33: not checked: verifier mutations of task(s) 0, 1, 2: there is no reference solution to "
-            "derive wrong episodes from") in out
+    assert "- e_commerce_33/2 [verifier_compile] awm1k_sql verifier of task 2 does not compile" in defects
+    assert "- content_platform_1 [tool_example:get_channel_by_id]" in defects
+    assert "- marketplace_1: schema, seed, tools and verifier runs: no database schema" in not_checkable
+    # The dataset ships no reference solutions: nothing to derive wrong episodes from; its SQL-mode
+    # verifiers only run (they have no verdict), so only the 3 pure-code ones can reject a no-op.
+    assert "| e_commerce_33 | ok | ok | - | 5/6 | 2/2 | 3/3 | - | 12 | 1 | 3 |" in out
+    assert ("- e_commerce_33: mutations of the awm1k_code verifiers of tasks 0, 1, 2: there is no reference solution "
+            "to derive wrong episodes from") in not_checkable
+    assert "e_commerce_33" not in defects.split("\n- content_platform_1", 1)[1]
 
 
 def test_validate_json_lists_every_check(awm1k_samples, awm_home, capsys):
@@ -36,8 +39,10 @@ def test_validate_json_lists_every_check(awm1k_samples, awm_home, capsys):
     assert not ecom["passed"] and {c["name"] for c in ecom["checks"]} >= {"schema", "seed", "verifier_compile",
                                                                           "verifier_noop"}
     assert envs["content_platform_1"]["checks"][0]["name"] == "schema"
-    mutations = [c for c in ecom["checks"] if c["name"] == "verifier_mutation"]
-    assert {c["task_idx"] for c in mutations} == {0, 1, 2} and all(c["passed"] for c in mutations)
+    # Mutations that cannot run are not checks (neither passed nor failed): they are listed with why.
+    assert not [c for c in ecom["checks"] if c["name"] == "verifier_mutation"]
+    assert ecom["counts"] == {"passed": 12, "defects": 1, "not_checkable": 3}
+    assert any(line.startswith("mutations of the awm1k_code verifiers of tasks 0, 1, 2") for line in ecom["not_checkable"])
 
 
 def test_validate_catalog_finds_a_verifier_that_passes_a_noop(awm_home, capsys):
@@ -56,7 +61,7 @@ def test_validate_catalog_finds_a_verifier_that_passes_a_noop(awm_home, capsys):
         pub.add_environments([env])
     assert main(["validate"]) == 1
     out = capsys.readouterr().out
-    assert "| note_pad | ok | ok | 3/3 | 2/2 | 1/2 | - | 1 |" in out
+    assert "| note_pad | ok | ok | 3/3 | 2/2 | - | 1/2 | - | 8 | 1 | 1 |" in out
     assert "note_pad/1 [verifier_noop]" in out and "no-op episode" in out
 
 

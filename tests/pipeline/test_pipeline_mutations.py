@@ -9,7 +9,9 @@ import pytest
 from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
 from awm_core.stages import code, solution, verifier
 from awm_core.stages.base import StageContext
-from awm_core.validation import mutation_checks, skipped_mutation, solution_checks, validate_environment
+from awm_core.validation import (
+    mutation_checks, skipped_mutation, solution_checks, soundness_checks, validate_environment,
+)
 
 from test_pipeline_stages import CODE, SCHEMA, SEED, SPEC
 
@@ -36,9 +38,10 @@ TWO_LENIENT = '''    n = final_db.execute("SELECT count(*) FROM notes WHERE titl
     ok = n == 1 and _kept(initial_db, final_db, "users")
     return {"verdict": "complete" if ok else "incomplete", "evidence": {"trip": n}}
 '''
-TWO_STRICT = '''    n = final_db.execute("SELECT count(*) FROM notes WHERE title IN ('Trip', 'Pack')").fetchone()[0]
-    ok = n == 2 and _kept(initial_db, final_db, "users")
-    return {"verdict": "complete" if ok else "incomplete", "evidence": {"new": n}}
+TWO_STRICT = '''    ch = db_changes(initial_db, final_db)
+    new = sorted(r["title"] for r in ch.get("notes", {}).get("inserted", []))
+    ok = set(ch) == {"notes"} and new == ["Pack", "Trip"] and not ch["notes"]["updated"] and not ch["notes"]["deleted"]
+    return {"verdict": "complete" if ok else "incomplete", "evidence": {"new": new}}
 '''
 # task 1: delete Groceries. Lenient: one note fewer, whichever.
 DELETE_LENIENT = '''    before = initial_db.execute("SELECT count(*) FROM notes").fetchone()[0]
@@ -58,9 +61,8 @@ COUNT_LENIENT = '''    n = initial_db.execute("SELECT count(*) FROM notes WHERE 
 def _verdict_of(ok):
     return "complete" if ok else "incomplete"
 '''
-COUNT_STRICT = '''    import re
-    n = initial_db.execute("SELECT count(*) FROM notes WHERE user_id = 1").fetchone()[0]
-    numbers = [int(x) for x in re.findall(r"(?<![\\d.])\\d+(?![\\d.]*\\d)", final_answer or "")]
+COUNT_STRICT = '''    n = initial_db.execute("SELECT count(*) FROM notes WHERE user_id = 1").fetchone()[0]
+    numbers = answer_numbers(final_answer)
     ok = n in numbers and len(set(numbers)) == 1
     return {"verdict": "complete" if ok else "incomplete", "evidence": {"expected": n, "numbers": numbers}}
 '''
@@ -125,22 +127,27 @@ def test_each_mutation_catches_its_lenient_verifier_and_passes_the_strict_one(ct
 def _as_prompted() -> str:
     """Task 2's verifier written the way the verifier prompt tells a model to read numbers."""
     rule = verifier.PARSED_VALUES_RULE
-    parse = rule[rule.index("found = "):rule.index("\n", rule.index("found = "))].strip()
-    return ("    import re\n"
-            "    expected = initial_db.execute(\"SELECT count(*) FROM notes WHERE user_id = 1\").fetchone()[0]\n"
-            f"    {parse}\n"
+    test = rule[rule.index("some v in "):rule.index(" < 0.005") + len(" < 0.005")]
+    assert test == "some v in answer_numbers(final_answer) has abs(v - expected) < 0.005"
+    return ("    expected = initial_db.execute(\"SELECT count(*) FROM notes WHERE user_id = 1\").fetchone()[0]\n"
+            "    found = answer_numbers(final_answer)\n"
             "    ok = any(abs(v - expected) < 0.005 for v in found)\n"
             "    return {\"verdict\": \"complete\" if ok else \"incomplete\", \"evidence\": {\"found\": found}}\n")
 
 
 def test_a_verifier_following_the_prompts_parsed_values_rule_passes_wrong_answer(ctx, pool):
-    """The prompt's rule and the wrong_answer mutation agree: a verifier that parses numbers as
-    told accepts the reference answer and rejects every changed or embedded number, where the
-    substring verifier (COUNT_LENIENT) is caught."""
+    """The prompt's rule and the answer mutations agree: a verifier that reads numbers as told
+    accepts the reference answer and its rewordings and rejects every changed, embedded or
+    date-only number, where the substring verifier (COUNT_LENIENT) is caught."""
     env = _env(ctx, [TWO_STRICT, DELETE_STRICT, _as_prompted(), TRIP_STRICT])
     assert all(c.passed for c in solution_checks(pool, env, 2))
-    checks = [c for c in mutation_checks(pool, env, 2) if "wrong_answer" in c.detail]
-    assert len(_tried(checks)) == 2 and all(c.passed for c in checks), [c.detail for c in checks]
+    checks = [c for c in soundness_checks(pool, env, 2) if "_answer" in c.detail]
+    tried = _tried(checks)
+    assert {c.detail.split(" ")[0] for c in tried} == {"wrong_answer", "hedged_answer", "reworded_answer"}
+    assert len(tried) >= 5 and all(c.passed for c in checks), [c.detail for c in checks if not c.passed]
+    lenient = _env(ctx, [TWO_STRICT, DELETE_STRICT, COUNT_LENIENT, TRIP_STRICT])
+    assert any("after hedged_answer (the number only inside an ISO date)" in c.detail
+               for c in mutation_checks(pool, lenient, 2) if not c.passed)
 
 
 def test_swap_names_the_row_and_table_and_drop_names_the_call(ctx, pool):
@@ -153,15 +160,17 @@ def test_swap_names_the_row_and_table_and_drop_names_the_call(ctx, pool):
 def test_mutations_that_cannot_be_built_are_skipped_not_failed(ctx, pool):
     checks = mutation_checks(pool, _env(ctx, STRICT), 2)  # read-only: nothing to drop, swap or protect
     reasons = {skipped_mutation(c)[0]: skipped_mutation(c)[1] for c in checks if skipped_mutation(c)}
-    assert reasons.keys() == {"drop_call", "swap_argument", "extra_destructive"}
+    assert reasons.keys() == {"drop_call", "swap_argument", "change_value", "extra_destructive", "extra_insert",
+                              "extra_update"}
+    assert reasons["extra_insert"].startswith("the reference solution changes nothing")
     assert "no call of the reference solution changes the database" in reasons["drop_call"]
-    assert [c.passed for c in _tried(checks)] == [True, True]  # both wrong answers rejected
+    assert len(_tried(checks)) == 4 and all(c.passed for c in _tried(checks))  # wrong and hedged answers rejected
     no_answer = mutation_checks(pool, _env(ctx, STRICT), 3)
     assert any(skipped_mutation(c) == ("wrong_answer", "the reference solution gives no final answer")
                for c in no_answer)
     bare = ctx.environment(verifiers=[_v(3, TRIP_STRICT)])
     assert [skipped_mutation(c) for c in mutation_checks(pool, bare, 3)] == [
-        ("mutations", "there is no reference solution to derive wrong episodes from")]
+        ("mutations", "there is no reference solution to derive episodes from")]
 
 
 def test_a_mutant_ending_in_the_reference_database_is_skipped(ctx, pool):
@@ -190,11 +199,12 @@ def test_validation_drops_a_lenient_task_naming_the_mutation(ctx, pool):
     assert "verifier_mutation" in names
 
 
-def test_lenience_errors_name_the_mutation_for_the_verifier_stage(ctx, pool):
+def test_soundness_errors_name_the_mutation_for_the_verifier_stage(ctx, pool):
     checks = mutation_checks(pool, _env(ctx, LENIENT), 3)
-    errors = verifier.lenience_errors(checks)
-    assert len(errors) == 1 and "extra_destructive" in errors[0] and "deleted the first row of users" in errors[0]
-    assert verifier.lenience_errors(mutation_checks(pool, _env(ctx, STRICT), 3)) == []
+    errors = verifier.soundness_errors(checks)
+    assert any("extra_destructive" in e and "deleted the first row of users" in e for e in errors)
+    assert all(e.startswith("your previous verifier accepted") for e in errors)
+    assert verifier.soundness_errors(mutation_checks(pool, _env(ctx, STRICT), 3)) == []
     assert "extra_destructive" in verifier.build_messages(ctx.with_(task_idx=3), errors)[-1]["content"]
 
 

@@ -7,9 +7,8 @@ import json
 import pytest
 
 from awm_core.errors import StageError
-from awm_core.mutations import NUMBER_PATTERN
 from awm_core.runtime import EXAMPLE_RULE
-from awm_core.models import ApiSpec, DbSchema, Scenario, SeedData, Task, Verifier
+from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
 from awm_core.stages import STAGES, Stage, code, scenario, schema, seed_data, solution, spec, tasks, verifier
 from awm_core.stages.base import SEED_ROWS_PER_TABLE, StageContext, extract_json, extract_python, render_spec, summarise_errors
 
@@ -69,12 +68,11 @@ def delete_note(conn: sqlite3.Connection, note_id: int) -> dict:
 ```'''
 VERIFIER = '''```python
 def verify(initial_db, final_db, final_answer):
-    rows = final_db.execute("SELECT count(*) FROM notes WHERE title = 'Trip'").fetchall()
-    ok = rows[0][0] == 1
-    users = "SELECT * FROM users ORDER BY id"
-    users_kept = initial_db.execute(users).fetchall() == final_db.execute(users).fetchall()
-    return {"verdict": "complete" if ok and users_kept else "incomplete",
-            "evidence": {"trip_notes": rows[0][0], "users_kept": users_kept}}
+    ch = db_changes(initial_db, final_db)
+    new = ch.get("notes", {}).get("inserted", [])
+    ok = (set(ch) == {"notes"} and [r["title"] for r in new] == ["Trip"] and not ch["notes"]["updated"]
+          and not ch["notes"]["deleted"])
+    return {"verdict": "complete" if ok else "incomplete", "evidence": {"changes": ch}}
 ```'''
 
 TASK_TEXTS = [f"Create a note titled 'Trip {i}' with the body 'pack bags and passports'." for i in range(10)]
@@ -339,7 +337,7 @@ def test_verifier_accepts_valid(ctx):
      "no top-level `def verify"),
     (VERIFIER.replace("initial_db, final_db, final_answer)", "initial_db, final_db)"), "must take exactly"),
     (VERIFIER.replace("def verify", "import subprocess\n\ndef verify"), "import of 'subprocess'"),
-    (VERIFIER.replace("ok = rows[0][0] == 1", "ok = rows[0][0] == = 1"), "SyntaxError"),
+    (VERIFIER.replace("ok = (set(ch)", "ok = = (set(ch)"), "SyntaxError"),
 ])
 def test_verifier_rejects(ctx, reply, expect):
     errs = rejected(verifier.parse, reply, ctx)
@@ -352,17 +350,23 @@ def test_verifier_prompt_shows_the_tools_and_the_parsed_values_rule(ctx):
     text = verifier.build_messages(ctx.with_(code=code.parse(CODE, ctx)), [])[-1]["content"]
     assert "- delete_note(note_id: integer e.g. 1) -> " in text and render_spec(ctx) in text
     assert "def delete_note(conn: sqlite3.Connection, note_id: int) -> dict:" in text
-    assert verifier.PARSED_VALUES_RULE in text and NUMBER_PATTERN in text and "never substrings" in text
+    assert verifier.PARSED_VALUES_RULE in text and "never substrings" in text
+    # The helpers the sandbox puts in the verifier's namespace are named, with what they return.
+    assert all(f"{name}(" in text for name in verifier.HELPERS) and "do not import or define them" in text
 
 
-def test_verifier_prompt_cuts_long_code_keeping_the_tools_of_the_task(ctx):
+def test_verifier_prompt_cuts_long_code_but_never_the_tools_of_the_task(ctx):
     c = ctx.with_(code=code.parse(CODE, ctx), tasks=[Task(scenario_id="note_pad", idx=0, text="Delete the note 'Other'.")])
-    source = c.code.source
-    cap = len(source[source.index("def delete_note("):].strip()) + 10  # room for the one tool the task names
-    cut = verifier.render_tool_code(c, cap=cap)
-    assert cut.startswith("def delete_note(") and "def create_note(" not in cut
-    assert cut.splitlines()[-1] == (f"# (code cut at {cap} characters; left out: list_notes, create_note -- "
+    # The task names the notes table: every tool that writes it is kept, however small the cap.
+    cut = verifier.render_tool_code(c, cap=50)
+    assert "def delete_note(" in cut and "def create_note(" in cut and "def list_notes(" not in cut
+    assert cut.splitlines()[-1] == ("# (code cut at 50 characters; left out: list_notes -- "
                                     "their spec lines above say what they do)")
+    # A task naming no table: the tools its reference solution calls are kept.
+    vague = c.with_(tasks=[Task(scenario_id="note_pad", idx=0, text="Tidy up.")], solutions=[
+        ReferenceSolution(task_idx=0, calls=[ToolCall(tool="list_notes")])])
+    cut = verifier.render_tool_code(vague, cap=50)
+    assert cut.startswith("def list_notes(") and "def delete_note(" not in cut and "def create_note(" not in cut
     assert verifier.render_tool_code(c) == c.code.source.strip()  # the whole module when it fits
 
 

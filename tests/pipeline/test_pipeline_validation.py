@@ -152,5 +152,5 @@ def test_report_from_stage_checks_matches_a_full_revalidation(ctx, pool):
     got = report_from_checks(env, tool_checks(pool, env), per_task, {}, min_valid_tasks=1)
     assert got.passed == full.passed and sorted(got.dropped_tasks) == sorted(full.dropped_tasks) == [1, 2]
     assert got.dropped_tasks[2] == ("checks never run: verifier_noop, verifier_solution, replay_determinism, "
-                                    "verifier_mutation")
+                                    "verifier_mutation, verifier_equivalence")
     assert not report_from_checks(env, [], per_task, {}).passed  # no tool checks: never publishable
