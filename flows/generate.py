@@ -274,6 +274,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         "tasks": {o.scenario_id: (len(o.environment.tasks) if o.environment and o.status == "published" else 0)
                   for o in outcomes},
         "dropped_tasks": {o.scenario_id: o.report.dropped_tasks for o in outcomes if o.report and o.report.dropped_tasks},
+        "verifier_soundness": verifier_soundness(outcomes),
     }
     summary["timings"] = timings
     retired = curation.retired if curation else []
@@ -295,6 +296,22 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     if status == "budget_exceeded":
         logger.warning("run stopped: %s; %d validated environment(s) published", message, len(published))
     return summary
+
+
+def verifier_soundness(outcomes: list[G.EnvOutcome]) -> dict[str, dict[str, int]]:
+    """Per environment, verifiers regenerated and tasks dropped for being lenient (a wrong
+    episode said "complete") and for being too strict (an equivalent episode, or the reference
+    solution, rejected): the two ways a reward can be wrong, side by side."""
+    out = {}
+    for o in outcomes:
+        dropped = o.report.dropped_tasks.values() if o.report else []
+        row = {"lenient_regenerated": len(o.regenerated["lenient"]),
+               "lenient_dropped": sum(why.startswith("verifier_mutation") for why in dropped),
+               "too_strict_regenerated": len(o.regenerated["too_strict"]),
+               "too_strict_dropped": sum(why.startswith(("verifier_equivalence", "verifier_solution")) for why in dropped)}
+        if any(row.values()):
+            out[o.scenario_id] = row
+    return out
 
 
 def _build_failure(exc: BaseException) -> str:
@@ -406,6 +423,13 @@ def summary_markdown(summary: dict[str, Any], outcomes: list[G.EnvOutcome], imag
     if summary["dropped_tasks"]:
         lines += ["", "**Tasks dropped:**"] + [f"- {sid}/{idx}: {why[:200]}" for sid, d in summary["dropped_tasks"].items()
                                                for idx, why in d.items()]
+    if summary.get("verifier_soundness"):
+        lines += ["", "**Verifier soundness** (lenient: said \"complete\" for a wrong episode; too strict: rejected an "
+                      "equivalent one):", "",
+                  *markdown_table([("environment", "l"), ("lenient: regenerated", "r"), ("lenient: dropped", "r"),
+                                   ("too strict: regenerated", "r"), ("too strict: dropped", "r")],
+                                  [[sid, r["lenient_regenerated"], r["lenient_dropped"], r["too_strict_regenerated"],
+                                    r["too_strict_dropped"]] for sid, r in summary["verifier_soundness"].items()])]
     if summary.get("curation") and (summary["curation"]["regenerate"] or summary["curation"]["retire"]
                                     or summary["curation"]["top_up_scenarios"]):
         c = summary["curation"]

@@ -260,6 +260,9 @@ class EnvOutcome:
     stages: dict[str, StageProvenance] = field(default_factory=dict)
     records: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+    # Tasks whose verifier was regenerated for being lenient (accepted a wrong episode) or too
+    # strict (rejected an equivalent one, or the reference solution).
+    regenerated: dict[str, list[int]] = field(default_factory=lambda: {"lenient": [], "too_strict": []})
 
     @property
     def repairs(self) -> dict[str, int]:
@@ -316,8 +319,11 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     records: list[Any] = []
     ctx = StageContext(scenario=scenario, tasks_per_scenario=tasks_per_scenario, target_tools=target_tools, model=model)
 
+    regenerated: dict[str, list[int]] = {"lenient": [], "too_strict": []}
+
     def outcome(status: str, reason: str, env=None, report=None) -> EnvOutcome:
-        return EnvOutcome(scenario.id, status, reason, env, report, stages, records, time.perf_counter() - started)
+        return EnvOutcome(scenario.id, status, reason, env, report, stages, records, time.perf_counter() - started,
+                          regenerated)
 
     def stage(name: str, c: StageContext, **kw) -> StageOutput:
         try:
@@ -355,6 +361,7 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
                 # The verifier also accepted a wrong episode made from the solution (lenient), or
                 # rejected an equivalent one (too strict).
                 hint, solution_attempts = soundness_errors(s.checks), s.attempts
+                failed = {c.name for c in s.checks if not c.passed}
                 # The regenerated verifier sees the tools this solution calls in full.
                 shown = tctx.with_(solutions=[s.value])
             except StageFailed as exc:
@@ -364,9 +371,12 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
                 hint = ["a reference solution for this task was judged not complete by your previous verifier; "
                         "if the solution below is a correct way to do the task, the verifier is too strict "
                         "or checks the wrong thing: " + summarise_errors(exc.errors)[-1]]
-                solution_attempts = exc.attempts
-                shown = tctx
+                solution_attempts, failed, shown = exc.attempts, {"verifier_solution"}, tctx
             if hint:
+                if "verifier_mutation" in failed:
+                    regenerated["lenient"].append(t.idx)
+                if failed & {"verifier_equivalence", "verifier_solution"}:
+                    regenerated["too_strict"].append(t.idx)
                 # Regenerate the verifier with the evidence, then the solution once more.
                 try:
                     v = stage("verifier", shown, extra_errors=hint, attempt_offset=v.attempts)

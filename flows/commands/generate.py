@@ -43,6 +43,9 @@ def print_summary(summary: dict) -> None:
     for sid, tasks in summary.get("dropped_tasks", {}).items():
         for idx, why in tasks.items():
             print(f"  task {sid}/{idx} dropped: {why[:160]}")
+    for sid, r in summary.get("verifier_soundness", {}).items():
+        print(f"  verifiers of {sid}: lenient {r['lenient_regenerated']} regenerated, {r['lenient_dropped']} dropped; "
+              f"too strict {r['too_strict_regenerated']} regenerated, {r['too_strict_dropped']} dropped")
     curation = summary.get("curation") or {}
     for env_id in curation.get("regenerated", []):
         print(f"  regenerated {env_id}: {curation['regenerate'].get(env_id, '')}")
