@@ -548,9 +548,13 @@ def without_number(answer: str, match: re.Match) -> str:
     return answer[:match.start()] + answer[match.end():]
 
 
-def column_values(dbs: list[bytes], value: float, *, limit: int = 200) -> tuple[str, str, list] | None:
-    """(table, column, its other values) for the first non-key numeric column holding ``value``:
-    where the asked number comes from, and the wrong candidates of the same kind."""
+def column_values(dbs: list[bytes], value: float, context: str = "", *, limit: int = 200) -> tuple[str, str, list] | None:
+    """(table, column, its other values) for a non-key numeric column holding ``value`` whose
+    table or column name the ``context`` (the task and the answer) speaks of: where the asked
+    number comes from, and the wrong candidates of the same kind. A count or a total held by no
+    such column has none (a column that merely happens to hold the number is not its kind)."""
+    words = {word_stem(w) for w in re.findall(r"[a-z]+", context.lower())}
+    found = []
     for data in dbs:
         conn = open_snapshot(data, readonly=True)
         try:
@@ -559,20 +563,26 @@ def column_values(dbs: list[bytes], value: float, *, limit: int = 200) -> tuple[
                 for col in (r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')):
                     if col in keys or col == "id" or col.endswith("_id"):
                         continue
-                    hit = conn.execute(f'SELECT 1 FROM "{table}" WHERE typeof("{col}") IN (\'integer\', \'real\') '
-                                       f'AND abs("{col}" - ?) < 0.005 LIMIT 1', (value,)).fetchone()
-                    if hit:
+                    named = {word_stem(w) for w in f"{table}_{col}".lower().split("_") if w} & words
+                    if not named:
+                        continue
+                    numeric = f'typeof("{col}") IN (\'integer\', \'real\')'
+                    if conn.execute(f'SELECT 1 FROM "{table}" WHERE {numeric} AND abs("{col}" - ?) < 0.005 LIMIT 1',
+                                    (value,)).fetchone():
                         others = [r[0] for r in conn.execute(
-                            f'SELECT DISTINCT "{col}" FROM "{table}" WHERE typeof("{col}") IN (\'integer\', \'real\') '
-                            f'AND abs("{col}" - ?) >= 0.005 ORDER BY 1 LIMIT {int(limit)}', (value,))]
+                            f'SELECT DISTINCT "{col}" FROM "{table}" WHERE {numeric} AND abs("{col}" - ?) >= 0.005 '
+                            f'ORDER BY 1 LIMIT {int(limit)}', (value,))]
                         if others:
-                            return table, col, others
+                            found.append((len(named), table, col, others))
         finally:
             conn.close()
-    return None
+    if not found:
+        return None
+    _, table, col, others = max(found, key=lambda f: f[0])
+    return table, col, others
 
 
-def hedged_number(answer: str, match: re.Match, dbs: list[bytes]) -> list[tuple[str, str]]:
+def hedged_number(answer: str, match: re.Match, dbs: list[bytes], task: str = "") -> list[tuple[str, str]]:
     """(label, wrong answer) for the asked number ``match``: the answer plus another value of the
     column it comes from as a second guess (when a column holds it); the number only inside a
     date, ISO and spelled out (a verifier that reads the "03" of "2025-05-03" as 3 accepts them;
@@ -580,7 +590,7 @@ def hedged_number(answer: str, match: re.Match, dbs: list[bytes]) -> list[tuple[
     out = []
     value = float(match.group().replace(",", ""))
     said = set(answer_numbers(answer))
-    found = column_values(dbs, value)
+    found = column_values(dbs, value, f"{task} {answer}")
     if found:
         table, column, others = found
         other = next((o for o in others if float(o) not in said), None)

@@ -427,7 +427,8 @@ def _answer_checks(pool, env, task_idx, initial, final, solution) -> list[Valida
     for m in mutations.number_matches(answer) if wrong else []:
         # Each number the verifier needs (the answer without it is not complete) is an asked value.
         if _verify(pool, env, task_idx, initial, final, mutations.without_number(answer, m)).verdict != "complete":
-            hedges += [("hedged_answer", label, text) for label, text in mutations.hedged_number(answer, m, dbs)]
+            hedges += [("hedged_answer", label, text)
+                       for label, text in mutations.hedged_number(answer, m, dbs, _task_text(env, task_idx))]
     for value in mutations.answer_values(answer, _task_text(env, task_idx), dbs):
         # A value the answer can do without is context ("your order from Acme shipped"), not what was asked.
         if _verify(pool, env, task_idx, initial, final, mutations.without_value(answer, value.text)).verdict != "complete":
