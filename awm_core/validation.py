@@ -20,6 +20,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from awm_core import mutations
@@ -440,44 +441,47 @@ def _answer_checks(pool, env, task_idx, initial, final, solution) -> list[Valida
     return checks + [judge(*h) for h in hedges[:MAX_MUTATIONS_PER_KIND + 1]]
 
 
-def _replayed(handle, solution) -> tuple[bytes | None, list[bytes], list[str]]:
-    """(initial, database after each call, digests from the initial one on) of the reference
-    solution; the states are None when it does not replay."""
-    initial = handle.snapshot
-    states = _replay_states(handle, solution)
-    if states is None:
-        return initial, None, []
-    return initial, states, [snapshot_digest(initial)] + [snapshot_digest(b) for b in states]
+@dataclass(frozen=True)
+class _Reference:
+    """The reference solution replayed once: what every mutation and equivalence starts from."""
+    handle: Any
+    solution: Any
+    initial: bytes
+    final: bytes
+    changing: list[int]  # the calls whose replay changes the database
+    digest: str  # of the final database
 
 
-def _cannot_judge(env: Environment, task_idx: int) -> str | None:
+def _reference(pool, env: Environment, task_idx: int) -> "_Reference | str":
+    """The replayed reference, or why the verifier cannot be judged on episodes made from it."""
     verifier = env.verifier(task_idx)
     if verifier is not None and verifier.style == "awm1k_sql":
         return "the verifier collects evidence for a judge and has no verdict"
-    if env.solution(task_idx) is None:
+    solution = env.solution(task_idx)
+    if solution is None:
         return "there is no reference solution to derive episodes from"
-    return None
+    handle = _handle(pool, env)
+    states = _replay_states(handle, solution)
+    if states is None:
+        return "the reference solution does not replay"
+    digests = [snapshot_digest(handle.snapshot)] + [snapshot_digest(b) for b in states]
+    return _Reference(handle, solution, handle.snapshot, states[-1] if states else handle.snapshot,
+                      [i for i in range(len(states)) if digests[i + 1] != digests[i]], digests[-1])
 
 
-def mutation_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
+def mutation_checks(pool, env: Environment, task_idx: int, ref: "_Reference | str | None" = None) -> list[ValidationCheck]:
     """The verifier on wrong episodes derived from the reference solution (``awm_core.mutations``):
     it must not say "complete" on any. One ``verifier_mutation`` check per mutation tried or
     skipped; run after the solution checks passed."""
-    why = _cannot_judge(env, task_idx)
-    if why:
-        return [_skipped(task_idx, "mutations", why)]
-    solution = env.solution(task_idx)
-    handle = _handle(pool, env)
-    initial, states, digests = _replayed(handle, solution)
-    if states is None:
-        return [_skipped(task_idx, "mutations", "the reference solution does not replay")]
-    changing = [i for i in range(len(states)) if digests[i + 1] != digests[i]]
-    final = states[-1] if states else initial
-    return (_drop_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
-            + _swap_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
-            + _value_checks(pool, env, task_idx, handle, solution, changing, digests[-1])
-            + _damage_checks(pool, env, task_idx, initial, final, solution)
-            + _answer_checks(pool, env, task_idx, initial, final, solution))
+    ref = _reference(pool, env, task_idx) if ref is None else ref
+    if isinstance(ref, str):
+        return [_skipped(task_idx, "mutations", ref)]
+    h, sol, changing = ref.handle, ref.solution, ref.changing
+    return (_drop_checks(pool, env, task_idx, h, sol, changing, ref.digest)
+            + _swap_checks(pool, env, task_idx, h, sol, changing, ref.digest)
+            + _value_checks(pool, env, task_idx, h, sol, changing, ref.digest)
+            + _damage_checks(pool, env, task_idx, ref.initial, ref.final, sol)
+            + _answer_checks(pool, env, task_idx, ref.initial, ref.final, sol))
 
 
 # --------------------------------------------------------------------------- equivalences
@@ -505,7 +509,8 @@ def _skipped_equivalence(task_idx: int, what: str, why: str) -> ValidationCheck:
 _SAME_DB = "it ends in the same database as the reference solution (nothing new to judge)"
 
 
-def _read_only_check(pool, env, task_idx, handle, solution, reference) -> ValidationCheck:
+def _read_only_check(pool, env, task_idx, ref: _Reference) -> ValidationCheck:
+    handle, solution = ref.handle, ref.solution
     tools = mutations.read_tools(env.api_spec.tools if env.api_spec else [], {c.tool for c in solution.calls})
     if not tools:
         return _skipped_equivalence(task_idx, "read_only_calls", "no read tool has example arguments to call it with")
@@ -515,27 +520,27 @@ def _read_only_check(pool, env, task_idx, handle, solution, reference) -> Valida
              + [(n + k, c) for k, c in enumerate(look)])
     what = f"read_only_calls: {', '.join(c.tool for c in look)} before and after the reference solution"
     final = _replay_mutant(handle, calls)
-    if snapshot_digest(final) == reference:
+    if snapshot_digest(final) == ref.digest:
         return _skipped_equivalence(task_idx, what, _SAME_DB)
-    return _accepts(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer)
+    return _accepts(pool, env, task_idx, what, ref.initial, final, solution.final_answer)
 
 
-def _reorder_check(pool, env, task_idx, handle, solution, changing, reference) -> ValidationCheck:
+def _reorder_check(pool, env, task_idx, ref: _Reference) -> ValidationCheck:
     """The first reordering of independent state-changing calls that replays cleanly and ends
     in the same rows as the reference (new rows may get other keys)."""
-    orders = mutations.reorderings(solution, changing) if len(changing) > 1 else []
+    handle, solution = ref.handle, ref.solution
+    orders = mutations.reorderings(solution, ref.changing) if len(ref.changing) > 1 else []
     if not orders:
         return _skipped_equivalence(task_idx, "reordered_calls", "no two state-changing calls are independent")
-    _, states, _ = _replayed(handle, solution)
     why = ""
     for order in orders[:MAX_MUTATIONS_PER_KIND]:
         what = f"reordered_calls: the reference solution's calls in the order {order}"
         final, failure = _replay_in_order(handle, solution, order)
         if failure:
             why = f"a call fails in that order, so the order matters ({failure})"
-        elif snapshot_digest(final) == reference:
+        elif snapshot_digest(final) == ref.digest:
             why = _SAME_DB
-        elif not mutations.same_up_to_new_keys(handle.snapshot, states[-1], final):
+        elif not mutations.same_up_to_new_keys(ref.initial, ref.final, final):
             why = "that order ends in another database (the order matters)"
         else:
             return _accepts(pool, env, task_idx, what + " (the same rows; new rows may have other keys)",
@@ -567,27 +572,22 @@ def _reworded_checks(pool, env, task_idx, initial, final, solution) -> list[Vali
             for label, text in mutations.reworded_answers(solution.final_answer)]
 
 
-def equivalence_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
+def equivalence_checks(pool, env: Environment, task_idx: int,
+                       ref: "_Reference | str | None" = None) -> list[ValidationCheck]:
     """The verifier on episodes that do the task as well as the reference solution: it must say
     "complete" on each. One ``verifier_equivalence`` check per episode tried or skipped."""
-    why = _cannot_judge(env, task_idx)
-    if why:
-        return [_skipped_equivalence(task_idx, "equivalences", why)]
-    solution = env.solution(task_idx)
-    handle = _handle(pool, env)
-    initial, states, digests = _replayed(handle, solution)
-    if states is None:
-        return [_skipped_equivalence(task_idx, "equivalences", "the reference solution does not replay")]
-    changing = [i for i in range(len(states)) if digests[i + 1] != digests[i]]
-    final = states[-1] if states else initial
-    return ([_read_only_check(pool, env, task_idx, handle, solution, digests[-1]),
-             _reorder_check(pool, env, task_idx, handle, solution, changing, digests[-1])]
-            + _reworded_checks(pool, env, task_idx, initial, final, solution))
+    ref = _reference(pool, env, task_idx) if ref is None else ref
+    if isinstance(ref, str):
+        return [_skipped_equivalence(task_idx, "equivalences", ref)]
+    return ([_read_only_check(pool, env, task_idx, ref), _reorder_check(pool, env, task_idx, ref)]
+            + _reworded_checks(pool, env, task_idx, ref.initial, ref.final, ref.solution))
 
 
 def soundness_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
-    """Lenient and too strict, side by side: ``mutation_checks`` then ``equivalence_checks``."""
-    return mutation_checks(pool, env, task_idx) + equivalence_checks(pool, env, task_idx)
+    """Lenient and too strict, side by side: ``mutation_checks`` then ``equivalence_checks``,
+    on one replay of the reference solution."""
+    ref = _reference(pool, env, task_idx)
+    return mutation_checks(pool, env, task_idx, ref) + equivalence_checks(pool, env, task_idx, ref)
 
 
 def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = True) -> list[ValidationCheck]:
