@@ -63,11 +63,12 @@ def without_call(solution: ReferenceSolution, idx: int) -> list[tuple[int, ToolC
     return [(i, c) for i, c in enumerate(solution.calls) if i != idx]
 
 
-def with_swap(solution: ReferenceSolution, swap: Swap) -> list[tuple[int, ToolCall]]:
+def with_argument(solution: ReferenceSolution, change: "Swap | ValueChange") -> list[tuple[int, ToolCall]]:
+    """The calls with their original indices, one argument of one call set to ``change.new``."""
     calls = []
     for i, c in enumerate(solution.calls):
-        if i == swap.call_idx:
-            c = c.model_copy(update={"arguments": {**c.arguments, swap.argument: swap.new}})
+        if i == change.call_idx:
+            c = c.model_copy(update={"arguments": {**c.arguments, change.argument: change.new}})
         calls.append((i, c))
     return calls
 
@@ -167,15 +168,6 @@ class ValueChange:
     old: Any
     new: Any
     kind: str  # what the new value is: "another enum member", "the boolean flipped", ...
-
-
-def with_value(solution: ReferenceSolution, change: ValueChange) -> list[tuple[int, ToolCall]]:
-    calls = []
-    for i, c in enumerate(solution.calls):
-        if i == change.call_idx:
-            c = c.model_copy(update={"arguments": {**c.arguments, change.argument: change.new}})
-        calls.append((i, c))
-    return calls
 
 
 def _normal(text: str) -> str:

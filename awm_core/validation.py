@@ -324,7 +324,7 @@ def _swap_checks(pool, env, task_idx, handle, solution, changing, reference) -> 
     return [_mutant_check(pool, env, task_idx, handle,
                           f"swap_argument in {_call_label(solution, sw.call_idx)}: {sw.argument} {sw.old} -> "
                           f"{sw.new} (another row of {sw.table})",
-                          solution.calls[sw.call_idx].tool, mutations.with_swap(solution, sw), solution, reference)
+                          solution.calls[sw.call_idx].tool, mutations.with_argument(solution, sw), solution, reference)
             for sw in swaps]
 
 
@@ -346,7 +346,7 @@ def _value_checks(pool, env, task_idx, handle, solution, changing, reference) ->
         _mutant_check(pool, env, task_idx, handle,
                       f"change_value in {_call_label(solution, ch.call_idx)}: {ch.argument} {_short(json.dumps(ch.old), 60)}"
                       f" -> {_short(json.dumps(ch.new), 60)} ({ch.kind}; the task states {ch.argument})",
-                      solution.calls[ch.call_idx].tool, mutations.with_value(solution, ch), solution, reference)
+                      solution.calls[ch.call_idx].tool, mutations.with_argument(solution, ch), solution, reference)
         for ch in changes[:MAX_VALUE_CHANGES]]
 
 
