@@ -71,8 +71,8 @@ def table(results: list[dict]) -> str:
     """One row per environment: checks passed/run per kind ("-": none ran), then the counts of
     passed checks, defects and parts not checkable."""
     rows = ["| environment | schema | seed | tools ok | verifiers compile | verifiers run | no-op rejected "
-            "| mutations rejected | passed | defects | not checkable |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| mutations rejected | equivalents accepted | passed | defects | not checkable |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         checks = r["checks"]
 
@@ -87,7 +87,8 @@ def table(results: list[dict]) -> str:
         n = r["counts"]
         rows.append(f"| {r['env_id']} | {state('schema')} | {state('seed')} | {count('tool_example', 'code_load')} | "
                     f"{count('verifier_compile')} | {count('verifier_run')} | {count('verifier_noop')} | "
-                    f"{count('verifier_mutation')} | {n['passed']} | {n['defects']} | {n['not_checkable']} |")
+                    f"{count('verifier_mutation')} | {count('verifier_equivalence')} | {n['passed']} | {n['defects']} | "
+                    f"{n['not_checkable']} |")
     return "\n".join(rows)
 
 

@@ -16,7 +16,7 @@ def test_validate_awm1k_samples_reports_real_defects(awm1k_samples, awm_home, ca
     assert main(["validate", str(awm1k_samples)]) == 1
     out = capsys.readouterr().out
     assert ("| environment | schema | seed | tools ok | verifiers compile | verifiers run | no-op rejected | "
-            "mutations rejected | passed | defects | not checkable |") in out
+            "mutations rejected | equivalents accepted | passed | defects | not checkable |") in out
     not_checkable, defects = out.split("\nNot checkable (", 1)[1].split("\nDefects (", 1)
     # Defects present in the published dataset records: a SQL-mode verifier with unbalanced
     # brackets, and tools whose own spec examples crash their FastAPI handlers.
@@ -25,7 +25,7 @@ def test_validate_awm1k_samples_reports_real_defects(awm1k_samples, awm_home, ca
     assert "- marketplace_1: schema, seed, tools and verifier runs: no database schema" in not_checkable
     # The dataset ships no reference solutions: nothing to derive wrong episodes from; its SQL-mode
     # verifiers only run (they have no verdict), so only the 3 pure-code ones can reject a no-op.
-    assert "| e_commerce_33 | ok | ok | - | 5/6 | 2/2 | 3/3 | - | 12 | 1 | 3 |" in out
+    assert "| e_commerce_33 | ok | ok | - | 5/6 | 2/2 | 3/3 | - | - | 12 | 1 | 3 |" in out
     assert ("- e_commerce_33: mutations of the awm1k_code verifiers of tasks 0, 1, 2: there is no reference solution "
             "to derive wrong episodes from") in not_checkable
     assert "e_commerce_33" not in defects.split("\n- content_platform_1", 1)[1]
@@ -61,7 +61,7 @@ def test_validate_catalog_finds_a_verifier_that_passes_a_noop(awm_home, capsys):
         pub.add_environments([env])
     assert main(["validate"]) == 1
     out = capsys.readouterr().out
-    assert "| note_pad | ok | ok | 3/3 | 2/2 | - | 1/2 | - | 8 | 1 | 1 |" in out
+    assert "| note_pad | ok | ok | 3/3 | 2/2 | - | 1/2 | - | - | 8 | 1 | 1 |" in out
     assert "note_pad/1 [verifier_noop]" in out and "no-op episode" in out
 
 
