@@ -172,7 +172,7 @@ def _write_bundle(folder, *, crashing: bool):
 def test_cli_without_seed_data_a_not_found_is_not_checkable_and_a_crash_is_a_defect(tmp_path, awm_home, capsys):
     assert main(["validate", str(_write_bundle(tmp_path / "ok", crashing=False))]) == 0  # nothing failed
     out = capsys.readouterr().out
-    assert "| items_1 | ok | - | 1/1 | - | - | - | - | 2 | 0 | 3 |" in out
+    assert "| items_1 | ok | - | 1/1 | - | - | - | - | - | 2 | 0 | 3 |" in out
     assert ("- items_1: tool examples of get_item (HTTP 404: {\"detail\":\"item 3 not found\"}): the environment has "
             "no seed data") in out
     assert "\nDefects: none\n" in out and "0 defect(s) in 0 of 1 environment(s)" in out
