@@ -179,7 +179,7 @@ def test_cli_without_seed_data_a_not_found_is_not_checkable_and_a_crash_is_a_def
 
     assert main(["validate", str(_write_bundle(tmp_path / "crash", crashing=True))]) == 1
     out = capsys.readouterr().out
-    assert "| items_1 | ok | - | 1/2 | - | - | - | - | 2 | 1 | 3 |" in out
+    assert "| items_1 | ok | - | 1/2 | - | - | - | - | - | 2 | 1 | 3 |" in out
     defects = out.split("\nDefects (1):\n", 1)[1]
     assert defects.startswith("- items_1 [tool_example:get_item_name] tool get_item_name called with its spec "
                               "example arguments {\"item_id\": 3} on the empty schema")
