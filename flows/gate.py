@@ -8,6 +8,9 @@ What it checks (thresholds from ``settings.gate``):
   task-level checks all passed, are at least ``min_env_pass_rate`` / ``min_task_pass_rate``;
 - no kept task whose reference solution failed its verifier (``verifier_solution`` check);
 - no kept task whose verifier accepted a no-op run (a failed ``verifier_noop`` check);
+- no kept task whose verifier is lenient (said "complete" for a wrong episode: a failed
+  ``verifier_mutation`` check) or too strict (rejected an equivalent one: a failed
+  ``verifier_equivalence`` check);
 - rollout rewards lie within the configured reward range and labels are known;
 - LLM token counts are between 0 and ``max_tokens_per_call`` and costs are not negative;
 - coverage: every gated environment has ``min_tools_per_env``..``max_tools_per_env`` tools and at
@@ -138,6 +141,9 @@ def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[st
     has_ver = set(zip(ver["env_id"], ver["task_idx"].astype("int64")))
     kept["solution_failed_task"] = [tid if k in sol_failed else None for tid, k in zip(kept["task_id"], key)]
     kept["noop_passing_verifier"] = [tid if k in noop_failed else None for tid, k in zip(kept["task_id"], key)]
+    lenient, strict = failed_keys("verifier_mutation"), failed_keys("verifier_equivalence")
+    kept["lenient_verifier"] = [tid if k in lenient else None for tid, k in zip(kept["task_id"], key)]
+    kept["over_strict_verifier"] = [tid if k in strict else None for tid, k in zip(kept["task_id"], key)]
     kept["task_without_verifier"] = [tid if k not in has_ver else None for tid, k in zip(kept["task_id"], key)]
 
     kept_per_env = kept.groupby("env_id").size()
@@ -231,7 +237,9 @@ def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[An
     suites["scenario_neighbours"] = [gxe.ExpectColumnValuesToBeNull(column="too_similar")]
     suites["gated_tasks"] = [gxe.ExpectColumnValuesToBeNull(column="task_without_verifier"),
                              gxe.ExpectColumnValuesToBeNull(column="solution_failed_task"),
-                             gxe.ExpectColumnValuesToBeNull(column="noop_passing_verifier")]
+                             gxe.ExpectColumnValuesToBeNull(column="noop_passing_verifier"),
+                             gxe.ExpectColumnValuesToBeNull(column="lenient_verifier"),
+                             gxe.ExpectColumnValuesToBeNull(column="over_strict_verifier")]
     rates = []
     if stats["env_pass_rate"] is not None:
         rates.append(gxe.ExpectColumnValuesToBeBetween(column="env_pass_rate",

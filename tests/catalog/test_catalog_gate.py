@@ -41,6 +41,10 @@ ABOUT = {"a_env": "Keep personal notes and find them again by title.",
 def defective_env():
     env = clean_env("broken_env", n_tasks=4, description=ABOUT["broken_env"])
     checks = env.validation.checks
+    checks += [ValidationCheck(name="verifier_mutation", passed=False, task_idx=1,
+                               detail="the verifier said \"complete\" after extra_insert ..."),
+               ValidationCheck(name="verifier_equivalence", passed=False, task_idx=2,
+                               detail="the verifier said \"incomplete\" after reworded_answer ...")]
     for c in checks:
         if c.task_idx == 1 and c.name == "verifier_solution":
             c.passed = False  # reference solution failed, yet the task was kept
@@ -80,12 +84,14 @@ def test_gate_passes_a_clean_snapshot_and_fails_planted_defects(cat):
     assert fails[("gated_tasks", "solution_failed_task")]["examples"] == ["broken_env/1"]
     assert fails[("gated_tasks", "noop_passing_verifier")]["examples"] == ["broken_env/2"]
     assert fails[("gated_tasks", "task_without_verifier")]["examples"] == ["broken_env/3"]
+    assert fails[("gated_tasks", "lenient_verifier")]["examples"] == ["broken_env/1"]
+    assert fails[("gated_tasks", "over_strict_verifier")]["examples"] == ["broken_env/2"]
     assert fails[("gated_environments", "env_without_tools")]["examples"] == ["broken_env"]
     assert fails[("pass_rates", "env_pass_rate")]["unexpected_count"] == 1  # 2 of 3 envs passed < 0.8
     assert fails[("rollouts", "reward")]["examples"] == [5.0]
     assert fails[("rollouts", "label")]["examples"] == ["sort_of"]
     assert fails[("llm_calls", "prompt_tokens")]["examples"] == [-3]
-    assert len(fails) == 8, sorted(fails)  # the tool-less env is reported once, as env_without_tools
+    assert len(fails) == 10, sorted(fails)  # the tool-less env is reported once, as env_without_tools
     assert "FAILED" in report.markdown() and "broken_env/1" in report.markdown()
     store_report(cat, report)
     assert not cat.gate_passed(bad)
