@@ -236,12 +236,14 @@ def named_in_task(task: str, argument: str, value: Any) -> bool:
     return _normal(value) in text or _normal(value.replace("_", " ")) in text
 
 
-def _check_members(conn: sqlite3.Connection, argument: str) -> list[str]:
-    """Members of a ``CHECK (<argument> IN (...))`` constraint on a column of that name."""
+def _check_members(conn: sqlite3.Connection, argument: str, value: Any) -> list[str]:
+    """Members of a ``CHECK (<argument> IN (...))`` constraint on a column of that name that
+    lists ``value`` (tables may each have their own ``status`` list)."""
     for (sql,) in conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL"):
-        m = re.search(rf"\bCHECK\s*\(\s*[\"`\[]?{re.escape(argument)}[\"`\]]?\s+IN\s*\(([^)]*)\)", sql, re.I)
-        if m:
-            return re.findall(r"'((?:[^']|'')*)'", m.group(1))
+        for m in re.finditer(rf"\bCHECK\s*\(\s*[\"`\[]?{re.escape(argument)}[\"`\]]?\s+IN\s*\(([^)]*)\)", sql, re.I):
+            members = [x.replace("''", "'") for x in re.findall(r"'((?:[^']|'')*)'", m.group(1))]
+            if value in members:
+                return members
     return []
 
 
@@ -261,7 +263,7 @@ def other_value(conn: sqlite3.Connection, argument: str, value: Any, param: Any 
 
     Another member where the spec or a CHECK constraint lists them; the next number, day or
     hour; the boolean flipped; another seeded string of a column of the same name."""
-    enum = list(getattr(param, "enum", None) or []) or _check_members(conn, argument)
+    enum = list(getattr(param, "enum", None) or []) or _check_members(conn, argument, value)
     if enum and value in enum:
         others = [e for e in enum if e != value]
         return (others[0], "another enum member") if others else None

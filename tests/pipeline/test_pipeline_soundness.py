@@ -313,3 +313,39 @@ def test_soundness_errors_tell_the_verifier_stage_both_ways(ctx, pool):
     assert any(e.startswith("your previous verifier accepted") and "change_value" in e for e in errors)
     assert any(e.startswith("your previous verifier rejected an episode that does the task") for e in errors)
     assert verifier.soundness_errors(mutation_checks(pool, _env(ctx), 0)) == []
+
+
+@pytest.mark.parametrize("task, argument, value, stated", [
+    ("Reject Liam Walsh's report 'Team offsite snacks'.", "decision", "rejected", True),
+    ("Mark my Lemon Garlic Roast Chicken recipe as a favourite.", "is_favorite", True, True),
+    ("Set the team's December 2026 budgets to $6,000.", "month", "2026-12", True),
+    ("Set the team's December 2026 budgets to $6,000.", "amount", 6000, True),
+    ("Book Dr. Bello's open slot on Dec 10 at 3 pm.", "start_time", "2026-12-10T15:00", True),
+    ("Book Dr. Bello's open slot on Dec 10 at 3 pm.", "start", "15:00", True),
+    ("Add the curry to my plan for dinner on 2026-12-02, for 4 servings.", "servings", 4, True),
+    ("Book Dr. Bello's open slot on Dec 10.", "party_size", 10, False),  # the 10 is the day
+    ("Create a report for the Platform Summit.", "business_purpose", "Conference travel", False),
+    ("Create a note.", "pinned", False, False),
+])
+def test_which_values_a_task_states(task, argument, value, stated):
+    from awm_core.mutations import named_in_task
+
+    assert named_in_task(task, argument, value) is stated
+
+
+def test_another_enum_member_comes_from_the_check_that_lists_the_value():
+    from awm_core.db import build_database, open_snapshot
+    from awm_core.mutations import other_value
+
+    db = build_database(DbSchema.from_data({"tables": [
+        {"name": "orders", "ddl": "CREATE TABLE orders (id INTEGER PRIMARY KEY, status TEXT CHECK (status IN ('new', 'paid')))"},
+        {"name": "tickets", "ddl": "CREATE TABLE tickets (id INTEGER PRIMARY KEY, status TEXT "
+                                   "CHECK (status IN ('open', 'closed')))"}]}))
+    conn = open_snapshot(db, readonly=True)
+    try:
+        assert other_value(conn, "status", "closed") == ("open", "another enum member")
+        assert other_value(conn, "status", "paid") == ("new", "another enum member")
+        assert other_value(conn, "due", "2026-12-31") == ("2027-01-01", "another date")
+        assert other_value(conn, "month", "2026-12") == ("2027-01", "another month")
+    finally:
+        conn.close()
