@@ -233,7 +233,11 @@ def named_in_task(task: str, argument: str, value: Any) -> bool:
     words = _normal(value.replace("_", " ")).split()
     if len(words) == 1:  # a status or kind: "rejected" is stated by "Reject ..."
         return _words_in(words, task)
-    return _normal(value) in text or _normal(value.replace("_", " ")) in text
+    # Free text is stated when quoted ("with the comment 'Very thorough'") or written as it is
+    # ("Thai Green Curry"); words that merely describe the thing ("the conference pass" for a
+    # description "Conference pass") leave the wording free.
+    quoted = [_normal(q) for q in re.findall(r"'([^']+)'|\"([^\"]+)\"|‘([^’]+)’|“([^”]+)”", task) for q in q if q]
+    return _normal(value) in quoted or bool(re.search(rf"(?<!\w){re.escape(value.strip())}(?!\w)", task))
 
 
 def _check_members(conn: sqlite3.Connection, argument: str, value: Any) -> list[str]:
@@ -256,6 +260,21 @@ def _seeded_values(conn: sqlite3.Connection, argument: str) -> list[Any]:
                 out += [r[0] for r in conn.execute(
                     f'SELECT DISTINCT "{col}" FROM "{table}" WHERE "{col}" IS NOT NULL ORDER BY 1 LIMIT 200')]
     return out
+
+
+# Every other member of a short list is tried: a verifier that forbids some statuses instead of
+# demanding the one the task names accepts the others.
+MAX_ENUM_MEMBERS = 4
+
+
+def other_values(conn: sqlite3.Connection, argument: str, value: Any, param: Any = None) -> list[tuple[Any, str]]:
+    """[(another valid value, what it is)] for an argument: each other member (up to
+    ``MAX_ENUM_MEMBERS``) where the spec or a CHECK constraint lists them, else ``other_value``."""
+    enum = list(getattr(param, "enum", None) or []) or _check_members(conn, argument, value)
+    if enum and value in enum:
+        return [(e, "another enum member") for e in enum if e != value][:MAX_ENUM_MEMBERS]
+    found = other_value(conn, argument, value, param)
+    return [found] if found else []
 
 
 def other_value(conn: sqlite3.Connection, argument: str, value: Any, param: Any = None) -> tuple[Any, str] | None:
@@ -307,9 +326,8 @@ def value_changes(initial_db: bytes, solution: ReferenceSolution, changing: list
                 if not named_in_task(task, name, value):
                     free.append(f"{call.tool}.{name}={_shown(value)}")
                     continue
-                found = other_value(conn, name, value, spec.parameters.get(name) if spec else None)
-                if found is not None:
-                    changes.append(ValueChange(i, name, value, found[0], found[1]))
+                for new, kind in other_values(conn, name, value, spec.parameters.get(name) if spec else None):
+                    changes.append(ValueChange(i, name, value, new, kind))
     finally:
         conn.close()
     return changes, free
@@ -416,10 +434,12 @@ def _copy_row(conn: sqlite3.Connection, table: str, row: dict) -> str | None:
 
 
 def insert_copy(final_db: bytes, tables: list[str], rows_first: dict[str, list[dict]] | None = None,
-                *, prefer: str = "") -> tuple[bytes, str] | None:
+                *, prefer: str = "", elsewhere: bool = False) -> tuple[bytes, str] | None:
     """``final_db`` plus a copy of one row (new key): of ``rows_first[table]`` when given (the
     rows the solution inserted or updated), else of the table's first row; the first of
-    ``tables`` that takes one."""
+    ``tables`` that takes one. ``elsewhere``: the copy points at another row of what its first
+    reference column names (a stray parcel for a look-alike customer, a stop copied onto another
+    route), which a verifier that only counts rows under the task's own parent misses."""
     def insert(conn):
         for table in _prefer(tables, prefer):
             candidates = list((rows_first or {}).get(table, []))
@@ -427,9 +447,17 @@ def insert_copy(final_db: bytes, tables: list[str], rows_first: dict[str, list[d
             names = [d[0] for d in cur.description]
             candidates += [dict(zip(names, r)) for r in cur]
             for row in candidates:
+                where = ""
+                if elsewhere:
+                    ref = next((c for c, v in row.items() if c.endswith("_id") and isinstance(v, int)
+                                and c not in key_columns(conn, table)), None)
+                    new = _altered(conn, table, ref, row[ref]) if ref else None
+                    if new is None:
+                        continue
+                    row, where = {**row, ref: new}, f" for another {ref}"
                 shown = _copy_row(conn, table, row)
                 if shown is not None:
-                    return f"inserted into {table} a copy of an existing row with a new key ({shown})"
+                    return f"inserted into {table} a copy of an existing row{where} with a new key ({shown})"
         return None
     return _damaged(final_db, insert)
 

@@ -213,7 +213,7 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
 MAX_MUTATIONS_PER_KIND = 3
 # Every value a task states is one way to get it wrong: a create with a name, a type, a date and
 # a count needs all four tried.
-MAX_VALUE_CHANGES = 6
+MAX_VALUE_CHANGES = 8
 
 
 def _mutation(task_idx: int, passed: bool, detail: str, tool: str | None = None) -> ValidationCheck:
@@ -374,6 +374,9 @@ def _damage_checks(pool, env, task_idx, initial, final, solution) -> list[Valida
          "every non-empty table is one the solution changes"),
         ("extra_insert", " in a table the task changes", mutations.insert_copy(final, sorted(touched), targets),
          "no table the solution changes takes a copy of a row"),
+        ("extra_insert", " in a table the task changes, under another parent",
+         mutations.insert_copy(final, sorted(touched), targets, elsewhere=True),
+         "no row the solution changes has a reference column with another value to point at"),
         ("extra_insert", " in another table", mutations.insert_copy(final, others, prefer=prefer),
          "no other table takes a copy of a row"),
         ("extra_update", " of another column of a row the task changes",

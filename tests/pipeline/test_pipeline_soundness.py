@@ -349,3 +349,15 @@ def test_another_enum_member_comes_from_the_check_that_lists_the_value():
         assert other_value(conn, "month", "2026-12") == ("2027-01", "another month")
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("task, value, stated", [
+    ("Leave a review with the comment 'Very thorough and kind.'", "Very thorough and kind.", True),
+    ("Add my Thai Green Curry recipe to my meal plan.", "Thai Green Curry", True),
+    ("Add two items: the conference pass from 'Platform Summit BV'.", "Conference pass", False),
+    ("Add two items: the conference pass from 'Platform Summit BV'.", "Platform Summit BV", True),
+])
+def test_free_text_is_stated_when_quoted_or_written_as_it_is(task, value, stated):
+    from awm_core.mutations import named_in_task
+
+    assert named_in_task(task, "description", value) is stated
