@@ -231,7 +231,8 @@ def named_in_task(task: str, argument: str, value: Any) -> bool:
         month = _MONTH_NAMES[int(m.group(2)) - 1].lower() if 1 <= int(m.group(2)) <= 12 else "-"
         return any(_normal(f) in text for f in (value, f"{month} {m.group(1)}", f"{month[:3]} {m.group(1)}"))
     words = _normal(value.replace("_", " ")).split()
-    if len(words) == 1:  # a status or kind: "rejected" is stated by "Reject ..."
+    if len(words) == 1 or re.fullmatch(r"[a-z0-9]+(?:_[a-z0-9]+)+", value):
+        # A status or kind: "rejected" is stated by "Reject ...", bank_transfer by "bank transfer".
         return _words_in(words, task)
     # Free text is stated when quoted ("with the comment 'Very thorough'") or written as it is
     # ("Thai Green Curry"); words that merely describe the thing ("the conference pass" for a

@@ -356,6 +356,7 @@ def test_another_enum_member_comes_from_the_check_that_lists_the_value():
     ("Add my Thai Green Curry recipe to my meal plan.", "Thai Green Curry", True),
     ("Add two items: the conference pass from 'Platform Summit BV'.", "Conference pass", False),
     ("Add two items: the conference pass from 'Platform Summit BV'.", "Platform Summit BV", True),
+    ("Pay it by bank transfer on 2026-11-20.", "bank_transfer", True),
 ])
 def test_free_text_is_stated_when_quoted_or_written_as_it_is(task, value, stated):
     from awm_core.mutations import named_in_task
