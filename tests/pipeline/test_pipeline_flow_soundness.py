@@ -111,7 +111,7 @@ def test_planted_lenient_and_over_strict_verifiers_are_regenerated_then_dropped_
                                                                 "clinic_booking": [6]}, dropped
     value = dropped["recipe_box"][3]
     assert value.startswith('verifier_mutation: the verifier said "complete" after change_value'), value
-    assert "meal_type" in value or "servings" in value, value
+    assert ': meal_type "dinner" -> ' in value and "(another enum member; the task states meal_type)" in value, value
     strict = dropped["team_expenses"][0]
     assert strict.startswith("verifier_equivalence: the verifier said \"incomplete\" after reworded_answer"), strict
     deletions = dropped["clinic_booking"][6]
@@ -125,6 +125,10 @@ def test_planted_lenient_and_over_strict_verifiers_are_regenerated_then_dropped_
     with Catalog.open(get_settings(), read_only=True) as cat:
         envs = {sid: cat.get_environment(sid) for sid in summary["published"]}
     assert {sid: len(e.tasks) for sid, e in envs.items()} == {"recipe_box": 9, "team_expenses": 9, "clinic_booking": 9}
+    # Both values the planted verifier ignores are named in the report, each by its own check.
+    fooled = [c.detail for c in envs["recipe_box"].validation.checks
+              if c.task_idx == 3 and c.name == "verifier_mutation" and not c.passed]
+    assert any(": meal_type " in d for d in fooled) and any(": servings 4 -> 5 " in d for d in fooled), fooled
     # The repaired verifier of clinic task 1 is the recorded good one, and passed every check.
     kept = [c for c in envs["clinic_booking"].validation.checks if c.task_idx == 1
             and c.name in ("verifier_mutation", "verifier_equivalence")]
