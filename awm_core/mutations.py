@@ -237,7 +237,8 @@ def named_in_task(task: str, argument: str, value: Any) -> bool:
     # Free text is stated when quoted ("with the comment 'Very thorough'") or written as it is
     # ("Thai Green Curry"); words that merely describe the thing ("the conference pass" for a
     # description "Conference pass") leave the wording free.
-    quoted = [_normal(q) for q in re.findall(r"'([^']+)'|\"([^\"]+)\"|‘([^’]+)’|“([^”]+)”", task) for q in q if q]
+    quoted = [_normal(q) for groups in re.findall(r"'([^']+)'|\"([^\"]+)\"|‘([^’]+)’|“([^”]+)”", task)
+              for q in groups if q]
     return _normal(value) in quoted or bool(re.search(rf"(?<!\w){re.escape(value.strip())}(?!\w)", task))
 
 
@@ -270,23 +271,17 @@ MAX_ENUM_MEMBERS = 4
 
 def other_values(conn: sqlite3.Connection, argument: str, value: Any, param: Any = None) -> list[tuple[Any, str]]:
     """[(another valid value, what it is)] for an argument: each other member (up to
-    ``MAX_ENUM_MEMBERS``) where the spec or a CHECK constraint lists them, else ``other_value``."""
+    ``MAX_ENUM_MEMBERS``) where the spec or a CHECK constraint lists them, else the next value."""
     enum = list(getattr(param, "enum", None) or []) or _check_members(conn, argument, value)
     if enum and value in enum:
         return [(e, "another enum member") for e in enum if e != value][:MAX_ENUM_MEMBERS]
-    found = other_value(conn, argument, value, param)
+    found = _next_value(conn, argument, value)
     return [found] if found else []
 
 
-def other_value(conn: sqlite3.Connection, argument: str, value: Any, param: Any = None) -> tuple[Any, str] | None:
-    """(another valid value, what it is) for an argument, or None when there is none to take.
-
-    Another member where the spec or a CHECK constraint lists them; the next number, day or
-    hour; the boolean flipped; another seeded string of a column of the same name."""
-    enum = list(getattr(param, "enum", None) or []) or _check_members(conn, argument, value)
-    if enum and value in enum:
-        others = [e for e in enum if e != value]
-        return (others[0], "another enum member") if others else None
+def _next_value(conn: sqlite3.Connection, argument: str, value: Any) -> tuple[Any, str] | None:
+    """(another valid value, what it is) for a value no list names: the next number, day, month
+    or hour; the boolean flipped; another seeded string of a column of the same name."""
     if isinstance(value, bool):
         return not value, "the boolean flipped"
     if isinstance(value, int):

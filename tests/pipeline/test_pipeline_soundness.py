@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
+from awm_core.models import (
+    ApiSpec, DbSchema, ParamSpec, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier,
+)
 from awm_core.stages import code, verifier
 from awm_core.stages.base import StageContext
 from awm_core.validation import equivalence_checks, mutation_checks, skipped_mutation, validate_environment
@@ -335,7 +337,7 @@ def test_which_values_a_task_states(task, argument, value, stated):
 
 def test_another_enum_member_comes_from_the_check_that_lists_the_value():
     from awm_core.db import build_database, open_snapshot
-    from awm_core.mutations import other_value
+    from awm_core.mutations import other_values
 
     db = build_database(DbSchema.from_data({"tables": [
         {"name": "orders", "ddl": "CREATE TABLE orders (id INTEGER PRIMARY KEY, status TEXT CHECK (status IN ('new', 'paid')))"},
@@ -343,10 +345,12 @@ def test_another_enum_member_comes_from_the_check_that_lists_the_value():
                                    "CHECK (status IN ('open', 'closed')))"}]}))
     conn = open_snapshot(db, readonly=True)
     try:
-        assert other_value(conn, "status", "closed") == ("open", "another enum member")
-        assert other_value(conn, "status", "paid") == ("new", "another enum member")
-        assert other_value(conn, "due", "2026-12-31") == ("2027-01-01", "another date")
-        assert other_value(conn, "month", "2026-12") == ("2027-01", "another month")
+        assert other_values(conn, "status", "closed") == [("open", "another enum member")]
+        assert other_values(conn, "status", "paid") == [("new", "another enum member")]
+        assert other_values(conn, "due", "2026-12-31") == [("2027-01-01", "another date")]
+        assert other_values(conn, "month", "2026-12") == [("2027-01", "another month")]
+        assert other_values(conn, "color", "red", ParamSpec(type="string", enum=["red", "green", "blue"])) == [
+            ("green", "another enum member"), ("blue", "another enum member")]
     finally:
         conn.close()
 
