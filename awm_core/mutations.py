@@ -346,10 +346,6 @@ def snapshot_changes(initial_db: bytes, final_db: bytes) -> dict[str, dict[str, 
         b.close()
 
 
-def changed_tables(initial_db: bytes, final_db: bytes) -> set[str]:
-    return set(snapshot_changes(initial_db, final_db))
-
-
 def _prefer(tables: list[str], prefer: str) -> list[str]:
     """Tables whose names appear in ``prefer`` (the verifier's source) first: a change where
     the verifier already looks is the clearest miss."""
@@ -368,7 +364,6 @@ def _damaged(final_db: bytes, change) -> tuple[bytes, str] | None:
         if what is None:
             return None
         conn.commit()
-        conn.execute("PRAGMA ignore_check_constraints = OFF")
         return conn.serialize(), what
     finally:
         conn.close()
