@@ -5,6 +5,7 @@
   start a server per process, 7-20 s each); started only when a test asks for it, stopped
   at the end of the session.
 - ``postgres``, ``pg_database``, ``s3_server``: servers started from local binaries (tests/servers.py).
+- ``pool``: one sandbox worker per test module (a module that needs another pool defines its own).
 - ``awm1k_samples``: the published AgentWorldModel-1K sample records in ``../shared``; tests
   that need them skip with a reason when that folder is absent (the project must not copy them).
 """
@@ -27,6 +28,14 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from awm_core.runtime import SandboxPool
+
+    with SandboxPool(workers=1) as p:
+        yield p
 
 
 @pytest.fixture

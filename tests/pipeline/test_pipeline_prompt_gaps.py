@@ -22,14 +22,6 @@ from test_pipeline_stages import CODE, SCHEMA, SEED, SPEC
 PUBLIC_IMPORTS = {m for m in sandbox.NATIVE_IMPORTS if not m.startswith("_") and m != "awm_core.errors"}
 
 
-@pytest.fixture(scope="module")
-def pool():
-    from awm_core.runtime import SandboxPool
-
-    with SandboxPool(workers=1) as p:
-        yield p
-
-
 @pytest.fixture
 def ctx() -> StageContext:
     sc = Scenario.new("Team Notes", "Notes shared in a team", "productivity")

@@ -27,14 +27,6 @@ def verify(initial_db, final_db, final_answer):
 
 
 @pytest.fixture(scope="module")
-def pool():
-    from awm_core.runtime import SandboxPool
-
-    with SandboxPool(workers=1) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
 def ctx() -> StageContext:
     sc = Scenario.new("Note Pad", "Personal notes", "productivity")
     c = StageContext(scenario=sc, tasks=[Task(scenario_id=sc.id, idx=0, text="Create a note titled 'Trip'.")],

@@ -208,14 +208,6 @@ def _v(idx: int, body: str) -> Verifier:
 
 
 @pytest.fixture(scope="module")
-def pool():
-    from awm_core.runtime import SandboxPool
-
-    with SandboxPool(workers=1) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
 def ctx() -> StageContext:
     sc = Scenario.new("Note Pad", "Personal notes", "productivity")
     c = StageContext(scenario=sc, tasks=[Task(scenario_id=sc.id, idx=i, text=t) for i, t in enumerate(TASKS)],

@@ -28,14 +28,6 @@ def verify(initial_db, final_db, final_answer):
 GOOD_SOLUTION = ReferenceSolution(task_idx=0, calls=[ToolCall(tool="create_note", arguments={"title": "Trip"})])
 
 
-@pytest.fixture(scope="module")
-def pool():
-    from awm_core.runtime import SandboxPool
-
-    with SandboxPool(workers=1) as p:
-        yield p
-
-
 @pytest.fixture
 def ctx() -> StageContext:
     sc = Scenario.new("Note Pad", "Personal notes", "productivity")

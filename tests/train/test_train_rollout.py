@@ -43,14 +43,6 @@ def tok(env):
     return models.train_tokenizer(models.corpus([env]), vocab_size=1024)
 
 
-@pytest.fixture(scope="module")
-def pool():
-    from awm_core.runtime import SandboxPool
-
-    with SandboxPool(workers=1) as p:
-        yield p
-
-
 def biased_model(tok, eos_bias: float):
     """A tiny random model whose end-of-turn token gets a logit bias (likely, or never with -1e4)."""
     model = models.random_model("tiny", tok, seed=0)

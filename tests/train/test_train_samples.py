@@ -12,7 +12,6 @@ import threading
 import pytest
 
 from awm_core.agent import default_system_prompt, format_text_tool_call, verify_episode, visible_messages
-from awm_core.runtime import SandboxPool
 from awm_core.settings import load_settings
 from awm_core.train import models
 from awm_core.train.demo import demo_environment
@@ -30,12 +29,6 @@ def env():
 @pytest.fixture(scope="module")
 def tok(env):
     return models.train_tokenizer(models.corpus([env]), vocab_size=2048)
-
-
-@pytest.fixture(scope="module")
-def pool():
-    with SandboxPool(workers=1) as p:
-        yield p
 
 
 def scripted_replies(env) -> list[str]:

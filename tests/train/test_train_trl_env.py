@@ -6,17 +6,10 @@ import inspect
 
 import pytest
 
-from awm_core.runtime.pool import SandboxPool
 from awm_core.settings import load_settings
 from awm_core.train.toy import counters
 from awm_core.train.trl_env import (ToolCallFailed, awm_reward, trl_dataset, trl_environment_class,
                                     trl_environment_factory)
-
-
-@pytest.fixture(scope="module")
-def pool():
-    with SandboxPool(workers=1) as p:
-        yield p
 
 
 def test_tools_are_typed_methods_and_the_verifier_gives_the_reward(pool):
