@@ -24,8 +24,18 @@ COMMAND_GROUPS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: an option given by a prefix of a real one (``--mode`` for
+    ``--model``) is an error, not silently the other option. Sub-command parsers are made of the
+    same class, so this holds on every command."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="awm",
         description="Agent World Model: synthesise, validate, catalog, serve and train on tool-use environments.",
     )

@@ -83,3 +83,15 @@ def test_named_scenarios_must_be_in_the_seed_list():
     assert [s.id for s in got] == ["recipe_box", "team_expenses"] and got[0].description
     with pytest.raises(AWMError, match="not in the seed list: Moon Base"):
         resolve_named(["Moon Base"], None)
+
+
+def test_an_option_prefix_is_refused_not_taken_for_another_option(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--model", "m"]).model == "m"
+    with pytest.raises(SystemExit):  # was taken as --model conversation
+        parser.parse_args(["eval", "--mode", "conversation"])
+    assert "awm eval: error:" in capsys.readouterr().err
+    for argv, option in ((["generate", "--budget", "1"], "--budget 1"), (["catalog", "sql", "--snap", "1", "x"], "--snap")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert f"unrecognized arguments: {option}" in capsys.readouterr().err
