@@ -148,12 +148,14 @@ def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | Non
     return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=True, detail=f"verdict {out.verdict}")
 
 
-def _replay(handle, solution) -> tuple[bytes | None, list[str], str | None]:
-    """Replay in a fresh session: (final db, per-call summaries, failure or None)."""
+def _replay(handle, solution, order: list[int] | None = None) -> tuple[bytes | None, list[str], str | None]:
+    """Replay in a fresh session, in the solution's order or in ``order`` (call indices): (final
+    db, per-call summaries, failure or None)."""
     trace = []
-    results: list[Any] = []
+    results: dict[int, Any] = {}
     with handle.open_session() as s:
-        for i, call in enumerate(solution.calls):
+        for i in range(len(solution.calls)) if order is None else order:
+            call = solution.calls[i]
             try:
                 args = resolve_refs(call.arguments, results, i)
             except SolutionRefError as exc:
@@ -162,7 +164,7 @@ def _replay(handle, solution) -> tuple[bytes | None, list[str], str | None]:
             if not r.ok:
                 return None, trace, (f"call {i} {call.tool}({_short(args, 150)}) failed "
                                      f"({r.error_kind}): {r.error}")
-            results.append(r.content)
+            results[i] = r.content
             trace.append(f"[{i}] {call.tool} -> {_short(r.content, 160)}")
         return s.snapshot(), trace, None
 
@@ -404,11 +406,11 @@ def _reads_answer(pool, env, task_idx, initial, final, solution) -> str | None:
     return None
 
 
-def _answer_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
+def _answer_checks(pool, env, task_idx, ref: "_Reference") -> list[ValidationCheck]:
     """wrong_answer and hedged_answer: the answer's numbers changed, embedded, hedged or only
     inside a date; a database value it states hedged with another of the same column."""
-    answer = solution.final_answer
-    why = _reads_answer(pool, env, task_idx, initial, final, solution)
+    initial, final, answer = ref.initial, ref.final, ref.solution.final_answer
+    why = ref.answer_unread
     if why:
         return [_skipped(task_idx, kind, why) for kind in ("wrong_answer", "hedged_answer")]
 
@@ -453,6 +455,7 @@ class _Reference:
     final: bytes
     changing: list[int]  # the calls whose replay changes the database
     digest: str  # of the final database
+    answer_unread: str | None  # why the answer checks cannot run; None when the verifier reads the answer
 
 
 def _reference(pool, env: Environment, task_idx: int) -> "_Reference | str":
@@ -468,8 +471,10 @@ def _reference(pool, env: Environment, task_idx: int) -> "_Reference | str":
     if states is None:
         return "the reference solution does not replay"
     digests = [snapshot_digest(handle.snapshot)] + [snapshot_digest(b) for b in states]
-    return _Reference(handle, solution, handle.snapshot, states[-1] if states else handle.snapshot,
-                      [i for i in range(len(states)) if digests[i + 1] != digests[i]], digests[-1])
+    final = states[-1] if states else handle.snapshot
+    return _Reference(handle, solution, handle.snapshot, final,
+                      [i for i in range(len(states)) if digests[i + 1] != digests[i]], digests[-1],
+                      _reads_answer(pool, env, task_idx, handle.snapshot, final, solution))
 
 
 def mutation_checks(pool, env: Environment, task_idx: int, ref: "_Reference | str | None" = None) -> list[ValidationCheck]:
@@ -484,7 +489,7 @@ def mutation_checks(pool, env: Environment, task_idx: int, ref: "_Reference | st
             + _swap_checks(pool, env, task_idx, h, sol, changing, ref.digest)
             + _value_checks(pool, env, task_idx, h, sol, changing, ref.digest)
             + _damage_checks(pool, env, task_idx, ref.initial, ref.final, sol)
-            + _answer_checks(pool, env, task_idx, ref.initial, ref.final, sol))
+            + _answer_checks(pool, env, task_idx, ref))
 
 
 # --------------------------------------------------------------------------- equivalences
@@ -538,7 +543,7 @@ def _reorder_check(pool, env, task_idx, ref: _Reference) -> ValidationCheck:
     why = ""
     for order in orders[:MAX_MUTATIONS_PER_KIND]:
         what = f"reordered_calls: the reference solution's calls in the order {order}"
-        final, failure = _replay_in_order(handle, solution, order)
+        final, _, failure = _replay(handle, solution, order)
         if failure:
             why = f"a call fails in that order, so the order matters ({failure})"
         elif snapshot_digest(final) == ref.digest:
@@ -547,32 +552,17 @@ def _reorder_check(pool, env, task_idx, ref: _Reference) -> ValidationCheck:
             why = "that order ends in another database (the order matters)"
         else:
             return _accepts(pool, env, task_idx, what + " (the same rows; new rows may have other keys)",
-                            handle.snapshot, final, solution.final_answer)
+                            ref.initial, final, solution.final_answer)
     return _skipped_equivalence(task_idx, what, why)
 
 
-def _replay_in_order(handle, solution, order: list[int]) -> tuple[bytes | None, str | None]:
-    results: dict[int, Any] = {}
-    with handle.open_session() as s:
-        for i in order:
-            call = solution.calls[i]
-            try:
-                r = s.call(call.tool, resolve_refs(call.arguments, results, i))
-            except SolutionRefError as exc:
-                return None, str(exc)
-            if not r.ok:
-                return None, f"call {i} {call.tool}: {_short(r.error, 120)}"
-            results[i] = r.content
-        return s.snapshot(), None
-
-
-def _reworded_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
-    why = _reads_answer(pool, env, task_idx, initial, final, solution)
-    if why:
-        return [_skipped_equivalence(task_idx, "reworded_answer", why)]
+def _reworded_checks(pool, env, task_idx, ref: "_Reference") -> list[ValidationCheck]:
+    if ref.answer_unread:
+        return [_skipped_equivalence(task_idx, "reworded_answer", ref.answer_unread)]
+    answer = ref.solution.final_answer
     return [_accepts(pool, env, task_idx, f"reworded_answer ({label}): {_short(text, 200)!r} instead of "
-                                          f"{_short(solution.final_answer, 160)!r}", initial, final, text)
-            for label, text in mutations.reworded_answers(solution.final_answer)]
+                                          f"{_short(answer, 160)!r}", ref.initial, ref.final, text)
+            for label, text in mutations.reworded_answers(answer)]
 
 
 def equivalence_checks(pool, env: Environment, task_idx: int,
@@ -583,7 +573,7 @@ def equivalence_checks(pool, env: Environment, task_idx: int,
     if isinstance(ref, str):
         return [_skipped_equivalence(task_idx, "equivalences", ref)]
     return ([_read_only_check(pool, env, task_idx, ref), _reorder_check(pool, env, task_idx, ref)]
-            + _reworded_checks(pool, env, task_idx, ref.initial, ref.final, ref.solution))
+            + _reworded_checks(pool, env, task_idx, ref))
 
 
 def soundness_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
