@@ -43,36 +43,40 @@ def verify(initial_db, final_db, final_answer):
     return {"verdict": "complete" if ok else "incomplete", "evidence": {"expected": text}}
 ''')
 
-# clinic_booking task 6 (a 5-star review): "nothing else changed" read as "no row was deleted",
-# the way 8 of 16 real-model verifiers compared it.
-DELETIONS_ONLY = _fenced('''
+# "Nothing else changed" read as "no row was deleted", the way 8 of 16 real-model verifiers
+# compared it: an inserted or edited row anywhere passes.
+NOTHING_DELETED = '''
+def _nothing_deleted(initial_db, final_db):
+    tables = [r[0] for r in initial_db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    return all({r[0] for r in initial_db.execute(f'SELECT rowid FROM "{t}"')}
+               <= {r[0] for r in final_db.execute(f'SELECT rowid FROM "{t}"')} for t in tables)
+
+'''
+
+# clinic_booking task 6 (a 5-star review), with that comparison.
+DELETIONS_ONLY = _fenced(NOTHING_DELETED + '''
 def verify(initial_db, final_db, final_answer):
     appt = initial_db.execute(
         "SELECT a.id FROM appointments a JOIN practitioners p ON p.id = a.practitioner_id "
         "WHERE p.last_name = 'Brooks' AND a.start_time LIKE '2026-11-12%' AND a.status = 'completed'").fetchone()[0]
     reviews = final_db.execute("SELECT rating, comment FROM reviews WHERE appointment_id = ?", (appt,)).fetchall()
     reviewed = any(r[0] == 5 and (r[1] or "").strip().lower() == "very thorough and kind." for r in reviews)
-    tables = [r[0] for r in initial_db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-    kept = all({r[0] for r in initial_db.execute(f'SELECT rowid FROM "{t}"')}
-               <= {r[0] for r in final_db.execute(f'SELECT rowid FROM "{t}"')} for t in tables)
+    kept = _nothing_deleted(initial_db, final_db)
     ok = reviewed and kept
     return {"verdict": "complete" if ok else "incomplete", "evidence": {"reviewed": reviewed, "nothing_deleted": kept}}
 ''')
 
 
 # clinic_booking task 1 (cancel an appointment, with a reason), the same way.
-CANCEL_DELETIONS_ONLY = _fenced('''
+CANCEL_DELETIONS_ONLY = _fenced(NOTHING_DELETED + '''
 def verify(initial_db, final_db, final_answer):
     appt = initial_db.execute(
         "SELECT a.id FROM appointments a JOIN practitioners p ON p.id = a.practitioner_id "
         "WHERE p.last_name = 'Brooks' AND a.start_time LIKE '2026-12-02T09:30%' AND a.status = 'booked'").fetchone()[0]
     row = final_db.execute("SELECT status, cancellation_reason FROM appointments WHERE id = ?", (appt,)).fetchone()
     cancelled = row[0] == "cancelled" and (row[1] or "").strip().lower() == "schedule conflict at work"
-    tables = [r[0] for r in initial_db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-    kept = all({r[0] for r in initial_db.execute(f'SELECT rowid FROM "{t}"')}
-               <= {r[0] for r in final_db.execute(f'SELECT rowid FROM "{t}"')} for t in tables)
+    kept = _nothing_deleted(initial_db, final_db)
     return {"verdict": "complete" if cancelled and kept else "incomplete", "evidence": {"row": list(row)}}
 ''')
 
