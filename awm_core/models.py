@@ -15,13 +15,15 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from awm_core.errors import ArtifactError, SolutionRefError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
-Flavour = Literal["native", "awm1k", "bfcl"]
+Flavour = Literal["native", "awm1k", "bfcl", "tau2"]
+# Flavours whose state is built by their code bundle (a benchmark's own objects): no SQLite schema or seed.
+CODE_ONLY_FLAVOURS = frozenset({"bfcl", "tau2"})
 Verdict = Literal["complete", "partial", "incomplete"]
 
 
@@ -78,6 +80,24 @@ class Artifact(BaseModel):
 A = TypeVar("A", bound=Artifact)
 
 
+class _LaterFields(Artifact):
+    """An artifact with fields added after bundles were published: they are left out of dumps while
+    they hold their default, so the digests (and recordings) of every bundle made before them stay
+    what they were."""
+
+    _later_fields: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._later_fields:
+                if name in data and getattr(self, name) == type(self).model_fields[name].get_default(
+                        call_default_factory=True):
+                    del data[name]
+        return data
+
+
 def describe_validation_error(exc: ValidationError) -> list[str]:
     """One line per problem, each naming the field path, e.g. ``tasks.2.text: field required``."""
     lines = []
@@ -118,7 +138,7 @@ class UserTurn(Artifact):
         "tools the agent is first shown with this message (hidden before it)"))
 
 
-class Task(Artifact):
+class Task(_LaterFields):
     scenario_id: str
     idx: int = Field(ge=0)
     text: str = Field(min_length=1)
@@ -126,6 +146,22 @@ class Task(Artifact):
         "a script of further user messages (BFCL multi-turn); empty for a one-message task"))
     system_prompt: str | None = Field(None, description=(
         "the system prompt the task is meant for (BFCL's entries); None: the agent loop's default"))
+    user_scenario: dict[str, Any] | None = Field(None, description=(
+        "who the user is and what they want, in tau2-bench's user_scenario shape ({persona?, instructions: "
+        "{domain, reason_for_call, known_info, unknown_info, task_instructions}}): the task is played as a "
+        "conversation with a user simulator"))
+    user_prompt: str | None = Field(None, description=(
+        "the user simulator's system prompt (simulation guidelines plus the user scenario)"))
+    initial_state: dict[str, Any] | None = Field(None, description=(
+        "state the session is put in before the episode (tau2-bench's initial_state: initialization_data, "
+        "initialization_actions, message_history)"))
+
+    _later_fields = ("user_scenario", "user_prompt", "initial_state")
+
+    @property
+    def conversational(self) -> bool:
+        """Played with a user simulator: the agent's text replies go to a user, not the end of the episode."""
+        return self.user_scenario is not None
 
     @property
     def hidden_tools(self) -> set[str]:
@@ -260,16 +296,20 @@ class Verifier(Artifact):
 
     task_idx: int = Field(ge=0)
     code: str = Field(min_length=1)
-    style: Literal["native", "awm1k_code", "awm1k_sql", "bfcl"] = "native"
+    style: Literal["native", "awm1k_code", "awm1k_sql", "bfcl", "tau2"] = "native"
     function_name: str = "verify"
     success_criteria: str = ""
     failure_criteria: str = ""
     extra: dict[str, Any] = Field(default_factory=dict, description="fields kept from imports")
 
 
-class ToolCall(Artifact):
+class ToolCall(_LaterFields):
     tool: str
     arguments: dict[str, Any] = Field(default_factory=dict)
+    requestor: Literal["assistant", "user"] = Field("assistant", description=(
+        "who makes the call: the agent, or (tau2-bench's dual-control telecom) the user on their own device"))
+
+    _later_fields = ("requestor",)
 
 
 class ReferenceSolution(Artifact):
@@ -416,7 +456,7 @@ class StageProvenance(Artifact):
 
 
 class Provenance(Artifact):
-    source: Literal["generated", "awm1k", "bfcl", "handwritten"] = "generated"
+    source: Literal["generated", "awm1k", "bfcl", "tau2", "handwritten"] = "generated"
     generator_model: str | None = None
     prompt_version: str | None = None
     run_id: str | None = None
@@ -478,5 +518,5 @@ class Environment(Artifact):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def runnable_parts_missing(self) -> list[str]:
-        needs = ("code",) if self.flavour == "bfcl" else ("db_schema", "seed_data", "code")
+        needs = ("code",) if self.flavour in CODE_ONLY_FLAVOURS else ("db_schema", "seed_data", "code")
         return [p for p in needs if getattr(self, p) is None]
