@@ -84,7 +84,7 @@ def find_home(start: Path | None = None) -> Path:
 
 
 class RoleSettings(BaseModel):
-    """Where one LLM role (generator, judge, embedder, policy) sends its requests."""
+    """Where one LLM role (generator, judge, embedder, policy, user) sends its requests."""
 
     backend: Literal["http", "offline"] = Field(
         "offline", description="http: an OpenAI-compatible endpoint; offline: recorded fixtures"
@@ -107,6 +107,8 @@ class LLMSettings(BaseModel):
     judge: RoleSettings = RoleSettings()
     embedder: RoleSettings = RoleSettings(model="all-MiniLM-L6-v2")
     policy: RoleSettings = RoleSettings()
+    user: RoleSettings = Field(RoleSettings(), description=(
+        "the user simulator of conversational tasks (tau2-bench style): it plays the customer the agent talks to"))
     fixtures_dir: Path = DEFAULT_FIXTURES
     cache: bool = Field(True, description="on-disk response cache under AWM_HOME/llm-cache")
     offline_latency_s: NonNegative = Field(0.0, description="simulated seconds per offline-backend call")
@@ -276,7 +278,7 @@ class Settings(BaseSettings):
     def model_post_init(self, __context: Any) -> None:
         base_url = os.environ.get("OPENAI_BASE_URL")
         api_key = os.environ.get("OPENAI_API_KEY")
-        for role in (self.llm.generator, self.llm.judge, self.llm.embedder, self.llm.policy):
+        for role in (self.llm.generator, self.llm.judge, self.llm.embedder, self.llm.policy, self.llm.user):
             if role.base_url is None and base_url:
                 role.base_url = base_url
             if role.api_key is None and api_key:
@@ -304,10 +306,10 @@ class Settings(BaseSettings):
         return self.home_dir / "runs"
 
     def role(self, name: str) -> RoleSettings:
-        try:
-            return getattr(self.llm, name)
-        except AttributeError:
-            raise SettingsError(f"unknown LLM role {name!r}; roles: generator, judge, embedder, policy") from None
+        found = getattr(self.llm, name, None)
+        if isinstance(found, RoleSettings):
+            return found
+        raise SettingsError(f"unknown LLM role {name!r}; roles: generator, judge, embedder, policy, user")
 
     def masked(self) -> dict[str, Any]:
         """Effective settings as plain data with every secret replaced by ``***``."""

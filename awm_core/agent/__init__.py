@@ -12,11 +12,20 @@ The same loop serves evaluation and training::
 
 Training builds its per-step samples with ``visible_messages`` (what step t saw is
 ``episode.turns[t].visible``) and the episode's reward.
+
+A conversational task (tau2-bench style) is played with a user simulator::
+
+    user = ScriptedUser(task, solution)            # or LLMUser.for_task(settings, task, tools=env.user_tools())
+    episode = run_episode(policy, session, task, env.tools(), user=user, user_tools=env.user_tools())
+    episode.termination                            # "user_stop", "max_steps", "too_many_errors", ...
+    episode.conversation                           # every party's messages, tagged with their sender
 """
 from awm_core.agent.base import Policy, PolicyReply
-from awm_core.agent.episode import Episode, ToolCallRequest, ToolCallResult, Turn
+from awm_core.agent.episode import Episode, ToolCallRequest, ToolCallResult, Turn, UserExchange
 from awm_core.agent.interfaces import CALL_TOOL, LIST_TOOLS, META_TOOLS, ToolDef, ToolRouter, function_tool
 from awm_core.agent.loop import (
+    DEFAULT_MAX_ERRORS,
+    DEFAULT_MAX_STEPS,
     DEFAULT_MAX_TURNS,
     DEFAULT_WINDOW,
     default_system_prompt,
@@ -46,8 +55,24 @@ from awm_core.agent.rewards import (
     verify_episode,
 )
 from awm_core.agent.splits import make_splits, select
+from awm_core.agent.users import (
+    AGENT_GREETING,
+    STOP_TOKENS,
+    USER_KINDS,
+    LLMUser,
+    ScriptedUser,
+    User,
+    UserReply,
+    is_stop,
+    solution_ranges,
+    check_user_role,
+    user_for,
+    user_view,
+)
 
 __all__ = [
+    "AGENT_GREETING", "DEFAULT_MAX_ERRORS", "DEFAULT_MAX_STEPS", "LLMUser", "STOP_TOKENS", "ScriptedUser", "User",
+    "USER_KINDS", "UserExchange", "UserReply", "check_user_role", "is_stop", "solution_ranges", "user_for", "user_view",
     "CALL_TOOL", "DEFAULT_MAX_TURNS", "DEFAULT_WINDOW", "Episode", "FormatError", "Generation", "JudgeDecision",
     "LABELS", "LIST_TOOLS", "LLMJudge", "META_TOOLS", "OpenAIChatPolicy", "Outcome", "Policy", "PolicyReply",
     "RandomPolicy", "ReferencePolicy", "TextToolCallPolicy", "ToolCallRequest", "ToolCallResult", "ToolDef",

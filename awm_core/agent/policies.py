@@ -212,6 +212,11 @@ class ReferencePolicy:
     ``$ref`` arguments are resolved from the tool results the loop shows it (the last message
     after each of its calls); a ref it cannot resolve raises ``SolutionRefError``. For a scripted
     task it answers each user message once that message's calls (``turn_ends``) are made.
+
+    Calls the user makes (``requestor="user"``, tau2's dual control) are skipped: in a conversation
+    with ``ScriptedUser`` the user makes them. Both follow the rule of ``users.solution_ranges``: range j of the
+    calls answers user message j, its user calls first, then the agent's; in turn j this policy makes
+    the agent calls of range j, then answers. A ``$ref`` to a user call's result cannot be resolved here.
     """
 
     DEFAULT_ANSWER = "Done."
@@ -242,6 +247,8 @@ class ReferencePolicy:
             return _reply("list_tools", {}, self.style, "ref_list")
         ends = self.solution.turn_ends
         turn_end = ends[self._turn] if self._turn < len(ends) else len(self.solution.calls)
+        while self._step < turn_end and self.solution.calls[self._step].requestor == "user":
+            self._step += 1  # the user's own call: the user makes it
         if self._step < turn_end:
             call = self.solution.calls[self._step]
             arguments = resolve_refs(call.arguments, self._results, self._step)
