@@ -22,8 +22,10 @@ from awm_core.errors import ArtifactError, SolutionRefError
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 Flavour = Literal["native", "awm1k", "bfcl", "tau2"]
-# Flavours whose state is built by their code bundle (a benchmark's own objects): no SQLite schema or seed.
-CODE_ONLY_FLAVOURS = frozenset({"bfcl", "tau2"})
+# Imported benchmarks: each one's flavour, verifier style and provenance source carry its name. Their
+# state is built by their code bundle (the benchmark's own objects): no SQLite schema or seed; their own
+# checker scores an episode, and their reference passed it on import instead of our validation.
+BENCHMARKS = frozenset({"bfcl", "tau2"})
 Verdict = Literal["complete", "partial", "incomplete"]
 
 
@@ -518,5 +520,5 @@ class Environment(Artifact):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def runnable_parts_missing(self) -> list[str]:
-        needs = ("code",) if self.flavour in CODE_ONLY_FLAVOURS else ("db_schema", "seed_data", "code")
+        needs = ("code",) if self.flavour in BENCHMARKS else ("db_schema", "seed_data", "code")
         return [p for p in needs if getattr(self, p) is None]

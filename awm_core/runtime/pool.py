@@ -27,7 +27,7 @@ from typing import Any
 import jsonschema
 
 from awm_core.errors import AWMError, SqlExecutionError
-from awm_core.models import Environment
+from awm_core.models import BENCHMARKS, Environment
 from awm_core.runtime import kernel, protocol
 from awm_core.settings import SandboxSettings
 from awm_core.runtime.types import EnvLoadError, SandboxError, WeakSandboxError, ToolInfo, ToolResult, VerifierOutcome
@@ -424,13 +424,14 @@ class SandboxPool:
         with self._lock:
             if key in self._handles:
                 return self._handles[key]
-        # A bfcl environment's state is BFCL's backend objects, built from its code bundle: no database.
-        needs = ("code",) if environment.flavour == "bfcl" else ("db_schema", "code")
+        # A bfcl or tau2 environment's state is the benchmark's own objects, built from its code bundle: no database.
+        code_only = environment.flavour in BENCHMARKS
+        needs = ("code",) if code_only else ("db_schema", "code")
         missing = [p for p in needs if getattr(environment, p) is None]
         if missing:
             raise EnvLoadError(environment.id, [f"the environment has no {p}" for p in missing])
         worker = self._slot_for(key)
-        if environment.flavour == "bfcl":
+        if code_only:
             initial = b""
         else:
             resp, blobs, _ = self._request_or_raise(worker, {
@@ -470,11 +471,13 @@ class SandboxPool:
             raise SandboxError(str(exc)) from None
 
     def verify(self, environment: Environment, task_idx: int, *, initial_db: bytes, final_db: bytes,
-               final_answer: str | None = None, trace: list[list[list[str]]] | None = None) -> VerifierOutcome:
+               final_answer: str | None = None, trace: Any = None) -> VerifierOutcome:
         """Run the task's verifier in the environment's worker; never raises for verifier faults.
 
-        ``trace`` is what a ``bfcl`` verifier scores (BFCL's checker re-runs the agent's calls):
-        per user turn, per reply, the calls as BFCL writes them (``bfcl_env.call_string``).
+        ``trace`` is what a benchmark's verifier scores. ``bfcl`` (BFCL's checker re-runs the agent's
+        calls): per user turn, per reply, the calls as BFCL writes them (``bfcl_env.call_string``).
+        ``tau2`` (τ²'s evaluator replays the conversation): ``{"messages": [...], "termination": ...}``
+        from ``awm_core.interop.tau2_trajectory``.
         """
         v = environment.verifier(task_idx)
         if v is None:
@@ -482,8 +485,8 @@ class SandboxPool:
         header = {"op": "verify", "style": v.style, "function_name": v.function_name, "code": v.code,
                   "final_answer": final_answer}
         handle = None
-        if v.style == "bfcl":
-            # BFCL's checker lives in the environment's bundle: the environment must be loaded there.
+        if v.style in BENCHMARKS:
+            # The benchmark's checker lives in the environment's bundle: the environment must be loaded there.
             try:
                 handle = self.load(environment)
             except AWMError as exc:
@@ -547,6 +550,7 @@ class EnvHandle:
         self.worker = worker
         self.snapshot = snapshot          # the initial database, as built once
         self._tools: dict[str, ToolInfo] = {}
+        self._user_tools: dict[str, ToolInfo] = {}
         self._validators: dict[str, Any] = {}
         self._tools_ready = False
         # tool -> how the worker reaches its code (AWM-1K: "bound", "handler" or "asgi"; see the worker)
@@ -569,6 +573,8 @@ class EnvHandle:
             raise EnvLoadError(self.id, resp["problems"])
         if not self._tools_ready:
             self._set_tools(resp["tools"])
+            self._user_tools = {t["name"]: ToolInfo(t["name"], t.get("description", ""), t["input_schema"])
+                                for t in resp.get("user_tools") or []}
             self.call_paths = resp.get("call_paths") or {}
             self._tools_ready = True
 
@@ -583,6 +589,10 @@ class EnvHandle:
 
     def tool(self, name: str) -> ToolInfo:
         return self._tools[name]
+
+    def user_tools(self) -> list[ToolInfo]:
+        """The tools the *user* has (τ²'s telecom: the customer's own phone); empty for most environments."""
+        return list(self._user_tools.values())
 
     def open_session(self) -> "Session":
         return Session(self)
@@ -688,17 +698,26 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, tool: str, args: dict[str, Any] | None) -> tuple[dict[str, Any] | None, ToolResult | None]:
+    def _request(self, tool: str, args: dict[str, Any] | None,
+                 requestor: str = "assistant") -> tuple[dict[str, Any] | None, ToolResult | None]:
         """The worker request of a call, or the result that answers it without the worker."""
         if self.closed:
             raise SandboxError("the session is closed")
         args = {} if args is None else args
-        bad = self.handle.validate(tool, args)
+        if requestor == "user":
+            bad = None if tool in self.handle._user_tools else ToolResult.failure(
+                "unknown_tool", f"unknown user tool {str(tool)[:200]!r}; the user's tools: "
+                                f"{', '.join(sorted(self.handle._user_tools)) or 'none'}")
+        else:
+            bad = self.handle.validate(tool, args)
         if bad is not None:
             return None, bad
         if self.lost:
             return None, ToolResult.failure("environment", self.lost)
-        return {"op": "call", "sid": self.sid, "tool": tool, "args": args}, None
+        request = {"op": "call", "sid": self.sid, "tool": tool, "args": args}
+        if requestor == "user":
+            request["requestor"] = "user"
+        return request, None
 
     def _lost(self, exc: WorkerFailure) -> ToolResult:
         self.lost = f"{exc}; reset() or open a new session to continue"
@@ -711,8 +730,9 @@ class Session:
             return ToolResult(True, json.loads(raw) if not as_text or raw.startswith('"') else raw, None, None)
         return ToolResult(False, None, resp.get("error"), resp.get("error_kind") or "environment")
 
-    def call(self, tool: str, args: dict[str, Any] | None = None) -> ToolResult:
-        request, answer = self._request(tool, args)
+    def call(self, tool: str, args: dict[str, Any] | None = None, *, requestor: str = "assistant") -> ToolResult:
+        """Run one tool call; ``requestor="user"`` runs one of the user's tools (``EnvHandle.user_tools``)."""
+        request, answer = self._request(tool, args, requestor)
         if answer is not None:
             return answer
         try:
@@ -736,6 +756,22 @@ class Session:
         except WorkerFailure as exc:
             return self._lost(exc)
         return self._result(resp, as_text)
+
+    def prepare(self, initial_state: dict[str, Any] | None) -> None:
+        """Back to the initial state, then into a task's own (τ²'s ``initial_state``); raises ``SandboxError``."""
+        if self.closed:
+            raise SandboxError("the session is closed")
+        if self.lost:
+            self._open()
+        try:
+            resp, _, _ = self.handle.worker.request({"op": "prepare", "sid": self.sid, "initial_state": initial_state},
+                                                    timeout=self.handle.pool.config.call_timeout_s,
+                                                    instance=self.instance)
+        except WorkerFailure as exc:
+            self.lost = str(exc)
+            raise SandboxError(str(exc)) from None
+        if not resp.get("ok"):
+            raise SandboxError(resp.get("error") or "the task's initial state could not be applied")
 
     def reset(self) -> None:
         """Back to the environment's initial database (a new worker session if it was lost)."""

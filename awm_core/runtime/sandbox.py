@@ -66,6 +66,8 @@ PRELOAD = (
     "fastapi.middleware.cors", "starlette.responses", "anyio.to_thread",
     # BFCL's math backend (the bfcl flavour).
     "cmath", "mpmath", "_strptime",
+    # tau2-bench's tool schemas (the tau2 flavour).
+    "docstring_parser",
 )
 
 REMOVED_BUILTINS = ("exit", "quit", "input", "breakpoint", "help", "copyright", "credits", "license")

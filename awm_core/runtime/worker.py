@@ -27,6 +27,7 @@ from awm_core.answers import answer_dates, answer_numbers, answer_times
 from awm_core.changes import db_changes
 from awm_core.runtime import protocol, sandbox
 from awm_core.runtime.bfcl_env import BfclEnv
+from awm_core.runtime.tau2_env import Tau2Env
 from awm_core.runtime.schema import function_schema, openapi_tools
 
 # Imported before the audit hook goes up, so generated code finds them loaded.
@@ -484,7 +485,8 @@ def _load_reply(env) -> dict[str, Any]:
     """What a load answers, for an environment just imported or already held (a BFCL entry has
     no call paths)."""
     return {"ok": True, "tools": env.infos, "problems": env.problems,
-            "call_paths": env.call_paths() if isinstance(env, _Env) else {}}
+            "call_paths": env.call_paths() if isinstance(env, _Env) else {},
+            "user_tools": getattr(env, "user_infos", [])}
 
 
 class _NoSession(Exception):
@@ -552,6 +554,8 @@ class Worker:
         try:
             if req["flavour"] == "bfcl":
                 env = BfclEnv(key, req["source"], req["env_id"], self.guard)
+            elif req["flavour"] == "tau2":
+                env = Tau2Env(key, req["source"], req["env_id"], self.guard)
             elif req["flavour"] == "awm1k":
                 env = _Awm1kEnv(key, blobs[0], req["source"], req["env_id"], self.loop, self.guard,
                                 force_asgi=bool(req.get("asgi")))
@@ -610,14 +614,36 @@ class Worker:
     def op_snapshot(self, req, blobs):
         return {"ok": True}, [self._session(req["sid"]).serialize()]
 
+    def op_prepare(self, req, blobs):
+        """Put a session in a task's initial state (the tau2 flavour: tau2's ``set_state``)."""
+        s = self._session(req["sid"])
+        if not isinstance(s.env, Tau2Env):
+            return {"ok": False, "error_kind": "environment",
+                    "error": f"a {s.env.flavour} environment has no task initial states"}, []
+        try:
+            s.env.prepare(s, req.get("initial_state"))
+        except ENV_LIMIT_ERRORS as exc:
+            return self._failure("environment", f"setting the task's initial state hit a limit: {_exc_text(exc)}",
+                                 recycle=True)
+        except Exception as exc:
+            return self._failure("environment", f"the task's initial state does not apply: {_exc_text(exc)}")
+        return {"ok": True}, []
+
     def op_call(self, req, blobs):
         s = self._session(req["sid"])
         tool = req["tool"]
-        if tool not in s.env.tools:
+        requestor = req.get("requestor") or "assistant"
+        if requestor == "user":
+            if tool not in getattr(s.env, "user_tools", {}):
+                return {"ok": False, "error": f"unknown user tool {tool!r}", "error_kind": "unknown_tool"}, []
+        elif tool not in s.env.tools:
             return {"ok": False, "error": f"unknown tool {tool!r}", "error_kind": "unknown_tool"}, []
         t0 = time.perf_counter()
         try:
-            out = s.env.call(s, tool, req.get("args") or {})
+            if requestor == "user":
+                out = s.env.call(s, tool, req.get("args") or {}, requestor="user")
+            else:
+                out = s.env.call(s, tool, req.get("args") or {})
         except ToolError as exc:
             return self._failure("tool", str(exc) or type(exc).__name__)
         except ENV_LIMIT_ERRORS as exc:
@@ -658,6 +684,8 @@ class Worker:
         self.verify_counter += 1
         if style == "bfcl":
             return self._verify_bfcl(req)
+        if style == "tau2":
+            return self._verify_tau2(req)
         try:
             ns = _make_verifier_module(req["code"], f"verifier_{self.verify_counter}", self.guard)
             fn = ns.get(fname)
@@ -717,6 +745,21 @@ class Worker:
             return self._vfail("environment", f"BFCL's checker hit a limit: {_exc_text(exc)}", recycle=True)
         except Exception as exc:
             return self._vfail("verifier", f"BFCL's checker raised {_exc_text(exc)}")
+        if self.guard.violations:
+            return self._vfail("environment", "; ".join(self.guard.violations[:3]))
+        return {"ok": True, "verdict": "complete" if out["valid"] else "incomplete", "evidence": out}, []
+
+    def _verify_tau2(self, req):
+        env = self.envs.get(req.get("key"))
+        if not isinstance(env, Tau2Env):
+            return self._vfail("environment", "the tau2 environment is not loaded in this worker")
+        trace = req.get("trace") or {}
+        try:
+            out = env.check(json.loads(req["code"]), trace.get("messages") or [], trace.get("termination") or "")
+        except ENV_LIMIT_ERRORS as exc:
+            return self._vfail("environment", f"tau2's evaluator hit a limit: {_exc_text(exc)}", recycle=True)
+        except Exception as exc:
+            return self._vfail("verifier", f"tau2's evaluator raised {_exc_text(exc)}")
         if self.guard.violations:
             return self._vfail("environment", "; ".join(self.guard.violations[:3]))
         return {"ok": True, "verdict": "complete" if out["valid"] else "incomplete", "evidence": out}, []
