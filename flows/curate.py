@@ -18,7 +18,7 @@ from typing import Any
 
 from awm_core.curation import CurationPlan, plan_curation
 from awm_core.errors import AWMError
-from awm_core.models import Environment
+from awm_core.models import BENCHMARKS, Environment
 from awm_core.settings import Settings, get_settings
 
 
@@ -46,9 +46,9 @@ def read_plan(settings: Settings | None = None) -> Curation:
         return Curation(CurationPlan(target_live_tasks=settings.generation.live_tasks))
     try:
         envs = {r["env_id"]: r for r in cat.rows("SELECT env_id, source, created_at FROM environments")}
-        # Imported environments (AWM-1K, the BFCL benchmark) have no code of ours to regenerate or
+        # Imported environments (AWM-1K, the benchmarks) have no code of ours to regenerate or
         # tasks of ours to retire: a benchmark that curation thinned would no longer be the benchmark.
-        ours = {e for e, r in envs.items() if r["source"] not in ("awm1k", "bfcl")}
+        ours = {e for e, r in envs.items() if r["source"] != "awm1k" and r["source"] not in BENCHMARKS}
         tasks = [t for t in cat.rows("SELECT * FROM tasks") if t["env_id"] in ours]
         made = {e: _utc(r["created_at"]) for e, r in envs.items()}
         telemetry = [r for r in cat.rows("SELECT * FROM task_telemetry WHERE kind = 'stats'")

@@ -42,7 +42,7 @@ from prefect import flow, get_run_logger
 
 from awm_core.agent.rewards import LABELS
 from awm_core.errors import GateFailed
-from awm_core.models import utcnow
+from awm_core.models import BENCHMARKS, utcnow
 from awm_core.report import markdown_table, pct
 from awm_core.settings import Settings, get_settings
 from flows.artifacts import Report, publish_report
@@ -115,9 +115,9 @@ def load_frames(cat: Catalog, snapshot: int) -> dict[str, pd.DataFrame]:
 def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[str, pd.DataFrame], dict[str, Any], list[str]]:
     """Per-environment and per-task views the expectations run on, plus the pass rates."""
     envs = frames["environments"]
-    # Imported benchmarks (BFCL) are checked by their own ground-truth replay on import; the gate's
+    # Imported benchmarks (BFCL, tau2) are checked by their own reference replay on import; the gate's
     # coverage and similarity rules are for synthesized environments and would fail on them.
-    benchmark = envs["source"] == "bfcl"
+    benchmark = envs["source"].isin(sorted(BENCHMARKS))
     gated_mask = ~benchmark & ((envs["source"] != "awm1k") | envs["validation_passed"].notna())
     gated = envs[gated_mask]
     unvalidated = sorted(envs.loc[~gated_mask & ~benchmark, "env_id"].tolist())

