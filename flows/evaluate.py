@@ -23,7 +23,7 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from awm_core.agent import LLMJudge, make_splits
+from awm_core.agent import LLMJudge, check_user_role, make_splits
 from awm_core.agent.eval_summary import reward_plot_png, summarize, summary_markdown
 from awm_core.agent.evaluation import (
     EvalConfig, EvalResult, EvalRun, add_progress_listener, plan_tasks, remove_progress_listener, thread_runner,
@@ -80,7 +80,7 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
             ids = [i for i in ids if of.get(i) in wanted]
             if not ids:
                 raise AWMError(f"snapshot {snapshot} holds no environments of {config.benchmark}; "
-                               "import them first: awm import bfcl")
+                               f"import them first: awm import {config.benchmark.partition(':')[0]}")
         if not ids:
             raise AWMError(f"snapshot {snapshot} holds no environments to evaluate")
         environments = {e: cat.get_environment(e, snapshot) for e in ids}
@@ -92,6 +92,8 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     if log:
         for n in notes[:20]:
             log.warning("skipped %s", n)
+    if config.user == "llm" and any(environments[e].task(i).conversational for e, idxs in plan.items() for i in idxs):
+        check_user_role(settings)
     total = sum(len(v) for v in plan.values()) * config.episodes_per_task
     if total == 0:
         raise AWMError(f"no tasks to evaluate in snapshot {snapshot} (split {config.split!r}, policy {config.policy!r})"
@@ -205,7 +207,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     (settings.runs_dir / result.run_id / "reward_distribution.png").write_bytes(png)
     (settings.runs_dir / result.run_id / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     publish_report(Report(
-        key="evaluation-summary", markdown=summary_markdown(summary, config, data_uri(png)),
+        key="evaluation-summary", markdown=summary_markdown(summary, config.for_benchmark(), data_uri(png)),
         description=f"evaluate {config.policy} on snapshot {summary['snapshot']}",
         tables={"evaluation-by-scenario": (summary["by_scenario"],
                                            "reward, completion rate and mean turns per scenario")},

@@ -1,6 +1,7 @@
 """An evaluation's summary: statistics by scenario and category, its markdown, its reward chart."""
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter, defaultdict
 from typing import Any
@@ -61,7 +62,38 @@ def summarize(result: EvalResult, environments: dict[str, Environment] | None = 
         "errors": dict(Counter((r["error"] or "").split(":")[0] for r in rows if r["error"]).most_common(10)),
         "failures": result.failures[:20],
         "bfcl": bfcl_accuracy(by_cat),
+        "tau2": tau2_pass_hat_k(by_cat),
     }
+
+
+def pass_hat_k(successes: int, trials: int, k: int) -> float:
+    """τ²'s pass^k of one task: the chance that k of its n trials, drawn without replacement, all succeed."""
+    return math.comb(successes, k) / math.comb(trials, k) if trials >= k else 0.0
+
+
+def tau2_pass_hat_k(by_category: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """τ²'s leaderboard numbers per domain: pass^1..pass^K (K = the fewest episodes of any task), each the
+    unweighted mean over tasks, with τ²'s success rule (reward 1); None when the run holds no τ² environment."""
+    domains: dict[str, Any] = {}
+    for category, rows in sorted(by_category.items()):
+        if not category.startswith("tau2_"):
+            continue
+        by_task: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by_task[(r["env_id"], r["task_idx"])].append(r)
+        k_max = min(len(v) for v in by_task.values())
+        passed = {t: sum(1 for r in v if r["label"] == "completed") for t, v in by_task.items()}
+        domains[category.removeprefix("tau2_")] = {
+            "tasks": len(by_task), "episodes": len(rows),
+            "pass_hat_k": {str(k): round(statistics.fmean(pass_hat_k(passed[t], len(v), k)
+                                                          for t, v in by_task.items()), 4)
+                           for k in range(1, k_max + 1)},
+            "avg_reward": round(_mean([r["reward"] for r in rows]), 4)}
+    if not domains:
+        return None
+    from awm_core.interop.tau2 import DATA_VERSION
+
+    return {"domains": domains, "data_version": DATA_VERSION}
 
 
 # BFCL's leaderboard columns for its multi-turn categories.
@@ -126,6 +158,18 @@ def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str
                                    for t, c in b["columns"].items()]
                                   + [["Multi Turn Overall Acc" + ("" if b["complete"] else " (categories run)"), "",
                                       f"{b['Multi Turn Overall Acc']:.2%}"]])]
+    if summary.get("tau2"):
+        t = summary["tau2"]
+        ks = sorted({int(k) for d in t["domains"].values() for k in d["pass_hat_k"]})
+        lines += ["", "## tau2-bench pass^k (by tau2's evaluator)", "",
+                  *markdown_table([("domain", "l"), ("tasks", "r"), ("episodes", "r"),
+                                   *[(f"pass^{k}", "r") for k in ks], ("avg reward", "r")],
+                                  [[d, n["tasks"], n["episodes"],
+                                    *[f"{n['pass_hat_k'][str(k)]:.2%}" if str(k) in n["pass_hat_k"] else "-"
+                                      for k in ks], f"{n['avg_reward']:.3f}"]
+                                   for d, n in t["domains"].items()])]
+        if t.get("data_version"):
+            lines += ["", f"Data: {t['data_version']}. Not comparable with tau2-bench 1.0 leaderboard rows."]
     if summary["errors"]:
         lines += ["", "## Error classes", "", *markdown_table([("error", "l"), ("episodes", "r")],
                                                                summary["errors"].items())]
@@ -136,4 +180,4 @@ def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str
     return "\n".join(lines)
 
 
-__all__ = ["group_stats", "reward_plot_png", "summarize", "summary_markdown"]
+__all__ = ["group_stats", "pass_hat_k", "reward_plot_png", "summarize", "summary_markdown", "tau2_pass_hat_k"]

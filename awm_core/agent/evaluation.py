@@ -24,9 +24,10 @@ from awm_core.agent.loop import run_episode
 from awm_core.agent.policies import OpenAIChatPolicy, RandomPolicy, ReferencePolicy, TextToolCallPolicy
 from awm_core.agent.rewards import LLMJudge, reward_for, verify_episode
 from awm_core.agent.splits import select
+from awm_core.agent.users import user_for
 from awm_core.configs import FlowConfig
 from awm_core.errors import AWMError
-from awm_core.interop.bfcl import benchmark_categories
+from awm_core.interop.benchmarks import benchmark_categories
 from awm_core.models import Environment
 from awm_core.settings import Settings
 
@@ -66,9 +67,17 @@ class EvalConfig(FlowConfig):
         "a Dask scheduler (tcp://host:8786) to spread the environments over, each worker with its own sandbox "
         "pool; default: generation.dask_address when generation.task_runner is dask, else this process"))
     benchmark: str | None = Field(None, description=(
-        "an external benchmark imported into the catalog: 'bfcl' (every multi-turn category) or "
-        "'bfcl:base,miss_func'; evaluates all its entries (no split) with the whole history in view "
-        "unless window is given"))
+        "an external benchmark imported into the catalog: 'bfcl' (every multi-turn category), "
+        "'bfcl:base,miss_func', 'tau2' (airline, retail, telecom) or 'tau2:retail'; evaluates all its "
+        "entries (no split) with the whole history in view unless window is given"))
+    user: Literal["llm", "scripted"] = Field("llm", description=(
+        "who plays the user of conversational tasks (tau2-bench's): llm, the LLM role 'user' (an endpoint or "
+        "its offline recordings); scripted, a deterministic user that gives what it knows and stops once the "
+        "reference's actions are done"))
+    max_steps: int = Field(100, ge=1, description=(
+        "conversational tasks: messages of every party before the episode stops (tau2-bench's max steps)"))
+    max_errors: int = Field(10, ge=1, description=(
+        "conversational tasks: tool errors of either side before the episode stops (tau2-bench's max errors)"))
 
     @field_validator("benchmark")
     @classmethod
@@ -168,6 +177,10 @@ class EpisodeKey:
         return f"{self.run_id}/{self.env_id}/{self.task_idx}/{self.episode_idx}"
 
 
+# How an episode ends when nothing went wrong: the agent's final answer, or the user saying it is done.
+NORMAL_ENDINGS = ("final_answer", "user_stop")
+
+
 def rollout_row(key: EpisodeKey, episode=None, outcome=None, *, duration_s: float = 0.0,
                 load_error: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """A row of the catalog's ``rollouts`` table: a finished episode and its outcome, or (with
@@ -181,7 +194,7 @@ def rollout_row(key: EpisodeKey, episode=None, outcome=None, *, duration_s: floa
                 "duration_s": 0.0, "env_time_s": 0.0, "initial_digest": None, "final_digest": None,
                 "final_answer": None, "error": f"environment failed to load: {load_error}", "messages_json": "[]"}
     error = outcome.error or episode.error
-    if episode.termination != "final_answer" and not error:
+    if episode.termination not in NORMAL_ENDINGS and not error:
         error = episode.termination
     return {
         **row, "reward": outcome.reward, "label": outcome.label, "env_error": outcome.env_error,
@@ -191,8 +204,16 @@ def rollout_row(key: EpisodeKey, episode=None, outcome=None, *, duration_s: floa
         "final_digest": episode.final_digest, "final_answer": episode.final_answer, "error": error,
         "termination": episode.termination, "interface": episode.interface, "window": episode.window,
         "verifier_evidence": outcome.verifier_evidence, "judge_reasoning": outcome.judge_reasoning,
-        "messages_json": json.dumps(episode.messages, ensure_ascii=False, default=str),
+        "messages_json": json.dumps(transcript(episode), ensure_ascii=False, default=str),
     }
+
+
+def transcript(episode) -> list[dict[str, Any]]:
+    """The messages a rollout row keeps: the agent's history, or for a conversation every party's
+    messages in order (each tagged with its ``sender``), after the agent's system prompt."""
+    if not episode.conversational:
+        return episode.messages
+    return ([{"sender": "system", **episode.system}] if episode.system else []) + episode.conversation
 
 
 def tool_call_rows(rollout_id: str, env_id: str, episode) -> list[dict[str, Any]]:
@@ -277,6 +298,9 @@ class EvalRun:
         self.progress = Progress(total, on_update)
         self.workers: set[str] = set()  # Dask workers that ran environments (a Dask runner fills it)
         self._client = self._make_client()
+        self.user_ledger = self.out_dir / "llm_calls.jsonl"
+        self.user_budget = None  # made on the first conversational task: one cap for every user simulator call
+        self._user_lock = threading.Lock()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -336,13 +360,32 @@ class EvalRun:
                 failures.append(failure)
         return rows, calls, failures
 
+    def user_for(self, env: Environment, task_idx: int, handle: Any):
+        """The user simulator of a conversational task (None for a task of one message)."""
+        task = env.task(task_idx)
+        if not task.conversational:
+            return None
+        if self.config.user == "llm":
+            with self._user_lock:
+                if self.user_budget is None:
+                    from awm_core.llm.shared_budget import run_budget
+
+                    self.user_budget = run_budget(self.settings, self.run_id)
+        return user_for(self.config.user, task, settings=self.settings, solution=env.solution(task_idx),
+                        tools=handle.user_tools(), budget=self.user_budget, ledger=self.user_ledger,
+                        run_id=self.run_id)
+
     def run_one(self, env: Environment, handle: Any, task_idx: int, episode_idx: int):
         started = time.perf_counter()
+        c = self.config
         try:
+            user = self.user_for(env, task_idx, handle)
             with handle.open_session() as session:
                 episode = run_episode(self.policy_for(env, task_idx, episode_idx), session, env.task(task_idx),
-                                      handle.tools(), interface=self.config.interface,
-                                      max_turns=self.config.max_turns, window=self.config.window)
+                                      handle.tools(), interface=c.interface, max_turns=c.max_turns, window=c.window,
+                                      user=user, user_tools=handle.user_tools() if user else None,
+                                      max_steps=c.max_steps if user else None,
+                                      max_errors=c.max_errors if user else None)
             outcome = verify_episode(self.pool, env, task_idx, episode, self.settings, judge=self.judge)
         except Exception as exc:  # the policy endpoint failed: no verdict to record for this episode
             failure = f"{env.id}/{task_idx}/{episode_idx}: {type(exc).__name__}: {exc}"

@@ -18,6 +18,7 @@ the agent's tool traffic is left out, as the agent never sees the user's. In dua
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -101,26 +102,35 @@ def flip_user_message(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_scenario(scenario: dict[str, Any] | None) -> str:
-    """A user scenario (tau2's shape) as plain text: persona, then the instructions."""
+    """A user scenario (τ²'s shape) as τ² shows it to its user simulator (``str(UserScenario)``):
+    persona, then the instructions, each part indented by a tab."""
     if not scenario:
         return ""
     lines = []
-    if scenario.get("persona"):
+    if scenario.get("persona") is not None:
         lines += ["Persona:", _indent(str(scenario["persona"]))]
     instructions = scenario.get("instructions")
     if isinstance(instructions, dict):
-        parts = [("Domain", "domain"), ("Reason for call", "reason_for_call"), ("Known info", "known_info"),
-                 ("Unknown info", "unknown_info"), ("Task instructions", "task_instructions")]
-        body = [f"{label}:\n{_indent(str(instructions[key]))}" for label, key in parts
-                if instructions.get(key) is not None]
-        lines += ["Instructions:", _indent("\n".join(body))]
-    elif instructions is not None:
-        lines += ["Instructions:", _indent(str(instructions))]
+        body = [f"Domain: {instructions.get('domain')}",
+                f"Reason for call:\n{_indent(str(instructions.get('reason_for_call') or ''))}"]
+        for label, key in (("Known info", "known_info"), ("Unknown info", "unknown_info")):
+            if instructions.get(key) is not None:
+                body.append(f"{label}:\n{_indent(str(instructions[key]))}")
+        body.append(f"Task instructions:\n{_indent(str(instructions.get('task_instructions') or ''))}")
+        text = "\n".join(body)
+    else:
+        text = str(instructions)
+    lines += ["Instructions:", _indent(text)]
     return "\n".join(lines)
 
 
+def user_system_prompt(guidelines: str, scenario: dict[str, Any]) -> str:
+    """A user simulator's system prompt as τ²'s ``UserSimulator`` builds it: guidelines, then the scenario."""
+    return f"{guidelines}\n\n<scenario>\n{render_scenario(scenario)}\n</scenario>"
+
+
 def _indent(text: str) -> str:
-    return "\n".join("\t" + line if line else line for line in text.splitlines())
+    return textwrap.indent(text, "\t")
 
 
 DEFAULT_USER_GUIDELINES = (
@@ -136,8 +146,9 @@ DEFAULT_USER_GUIDELINES = (
 
 def default_user_prompt(task: Task) -> str:
     """A user system prompt for a task that brings none (``Task.user_prompt``): short guidelines and the scenario."""
-    scenario = render_scenario(task.user_scenario) or task.text
-    return f"{DEFAULT_USER_GUIDELINES}\n\n<scenario>\n{scenario}\n</scenario>"
+    if not task.user_scenario:
+        return f"{DEFAULT_USER_GUIDELINES}\n\n<scenario>\n{task.text}\n</scenario>"
+    return user_system_prompt(DEFAULT_USER_GUIDELINES, task.user_scenario)
 
 
 def user_function_tools(tools: Any) -> list[dict[str, Any]] | None:
