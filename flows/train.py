@@ -82,7 +82,7 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
     """Gate check, task plan and run folder. Returns (run folder, snapshot, split rows to publish)."""
     from storage.catalog import Catalog
 
-    from awm_core.interop.bfcl import benchmark_categories, is_benchmark, trainable
+    from awm_core.interop.benchmarks import benchmark_categories, is_benchmark, trainable_tasks
 
     benchmark = is_benchmark(config.split)
     with Catalog.open(settings, read_only=True) as cat:
@@ -92,9 +92,9 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
             snapshot = config.snapshot if config.snapshot is not None else cat.environment_snapshot()
             wanted = benchmark_categories(config.split)
             environments = [e for e in cat.environments(snapshot=snapshot)
-                            if e.scenario.category in wanted and trainable(e)]
-            stored = [{"env_id": e.id, "task_idx": t.idx, "split": config.split, "seed": None}
-                      for e in environments for t in e.tasks]
+                            if e.scenario.category in wanted and trainable_tasks(e)]
+            stored = [{"env_id": e.id, "task_idx": i, "split": config.split, "seed": None}
+                      for e in environments for i in trainable_tasks(e)]
         else:
             snapshot = resolve_snapshot(cat, config.snapshot)
             environments = list(cat.environments(snapshot=snapshot))

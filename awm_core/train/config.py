@@ -20,6 +20,7 @@ GENERATION_BACKENDS = ("transformers", "paged", "vllm")
 ROLLOUT_SCHEDULERS = ("continuous", "lockstep")
 SPLITS = ("train", "val", "all")
 INTERFACES = ("direct", "meta")
+USERS = ("llm", "scripted")  # awm_core.agent.users.USER_KINDS
 ACCELERATE_CONFIGS = ("cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero3")
 # Config keys that existed once, with what replaced them: an old config file gets told, not a bare "unknown".
 RENAMED = {"grad_accum": "max_tokens_per_microbatch (micro-batches are now cut by a token budget)"}
@@ -74,8 +75,9 @@ class TrainConfig:
     snapshot: int | None = None
     """Catalog snapshot to train on (None: the newest snapshot whose gate passed)."""
     split: str = "train"
-    """``train``, ``val``, ``all``, or a benchmark split imported into the catalog: ``bfcl`` or
-    ``bfcl:base,miss_func`` (its entries whose ground truth passed on import; no gate needed)."""
+    """``train``, ``val``, ``all``, or a benchmark split imported into the catalog: ``bfcl``,
+    ``bfcl:base,miss_func``, ``tau2:retail:train`` (its tasks whose reference passed the benchmark's own
+    checker on import; no gate needed)."""
     group_size: int = 16
     tasks_per_step: int = 64
     max_turns: int = 20
@@ -144,6 +146,14 @@ class TrainConfig:
     """Supervised steps on the training tasks' reference solutions before GRPO (0: none), so a
     fresh model starts out calling tools."""
     warmstart_lr: float = 1e-3
+    user: str = "llm"
+    """Who plays the user of conversational tasks (tau2-bench's): ``llm``, the LLM role ``user`` (an
+    endpoint or its offline recordings; its calls count against the run's LLM budget); ``scripted``, a
+    deterministic user that gives what it knows and stops once the reference's actions are done."""
+    max_steps: int = 100
+    """Conversational tasks: messages of every party before the episode stops (tau2-bench's max steps)."""
+    max_errors: int = 10
+    """Conversational tasks: tool errors of either side before the episode stops (tau2-bench's max errors)."""
     negate_advantages: bool = False
     """A control experiment: train against the reward (every advantage negated). A run with this
     set should get worse; one that does not is not learning from the reward at all."""
@@ -161,7 +171,7 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
 
         for name in ("group_size", "tasks_per_step", "max_turns", "steps", "max_tokens", "max_prompt_tokens",
-                     "max_tokens_per_microbatch", "sandbox_workers", "generation_batch"):
+                     "max_tokens_per_microbatch", "sandbox_workers", "generation_batch", "max_steps", "max_errors"):
             positive(name)
         if not problems and self.max_tokens_per_microbatch < self.max_prompt_tokens + self.max_tokens:
             problems.append(f"max_tokens_per_microbatch ({self.max_tokens_per_microbatch}) must hold the longest "
@@ -200,16 +210,20 @@ class TrainConfig:
                                         or self.window < 0):
             problems.append(f"window must be null or an integer >= 0, got {self.window!r}")
         if self.split not in SPLITS:
-            from awm_core.interop.bfcl import BfclError, benchmark_categories, is_benchmark
+            from awm_core.errors import AWMError
+            from awm_core.interop.benchmarks import benchmark_categories, is_benchmark
 
             if not is_benchmark(self.split):
                 problems.append(f"split must be one of {', '.join(SPLITS)} or a benchmark split (bfcl, "
-                                f"bfcl:base,...), got {self.split!r}")
+                                f"bfcl:base,..., tau2:retail:train, ...), got {self.split!r}")
             else:
                 try:
                     benchmark_categories(self.split)
-                except BfclError as exc:
+                except AWMError as exc:
                     problems.append(f"split {self.split!r}: {exc}")
+        if self.user not in USERS:
+            problems.append(f"user must be one of {', '.join(USERS)} (who plays the user of conversational "
+                            f"tasks), got {self.user!r}")
         if self.interface not in INTERFACES:
             problems.append(f"interface must be one of {', '.join(INTERFACES)}, got {self.interface!r}")
         if self.generation_backend not in GENERATION_BACKENDS:

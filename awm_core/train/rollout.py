@@ -28,6 +28,12 @@ itself raising, e.g. out of GPU memory; every episode of a step failing) raises 
 ``AWMError`` on every process at the same point (``EpisodeRollout``), so no process waits for
 the collective timeout.
 
+A conversational task (``Task.conversational``, tau2-bench's) is played with a user simulator
+(``EpisodeRunner.user_for``: the LLM role ``user``, its calls on the run's budget and ledger, or the
+scripted user) within tau2's limits (``max_steps``, ``max_errors``). The policy's samples are still
+what it saw (``turns[t].visible``: the user's own tool traffic is not in it); a user that could not
+reply ends the episode as ``user_error``, which verification labels an environment error (masked).
+
 ``EpisodeRollout`` is the ``rollout_func`` handed to TRL's ``GRPOTrainer``.
 """
 from __future__ import annotations
@@ -40,7 +46,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from awm_core.agent import Episode, Generation, Outcome, TextToolCallPolicy, run_episode, verify_episode
+from awm_core.agent import Episode, Generation, Outcome, TextToolCallPolicy, run_episode, user_for, verify_episode
+from awm_core.agent.evaluation import transcript
 from awm_core.errors import AWMError
 from awm_core.train.samples import Sample, StepRecord, build_samples
 
@@ -878,7 +885,9 @@ class EpisodeResult:
                 "verify_s": self.verify_s, "initial_digest": ep.initial_digest, "final_digest": ep.final_digest,
                 "final_answer": ep.final_answer, "error": self.outcome.error or ep.error,
                 "termination": ep.termination, "verdict": self.outcome.verdict,
-                "judge_reasoning": self.outcome.judge_reasoning, **extra}
+                "judge_reasoning": self.outcome.judge_reasoning,
+                # a conversation keeps every party's messages, each tagged with its sender
+                "messages": transcript(ep), **extra}
 
 
 @dataclass
@@ -928,13 +937,17 @@ class EpisodeRunner:
 
     ``environments`` are ``Environment`` bundles; each is loaded once into ``pool``.
     ``scheduler`` is ``continuous`` or ``lockstep``; ``episode_timeout_s`` bounds one episode.
+    ``user`` (``llm`` or ``scripted``) plays conversational tasks, within ``max_steps`` and
+    ``max_errors``; an LLM user's calls go against ``budget`` (default: the run's, ``run_budget``,
+    made on first use) and into the ``ledger`` file, under ``run_id``.
     """
 
     def __init__(self, pool: Any, environments: Sequence[Any], settings: Any, *, tokenizer: Any,
                  interface: str = "direct", max_turns: int = 20, window: int | None = 3,
                  max_prompt_tokens: int = 16384, threads: int = 0, max_batch: int = 64, merge: bool = True,
                  scheduler: str = "continuous", episode_timeout_s: float | None = None, cut: bool = True,
-                 judge: Any = None):
+                 judge: Any = None, user: str = "llm", max_steps: int = 100, max_errors: int = 10,
+                 budget: Any = None, ledger: Any = None, run_id: str | None = None):
         if scheduler not in SCHEDULERS:
             raise AWMError(f"rollout scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         self.pool = pool
@@ -956,7 +969,39 @@ class EpisodeRunner:
         # The code-augmented LLM judge (``awm_core.agent.LLMJudge``) labels episodes on the
         # verifier's evidence when set; None: the verifier's verdict decides.
         self.judge = judge
+        self.user = user
+        self.max_steps = max_steps
+        self.max_errors = max_errors
+        self.budget = budget
+        self.ledger = ledger
+        self.run_id = run_id
+        self._budget_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()
+
+    def user_for(self, env_id: str, task_idx: int, kind: str | None = None) -> Any:
+        """The user simulator of one episode of a conversational task (None for a task of one message);
+        ``kind`` overrides the runner's (the warm start replays references with the scripted user)."""
+        env = self.environments[env_id]
+        task = env.task(task_idx)
+        if not task.conversational:
+            return None
+        kind = kind or self.user
+        if kind == "llm":
+            with self._budget_lock:
+                if self.budget is None:  # one cap for every user simulator call of the run
+                    from awm_core.llm.shared_budget import run_budget
+
+                    self.budget = run_budget(self.settings, self.run_id or "train")
+        return user_for(kind, task, settings=self.settings, solution=env.solution(task_idx),
+                        tools=self.handles[env_id].user_tools(), budget=self.budget, ledger=self.ledger,
+                        run_id=self.run_id)
+
+    def conversation_args(self, env_id: str, user: Any) -> dict[str, Any]:
+        """``run_episode``'s keyword arguments for a conversation with ``user`` (none without a user)."""
+        if user is None:
+            return {}
+        return {"user": user, "user_tools": self.handles[env_id].user_tools(), "max_steps": self.max_steps,
+                "max_errors": self.max_errors}
 
     def run(self, tasks: Sequence[tuple[str, int]], engine: Any) -> RolloutBatch:
         """Every task as one episode; ``engine`` is a generate function or an engine object.
@@ -1042,13 +1087,18 @@ class EpisodeRunner:
         policy = RecordingPolicy(slot, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens,
                                  lock=self.tokenizer_lock)
         try:
+            user = self.user_for(env_id, task_idx)
+        except Exception as exc:  # no LLM user client, or no reference for the scripted one
+            return self._failed(env_id, task_idx, f"no user simulator: {type(exc).__name__}: {exc}")
+        try:
             session = self.handles[env_id].open_session()
         except Exception as exc:
             return self._failed(env_id, task_idx, f"open_session failed: {type(exc).__name__}: {exc}")
         try:
             try:
                 episode = run_episode(policy, session, env.task(task_idx), self.tools[env_id],
-                                      interface=self.interface, max_turns=self.max_turns, window=self.window)
+                                      interface=self.interface, max_turns=self.max_turns, window=self.window,
+                                      **self.conversation_args(env_id, user))
             finally:
                 try:
                     session.close()

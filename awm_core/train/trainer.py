@@ -12,8 +12,9 @@ are masked out completely.
 
 ``run_training(config, environments, tasks, run_dir, settings)`` is what ``accelerate launch``
 runs (through ``awm_core.train.launch``): per-step metrics go to ``run_dir/metrics.jsonl``,
-episodes to ``run_dir/rollouts.rank<k>.jsonl``, checkpoints to the checkpoint folder, and the
-final model and tokenizer to ``<checkpoint folder>/final``.
+episodes to ``run_dir/rollouts.rank<k>.jsonl``, LLM calls (the judge's, the user simulator's of
+conversational tasks; one budget for the run) to ``run_dir/llm_calls.rank<k>.jsonl``, checkpoints
+to the checkpoint folder, and the final model and tokenizer to ``<checkpoint folder>/final``.
 """
 from __future__ import annotations
 
@@ -235,8 +236,9 @@ class AWMGRPOTrainer(GRPOTrainer):
         m["awm/padded_tokens"].append(sums[14])
         m["awm/local_reward_mean"].append(
             sum(x for x in rewards if x is not None) / max(1, sum(x is not None for x in rewards)))
-        self.awm_rollout_rows = [r.row(step=self.state.global_step + 1, rank=self.accelerator.process_index,
-                                       messages=r.episode.messages) for r in batch.results]
+        # Each row keeps the episode's messages (a conversation's: every party's, tagged with its sender).
+        self.awm_rollout_rows = [r.row(step=self.state.global_step + 1, rank=self.accelerator.process_index)
+                                 for r in batch.results]
 
 
 class MetricsCallback(TrainerCallback):
@@ -535,15 +537,45 @@ def warm_start(model: Any, tok: Any, runner: EpisodeRunner, tasks: Sequence[tupl
     return losses
 
 
-def training_judge(config: TrainConfig, settings: Any, run_dir: Path, state: Any) -> Any:
+def ledger_file(run_dir: Path, state: Any) -> Path:
+    """This process's LLM call ledger in the run folder (the judge's and the user simulator's calls)."""
+    return run_dir / f"llm_calls.rank{state.process_index}.jsonl"
+
+
+def training_judge(config: TrainConfig, settings: Any, run_dir: Path, state: Any, budget: Any = None) -> Any:
     """The code-augmented LLM judge when ``config.judge`` (the paper's reward labels: the verifier's
     code and evidence, the task's criteria and the trajectory go to the judge role's LLM). Each
-    process keeps its own call ledger; a judge that cannot answer falls back to the verdict."""
+    process keeps its own call ledger; a judge that cannot answer falls back to the verdict.
+    ``budget``: the run's LLM budget, shared with the user simulator."""
     if not config.judge:
         return None
     from awm_core.agent import LLMJudge
 
-    return LLMJudge.from_settings(settings, ledger=run_dir / f"llm_calls.rank{state.process_index}.jsonl")
+    return LLMJudge.from_settings(settings, budget=budget, ledger=ledger_file(run_dir, state))
+
+
+def conversational_tasks(environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]]) -> int:
+    """How many of the planned tasks are conversations (played with a user simulator)."""
+    by_id = {e.id: e for e in environments}
+    return sum(1 for env_id, idx, _ in tasks if env_id in by_id and by_id[env_id].task(int(idx)).conversational)
+
+
+def run_llm_budget(config: TrainConfig, settings: Any, run_id: str, conversations: int) -> Any:
+    """One LLM budget for the run's judge and user simulator calls (``run_budget``: shared between
+    processes through ``llm.budget_dsn`` when set); None when the run calls no LLM."""
+    if not (config.judge or (conversations and config.user == "llm")):
+        return None
+    from awm_core.llm.shared_budget import run_budget
+
+    return run_budget(settings, run_id)
+
+
+def run_id_of(run_dir: Path, config: TrainConfig) -> str:
+    """The run id the flow gave the run folder (``run.json``), else the config's name or the folder's."""
+    try:
+        return str(json.loads((run_dir / "run.json").read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return config.run_name or run_dir.name
 
 
 def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]],
@@ -558,6 +590,13 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     state = PartialState(cpu=not torch.cuda.is_available())
+    conversations = conversational_tasks(environments, tasks)
+    if conversations and config.user == "llm":  # a user role with no endpoint fails here, before any step
+        from awm_core.agent import check_user_role
+
+        check_user_role(settings)
+    run_id = run_id_of(run_dir, config)
+    budget = run_llm_budget(config, settings, run_id, conversations)
     args = grpo_args(config, ckpt_dir, state.num_processes)
     model, tok = load_policy(config, environments, run_dir)
     wanted = {e for e, _, _ in tasks}
@@ -569,8 +608,10 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
                                max_turns=config.max_turns, window=config.window,
                                max_prompt_tokens=config.max_prompt_tokens, threads=config.rollout_threads,
                                max_batch=config.generation_batch, scheduler=config.rollout_scheduler,
-                               episode_timeout_s=config.episode_timeout_s, judge=training_judge(config, settings,
-                                                                                               run_dir, state))
+                               episode_timeout_s=config.episode_timeout_s,
+                               judge=training_judge(config, settings, run_dir, state, budget),
+                               user=config.user, max_steps=config.max_steps, max_errors=config.max_errors,
+                               budget=budget, ledger=ledger_file(run_dir, state), run_id=run_id)
         if config.warmstart_steps and not resume:  # a resumed run loads the checkpoint's weights
             warm_start(model, tok, runner, tasks, config, run_dir, state)
 

@@ -3,7 +3,8 @@
 A freshly initialised model never writes a tool call, so every episode would end at its first
 reply and every reward would tie (no GRPO signal). Replaying the tasks' reference solutions
 through the same agent loop, window and chat template gives samples in exactly the format GRPO
-later trains on (``build_samples`` with the loss on the assistant tokens only).
+later trains on (``build_samples`` with the loss on the assistant tokens only). A conversational
+task's reference is replayed as a conversation with the scripted user (no model, no cost).
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def reference_samples(runner: Any, tasks: Sequence[tuple[str, int, str]], *, eos
         if solution is None:
             continue
         recorder = _ReplayRecorder(solution, runner.tokenizer, eos_id)
+        user = runner.user_for(env_id, idx, kind="scripted")
         with runner.handles[env_id].open_session() as session:
             run_episode(recorder, session, env.task(idx), runner.tools[env_id], interface=runner.interface,
-                        max_turns=runner.max_turns, window=runner.window)
+                        max_turns=runner.max_turns, window=runner.window,
+                        **runner.conversation_args(env_id, user))
         steps = [s for s in recorder.steps if len(s.prompt_ids) <= runner.max_prompt_tokens]
         samples += build_samples(steps)
     return samples

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting; VALUE is read as JSON when it parses (--set window=null)")
     p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: newest gated one)")
-    p.add_argument("--split", default=None, help="train, val, all, or an imported benchmark: bfcl, bfcl:base,... "
+    p.add_argument("--split", default=None, help="train, val, all, or an imported benchmark: bfcl, bfcl:base,..., tau2:retail:train, ... "
                                                  "(the same as --set split=...)")
     p.add_argument("--warm-start", nargs="?", type=non_negative, const=WARM_START_STEPS, default=None, metavar="STEPS",
                    help="first take STEPS supervised steps on the training tasks' reference solutions (default "
