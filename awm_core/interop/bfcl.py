@@ -16,12 +16,12 @@ import importlib.metadata
 import importlib.util
 import json
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from awm_core.errors import AWMError
+from awm_core.interop.wheels import PackageFiles, folder_files, open_package
 from awm_core.models import (
     ApiSpec,
     EnvCode,
@@ -59,46 +59,13 @@ class BfclError(AWMError):
     """The bfcl-eval package cannot be found or read."""
 
 
-@dataclass
-class BfclPackage:
-    """The files of one bfcl-eval release, by path inside the ``bfcl_eval`` package."""
-
-    version: str
-    origin: str
-    read_text: Callable[[str], str] = field(repr=False)
-
-    def json_lines(self, path: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.read_text(path).splitlines() if line.strip()]
+BfclPackage = PackageFiles
 
 
 def locate(wheel: str | Path | None = None) -> BfclPackage:
     """The bfcl-eval package: ``wheel`` (a ``.whl`` file or an unpacked ``bfcl_eval`` folder) or the installed one."""
     if wheel is not None:
-        path = Path(wheel)
-        if not path.exists():
-            raise BfclError(f"no BFCL package at {path}")
-        if path.is_dir():
-            root = path / PACKAGE if (path / PACKAGE).is_dir() else path
-            if not (root / CONSTANTS).is_file():
-                raise BfclError(f"{path} is not a bfcl_eval package folder (no {CONSTANTS})")
-            return BfclPackage("unknown", str(root), lambda p: (root / p).read_text(encoding="utf-8"))
-        try:
-            zf = zipfile.ZipFile(path)
-        except zipfile.BadZipFile:
-            raise BfclError(f"{path} is not a wheel (not a zip file)") from None
-        names = set(zf.namelist())
-        if f"{PACKAGE}/{CONSTANTS}" not in names:
-            raise BfclError(f"{path} is not a bfcl-eval wheel (no {PACKAGE}/{CONSTANTS})")
-        version = next((n.split("/")[0].removesuffix(".dist-info").split("-")[1] for n in names
-                        if n.endswith(".dist-info/METADATA")), "unknown")
-
-        def read(p: str) -> str:
-            try:
-                return zf.read(f"{PACKAGE}/{p}").decode("utf-8")
-            except KeyError:
-                raise BfclError(f"the wheel {path.name} has no {PACKAGE}/{p}") from None
-
-        return BfclPackage(version, str(path), read)
+        return open_package(wheel, PACKAGE, CONSTANTS, "BFCL", BfclError)
     spec = importlib.util.find_spec(PACKAGE)  # a top-level find runs none of the package's code
     if spec is None or not spec.submodule_search_locations:
         raise BfclError("bfcl-eval is not installed; install it in another environment and pass its folder, or "
@@ -108,7 +75,7 @@ def locate(wheel: str | Path | None = None) -> BfclPackage:
         version = importlib.metadata.version("bfcl-eval")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return BfclPackage(version, str(root), lambda p: (root / p).read_text(encoding="utf-8"))
+    return folder_files(root, version, BfclError, PACKAGE)
 
 
 # --------------------------------------------------------------------------- constants from source

