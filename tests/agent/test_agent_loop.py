@@ -10,22 +10,9 @@ from awm_core.agent import (
     visible_messages,
 )
 from awm_core.db import snapshot_digest
-from awm_core.runtime import SandboxPool
 from awm_core.settings import load_settings
 
 SETTINGS = load_settings()
-
-
-@pytest.fixture(scope="module")
-def pool():
-    with SandboxPool(SETTINGS.sandbox, workers=1, call_timeout_s=3.0) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def notes(pool):
-    env = notes_environment()
-    return env, pool.load(env)
 
 
 class Scripted:

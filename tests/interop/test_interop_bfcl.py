@@ -7,9 +7,6 @@ reason when no package index is reachable.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,23 +17,7 @@ from awm_core.models import ReferenceSolution, ToolCall
 from awm_core.runtime import SandboxPool
 from awm_core.settings import get_settings
 
-VERSION = "2026.3.23"
-
-
-@pytest.fixture(scope="session")
-def bfcl_wheel(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bfcl-wheel")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"bfcl-eval=={VERSION}", "--no-deps",
-                               "--only-binary", ":all:", "-d", str(folder), "-q"],
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("downloading the bfcl-eval wheel timed out (no package index reachable?)")
-    wheels = list(folder.glob("bfcl_eval-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        pytest.skip(f"the bfcl-eval wheel could not be downloaded (no package index reachable?): "
-                    f"{(proc.stderr or proc.stdout).strip()[-300:]}")
-    return wheels[0]
+from tests.conftest import BFCL_VERSION as VERSION
 
 
 @pytest.fixture(scope="session")

