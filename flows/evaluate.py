@@ -92,8 +92,9 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     if log:
         for n in notes[:20]:
             log.warning("skipped %s", n)
-    if config.user == "llm" and any(environments[e].task(i).conversational for e, idxs in plan.items() for i in idxs):
-        check_user_role(settings)
+    if config.user == "llm":
+        check_user_role(settings, [t for e, idxs in plan.items() for t in map(environments[e].task, idxs)
+                                   if t.conversational])
     total = sum(len(v) for v in plan.values()) * config.episodes_per_task
     if total == 0:
         raise AWMError(f"no tasks to evaluate in snapshot {snapshot} (split {config.split!r}, policy {config.policy!r})"

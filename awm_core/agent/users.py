@@ -21,7 +21,7 @@ import json
 import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 from awm_core.agent.interfaces import ToolDef, function_tool
 from awm_core.agent.parsing import strip_thinking
@@ -320,15 +320,24 @@ class ScriptedUser:
 USER_KINDS = ("llm", "scripted")
 
 
-def check_user_role(settings: Any) -> None:
-    """Fail before any episode when the ``user`` role cannot answer: an http back end needs an endpoint."""
+def check_user_role(settings: Any, tasks: Iterable[Task] = ()) -> None:
+    """Fail before any episode when the ``user`` role cannot answer ``tasks``: an http back end needs an
+    endpoint; the offline back end needs a recorded conversation for each task."""
     from awm_core.errors import AWMError
+    from awm_core.llm.offline import fixture_path
 
     role = settings.llm.user
+    fixes = ("set AWM_LLM__USER__BACKEND=http and AWM_LLM__USER__BASE_URL (or OPENAI_BASE_URL), or play the "
+             "scripted user (--user scripted)")
     if role.backend == "http" and not role.base_url:
-        raise AWMError("the user simulator (LLM role 'user') has no endpoint: set AWM_LLM__USER__BASE_URL (or "
-                       "OPENAI_BASE_URL), use its offline recordings (AWM_LLM__USER__BACKEND=offline), or play the "
-                       "scripted user (--user scripted)")
+        raise AWMError(f"the user simulator (LLM role 'user') has no endpoint: {fixes}")
+    if role.backend == "offline":
+        missing = [task_key(t) for t in tasks
+                   if not fixture_path(settings.llm.fixtures_dir, task_key(t), USER_STAGE).is_file()]
+        if missing:
+            raise AWMError(f"the user simulator (LLM role 'user') is offline and has no recorded conversation for "
+                           f"{len(missing)} task(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} "
+                           f"under {settings.llm.fixtures_dir}): {fixes}")
 
 
 def user_for(kind: str, task: Task, *, settings: Any = None, solution: ReferenceSolution | None = None,

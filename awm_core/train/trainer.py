@@ -554,13 +554,14 @@ def training_judge(config: TrainConfig, settings: Any, run_dir: Path, state: Any
     return LLMJudge.from_settings(settings, budget=budget, ledger=ledger_file(run_dir, state))
 
 
-def conversational_tasks(environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]]) -> int:
-    """How many of the planned tasks are conversations (played with a user simulator)."""
+def conversational_tasks(environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]]) -> list[Any]:
+    """The planned tasks that are conversations (played with a user simulator)."""
     by_id = {e.id: e for e in environments}
-    return sum(1 for env_id, idx, _ in tasks if env_id in by_id and by_id[env_id].task(int(idx)).conversational)
+    return [t for env_id, idx, _ in tasks if env_id in by_id
+            for t in [by_id[env_id].task(int(idx))] if t.conversational]
 
 
-def run_llm_budget(config: TrainConfig, settings: Any, run_id: str, conversations: int) -> Any:
+def run_llm_budget(config: TrainConfig, settings: Any, run_id: str, conversations: Sequence[Any]) -> Any:
     """One LLM budget for the run's judge and user simulator calls (``run_budget``: shared between
     processes through ``llm.budget_dsn`` when set); None when the run calls no LLM."""
     if not (config.judge or (conversations and config.user == "llm")):
@@ -594,7 +595,7 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
     if conversations and config.user == "llm":  # a user role with no endpoint fails here, before any step
         from awm_core.agent import check_user_role
 
-        check_user_role(settings)
+        check_user_role(settings, conversations)
     run_id = run_id_of(run_dir, config)
     budget = run_llm_budget(config, settings, run_id, conversations)
     args = grpo_args(config, ckpt_dir, state.num_processes)
