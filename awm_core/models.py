@@ -473,7 +473,7 @@ class Provenance(Artifact):
 ENV_PARTS = ("scenario", "tasks", "db_schema", "seed_data", "api_spec", "code", "verifiers")
 
 
-class Environment(Artifact):
+class Environment(_LaterFields):
     """One scenario's whole set: the unit that is stored, loaded, served and exported."""
 
     id: str
@@ -490,6 +490,11 @@ class Environment(Artifact):
     missing: list[str] = Field(default_factory=list, description="parts absent from an import")
     retired_tasks: dict[int, str] = Field(default_factory=dict, description=(
         "task idx -> why curation retired it (too easy or never solved); kept, but not evaluated or trained on"))
+    policy: str | None = Field(None, description=(
+        "the agent's policy in a conversation (what needs the user's confirmation, what is never allowed), "
+        "shown to the agent as tau2-bench shows its domain policy"))
+
+    _later_fields = ("policy",)
 
     _check_id = field_validator("id")(classmethod(lambda cls, v: _slug_field(v)))
 
