@@ -275,6 +275,9 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
                   for o in outcomes},
         "dropped_tasks": {o.scenario_id: o.report.dropped_tasks for o in outcomes if o.report and o.report.dropped_tasks},
         "verifier_soundness": verifier_soundness(outcomes),
+        # Tasks published with a user scenario (playable as a conversation), and why an environment has none.
+        "user_scenarios": {o.scenario_id: sum(1 for t in o.environment.tasks if t.user_scenario) for o in published},
+        "notes": {o.scenario_id: o.notes for o in outcomes if o.notes},
     }
     summary["timings"] = timings
     retired = curation.retired if curation else []

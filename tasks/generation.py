@@ -36,7 +36,9 @@ from awm_core.models import (
     Environment, Provenance, ReferenceSolution, Scenario, StageProvenance, ValidationCheck, ValidationReport,
     Verifier,
 )
-from awm_core.stages import ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage
+from awm_core.stages import (
+    ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage, user_scenarios,
+)
 from awm_core.stages.base import stage_name, summarise_errors
 from awm_core.stages.verifier import soundness_errors
 from awm_core.validation import publishable, report_from_checks
@@ -263,6 +265,8 @@ class EnvOutcome:
     # Tasks whose verifier was regenerated for being lenient (accepted a wrong episode) or too
     # strict (rejected an equivalent one, or the reference solution).
     regenerated: dict[str, list[int]] = field(default_factory=lambda: {"lenient": [], "too_strict": []})
+    # Why a part is missing from what was published (the user scenarios, when their stage failed).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def repairs(self) -> dict[str, int]:
@@ -320,10 +324,11 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     ctx = StageContext(scenario=scenario, tasks_per_scenario=tasks_per_scenario, target_tools=target_tools, model=model)
 
     regenerated: dict[str, list[int]] = {"lenient": [], "too_strict": []}
+    notes: list[str] = []
 
     def outcome(status: str, reason: str, env=None, report=None) -> EnvOutcome:
         return EnvOutcome(scenario.id, status, reason, env, report, stages, records, time.perf_counter() - started,
-                          regenerated)
+                          regenerated, notes)
 
     def stage(name: str, c: StageContext, **kw) -> StageOutput:
         try:
@@ -389,6 +394,7 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
             verifiers.append(v.value)
             solutions.append(s.value)
             task_checks[t.idx] = v.checks + s.checks
+        conversations = _user_scenarios(stage, ctx, verifiers, solutions, notes, res)
     except StageFailed as exc:
         if exc.budget:
             return outcome("budget_exceeded", str(exc.errors[0]))
@@ -396,6 +402,10 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
 
     env = ctx.environment(verifiers=verifiers, solutions=solutions, provenance=Provenance(
         source="generated", generator_model=model, prompt_version=PROMPT_VERSION, run_id=res.run_id, stages=stages))
+    if conversations is not None:
+        env = user_scenarios.apply(env, conversations.value)
+        for c in conversations.checks:
+            task_checks.setdefault(c.task_idx, []).append(c)
     # Every execution check already ran inside the stages, on exactly these artifacts: the
     # report collects them instead of executing everything a second time.
     report = collect_validation(env, env_checks, task_checks, dropped, min_valid_tasks)
@@ -410,6 +420,28 @@ def _build_environment(scenario: Scenario, tasks_per_scenario: int, target_tools
     env = publishable(env, report)
     res.say(f"  {scenario.id}: validated, {valid}/{len(ctx.tasks)} tasks")
     return outcome("published", "", env, report)
+
+
+def _user_scenarios(stage: Callable[..., StageOutput], ctx: StageContext, verifiers: list[Verifier],
+                    solutions: list[ReferenceSolution], notes: list[str], res: RunResources) -> StageOutput | None:
+    """The ``user_scenarios`` stage over the kept tasks (those with a verifier and a reference solution).
+    None when there is no task to play, or when the stage failed after its retries: the environment is then
+    published without user scenarios and the note says why. A spent budget still stops the environment."""
+    kept = {s.task_idx for s in solutions}
+    if not kept:
+        return None
+    try:
+        return stage("user_scenarios", ctx.with_(tasks=[t for t in ctx.tasks if t.idx in kept], verifiers=verifiers,
+                                                 solutions=solutions))
+    except StageFailed as exc:
+        if exc.budget:
+            raise
+        why = f"user_scenarios failed after {exc.attempts} attempts: {summarise_errors(exc.errors)[-1]}"
+    except AWMError as exc:  # the sandbox failed while playing the conversations: not the model's doing
+        why = f"user_scenarios could not be checked: {str(exc)[:300]}"
+    notes.append(f"published without user scenarios: {why}")
+    res.say(f"  {ctx.scenario_id}: no user scenarios ({why[:160]})")
+    return None
 
 
 def collect_validation(env: Environment, env_checks: list[Any], task_checks: dict[int, list[Any]],

@@ -88,8 +88,9 @@ def test_named_scenarios_must_be_in_the_seed_list():
 def test_an_option_prefix_is_refused_not_taken_for_another_option(capsys):
     parser = build_parser()
     assert parser.parse_args(["eval", "--model", "m"]).model == "m"
-    with pytest.raises(SystemExit):  # was taken as --model conversation
-        parser.parse_args(["eval", "--mode", "conversation"])
+    assert parser.parse_args(["eval", "--mode", "conversation"]).mode == "conversation"
+    with pytest.raises(SystemExit):  # would be taken as --model m
+        parser.parse_args(["eval", "--mod", "m"])
     assert "awm eval: error:" in capsys.readouterr().err
     for argv, option in ((["generate", "--budget", "1"], "--budget 1"), (["catalog", "sql", "--snap", "1", "x"], "--snap")):
         with pytest.raises(SystemExit):

@@ -23,7 +23,7 @@ from flows.server import stop_group
 
 pytestmark = pytest.mark.slow
 
-FULL_RUN_CALLS = 82  # 1 scenario call + 3 x (25 stage calls + 2 planned repairs)
+FULL_RUN_CALLS = 85  # 1 scenario call + 3 x (26 stage calls + 2 planned repairs)
 PLANNED_REPAIRS = {("recipe_box", "schema"), ("recipe_box", "code"), ("clinic_booking", "seed_data"),
                    ("clinic_booking", "verifier.3"), ("team_expenses", "spec"), ("team_expenses", "solution.4")}
 
@@ -128,6 +128,11 @@ def test_flow_publishes_three_fully_validated_environments_with_repairs(resumed)
         assert all(("verifier_solution", i) in names and ("verifier_noop", i) in names
                    and ("replay_determinism", i) in names for i in range(10))
         assert env.provenance.run_id and env.provenance.stages["schema"].prompt_tokens > 0
+        # Every task is playable as a conversation: a user scenario each, the agent's policy, and the
+        # scripted user with the reference solution verified complete.
+        assert all(t.user_scenario and t.user_prompt for t in env.tasks) and env.policy
+        assert all(("user_scenario", i) in names for i in range(10))
+    assert summary["user_scenarios"] == {"clinic_booking": 10, "recipe_box": 10, "team_expenses": 10}
     rows = catalog_rows("SELECT scenario_id, stage, attempt, error FROM llm_calls")
     second = {(r["scenario_id"], r["stage"]) for r in rows if r["attempt"] == 2}
     assert PLANNED_REPAIRS <= second
