@@ -206,6 +206,10 @@ class GateSettings(BaseModel):
     max_scenario_similarity: Rate | None = Field(
         None, description="largest cosine similarity of a gated scenario to its nearest neighbour "
                           "(default: generation.dedup_threshold, the bar the scenario stage applies)")
+    max_tasks_without_user_scenario: NonNegativeInt = Field(
+        0, description="most kept tasks of gated environments that may lack a user scenario (what the user "
+                       "simulator plays in a conversation); imported benchmarks and unvalidated AWM-1K imports "
+                       "are not gated")
 
 
 class ObjectStoreSettings(BaseModel):

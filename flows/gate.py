@@ -11,7 +11,10 @@ What it checks (thresholds from ``settings.gate``):
 - no kept task whose verifier is lenient (said "complete" for a wrong episode: a failed
   ``verifier_mutation`` check) or too strict (rejected an equivalent one: a failed
   ``verifier_equivalence`` check);
-- rollout rewards lie within the configured reward range and labels are known;
+- at most ``max_tasks_without_user_scenario`` kept tasks of gated environments lack a user
+  scenario (the user simulator plays it in a conversation; synthesized tasks all get one);
+- rollout rewards lie within the configured reward range, labels are known and the mode is
+  ``message`` or ``conversation`` (NULL: an older row, a message);
 - LLM token counts are between 0 and ``max_tokens_per_call`` and costs are not negative;
 - coverage: every gated environment has ``min_tools_per_env``..``max_tools_per_env`` tools and at
   least ``min_tasks_per_env`` kept tasks; no category holds more than ``max_category_share`` of
@@ -22,7 +25,7 @@ What it checks (thresholds from ``settings.gate``):
 Scope: an environment is *gated* when it was generated (or written by hand) or carries a
 validation report. Imported AgentWorldModel-1K environments without one are listed as
 unvalidated in the report instead of failing it; their keys are still checked. Imported
-benchmarks (BFCL) are not gated: their ground truth is replayed on import, and the coverage and
+benchmarks (BFCL, tau2) are not gated: their ground truth is replayed on import, and the coverage and
 similarity rules (BFCL's entries share their backends by design) are for synthesized environments.
 
 The report is published into ``quality_reports`` (its own snapshot) and, inside the flow, as
@@ -49,6 +52,7 @@ from flows.artifacts import Report, publish_report
 from flows.events import GATE_PASSED, emit_snapshot_event
 from storage.catalog import Catalog, made_by
 
+ROLLOUT_MODES = ("message", "conversation")  # a rollout's mode; NULL (older rows) means message
 KEYS = {  # table -> key columns checked for nulls and uniqueness
     "scenarios": ["env_id"], "environments": ["env_id"], "tasks": ["env_id", "task_idx"],
     "verifiers": ["env_id", "task_idx", "style"], "reference_solutions": ["env_id", "task_idx"],
@@ -86,6 +90,9 @@ class GateReport:
                           f"nearest-neighbour scenario cosine at most "
                           f"{'n/a' if s['max_nearest_cosine'] is None else format(s['max_nearest_cosine'], '.2f')} "
                           f"(max {s['max_scenario_similarity']:.2f})."]
+        if s.get("kept_tasks"):
+            lines += ["", f"User scenarios: {s['tasks_without_user_scenario']} of {s['kept_tasks']} kept tasks have "
+                          f"none (allowed {s['max_tasks_without_user_scenario']})."]
         if self.unvalidated:
             lines += ["", f"Unvalidated imports (not gated): {', '.join(self.unvalidated[:50])}"
                           + (" ..." if len(self.unvalidated) > 50 else "")]
@@ -99,15 +106,24 @@ class GateReport:
 
 
 def load_frames(cat: Catalog, snapshot: int) -> dict[str, pd.DataFrame]:
+    # Columns newer than the snapshot (one from before they were added) read as NULL.
+    have = {t: set(cat.columns(t, snapshot)) for t in ("tasks", "rollouts")}
+
+    def newer(table: str, expr: str, column: str, absent: str) -> str:
+        return expr if column in have[table] else absent
+
     q = {
         "environments": "SELECT env_id, source, tool_count, task_count, validation_passed FROM environments",
         "scenarios": "SELECT env_id, name, description, category FROM scenarios",
-        "tasks": "SELECT env_id, task_idx, task_id, has_verifier, dropped_reason FROM tasks",
+        "tasks": "SELECT env_id, task_idx, task_id, has_verifier, dropped_reason, "
+                 f"{newer('tasks', 'user_scenario IS NOT NULL', 'user_scenario', 'false')} AS has_user_scenario "
+                 "FROM tasks",
         "verifiers": "SELECT env_id, task_idx, style FROM verifiers",
         "reference_solutions": "SELECT env_id, task_idx FROM reference_solutions",
         "validation_results": "SELECT env_id, check_idx, name, passed, task_idx FROM validation_results",
         "llm_calls": "SELECT call_id, prompt_tokens, completion_tokens, cost_usd FROM llm_calls",
-        "rollouts": "SELECT rollout_id, reward, label, env_error FROM rollouts",
+        "rollouts": "SELECT rollout_id, reward, label, env_error, "
+                    f"{newer('rollouts', 'mode', 'mode', 'NULL::VARCHAR')} AS mode FROM rollouts",
     }
     return {name: cat.sql(sql, snapshot=snapshot).to_pandas() for name, sql in q.items()}
 
@@ -160,6 +176,16 @@ def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[st
                                 if 1 <= n < g.min_tasks_per_env else None
                                 for e, n in zip(per_env["env_id"], per_env["kept_tasks"])]
 
+    # Every synthesized task carries a user scenario, so it can be played as a conversation.
+    lacking = sorted(kept.loc[~kept["has_user_scenario"].fillna(False).astype(bool), "task_id"],
+                     key=_task_order)
+    allowed = g.max_tasks_without_user_scenario
+    user_scenarios = pd.DataFrame({"tasks_without_user_scenario": [
+        f"{len(lacking)} kept task{'s' if len(lacking) != 1 else ''} of gated environments "
+        f"{'have' if len(lacking) != 1 else 'has'} no user scenario (allowed {allowed}): {', '.join(lacking[:5])}"
+        + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        if len(lacking) > allowed else None]})
+
     env_rate = float(gated["validation_passed"].fillna(False).astype(bool).mean()) if len(gated) else None
     # A task counts as passing when validation kept it and none of its task-level checks failed.
     passing = sum(1 for k in key if k not in any_failed)
@@ -169,12 +195,18 @@ def derive(frames: dict[str, pd.DataFrame], settings: Settings) -> tuple[dict[st
              "benchmark_envs": int(benchmark.sum()), "kept_tasks": len(kept),
              "env_pass_rate": env_rate, "task_pass_rate": task_rate,
              "min_env_pass_rate": settings.gate.min_env_pass_rate,
-             "min_task_pass_rate": settings.gate.min_task_pass_rate}
+             "min_task_pass_rate": settings.gate.min_task_pass_rate,
+             "tasks_without_user_scenario": len(lacking), "max_tasks_without_user_scenario": allowed}
     scenarios = frames["scenarios"][frames["scenarios"]["env_id"].isin(gated_ids)]
     coverage, neighbours, cov_stats = coverage_frames(scenarios, settings)
     stats.update(cov_stats)
     return ({"gated_environments": per_env, "gated_tasks": kept, "pass_rates": rates, "coverage": coverage,
-             "scenario_neighbours": neighbours}, stats, unvalidated)
+             "scenario_neighbours": neighbours, "user_scenarios": user_scenarios}, stats, unvalidated)
+
+
+def _task_order(task_id: str) -> tuple[str, int]:
+    env_id, _, idx = task_id.rpartition("/")
+    return (env_id, int(idx)) if idx.isdigit() else (task_id, -1)
 
 
 def similarity_bar(settings: Settings) -> float:
@@ -235,6 +267,8 @@ def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[An
         "env_without_tools", "env_without_tasks", "tools_out_of_range", "too_few_tasks")]
     suites["coverage"] = [gxe.ExpectColumnValuesToBeNull(column="dominant_category")]
     suites["scenario_neighbours"] = [gxe.ExpectColumnValuesToBeNull(column="too_similar")]
+    # Holds "<n> kept tasks ... have no user scenario (allowed <max>): <ids>" when over the limit.
+    suites["user_scenarios"] = [gxe.ExpectColumnValuesToBeNull(column="tasks_without_user_scenario")]
     suites["gated_tasks"] = [gxe.ExpectColumnValuesToBeNull(column="task_without_verifier"),
                              gxe.ExpectColumnValuesToBeNull(column="solution_failed_task"),
                              gxe.ExpectColumnValuesToBeNull(column="noop_passing_verifier"),
@@ -250,7 +284,8 @@ def build_suites(settings: Settings, stats: dict[str, Any]) -> dict[str, list[An
     suites["pass_rates"] = rates
     suites["rollouts"] += [gxe.ExpectColumnValuesToBeBetween(column="reward", min_value=lo, max_value=hi),
                            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABELS)),
-                           gxe.ExpectColumnValuesToNotBeNull(column="env_error")]
+                           gxe.ExpectColumnValuesToNotBeNull(column="env_error"),
+                           gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(ROLLOUT_MODES))]
     top = settings.gate.max_tokens_per_call
     suites["llm_calls"] += [gxe.ExpectColumnValuesToBeBetween(column="prompt_tokens", min_value=0, max_value=top),
                             gxe.ExpectColumnValuesToBeBetween(column="completion_tokens", min_value=0, max_value=top),
@@ -356,7 +391,9 @@ def gate(snapshot: int | None = None) -> dict[str, Any]:
             log.error("gate: %s %s(%s) unexpected=%s e.g. %s", r["table"], r["expectation"], r["column"],
                       r["unexpected_count"], r["examples"][:5])
         raise GateFailed(f"snapshot {report.snapshot} failed {len(report.failures())} expectation(s): "
-                         + "; ".join(f"{r['table']}.{r['column']} {r['expectation']}" for r in report.failures()[:10]))
+                         + "; ".join(f"{r['table']}.{r['column']} {r['expectation']}"
+                                     + (f" [{', '.join(map(str, r['examples'][:3]))[:300]}]" if r["examples"] else "")
+                                     for r in report.failures()[:10]))
     log.info("gate passed for snapshot %s (%s expectations)", report.snapshot, report.statistics["evaluated"])
     # Lets the optional train-after-gate automation start training on this snapshot.
     emit_snapshot_event(GATE_PASSED, report.snapshot, report_id=report.report_id)

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import tempfile
@@ -50,6 +51,7 @@ from storage.schema import ENV_TABLES, SCHEMA_VERSION, TABLES, ddl
 log = logging.getLogger(__name__)
 
 ALIAS = "awm"
+COLUMN_NOT_FOUND = re.compile(r'[Cc]olumn "([^"]+)" not found')
 QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # what Catalog.sql runs; everything else is refused
 AUTHOR = "awm"
 # Test hook: the publishing process SIGKILLs itself after this many write statements, so
@@ -548,7 +550,38 @@ class Catalog:
                 raise CatalogError("refused: SQL over the catalog reads only the catalog and the environment "
                                    f"databases attached with --attach-env ({str(exc).splitlines()[0]})") from None
             except duckdb.Error as exc:
-                raise CatalogError(self._data_error(exc)) from None
+                raise CatalogError(self._data_error(exc) + self._column_hint(exc, con, snapshot)) from None
+
+    def _column_hint(self, exc: duckdb.Error, con: duckdb.DuckDBPyConnection, snapshot: int | None) -> str:
+        """Why a column the table definitions name is not there: the catalog (or the snapshot asked
+        for) predates it. A catalog gains new columns when it is next opened for writing."""
+        found = COLUMN_NOT_FOUND.search(str(exc)) if isinstance(exc, duckdb.BinderException) else None
+        if found is None:
+            return ""
+        name = found.group(1)
+        try:
+            have = set(con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?",
+                                   [ALIAS]).fetchall())
+            latest = have if snapshot is None else set(self._ro.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [ALIAS]).fetchall())
+        except duckdb.Error:
+            return ""
+        tables = {t for t, _ in have}
+        lacking = [t.name for t in TABLES.values() if name in t.column_names and t.name in tables
+                   and (t.name, name) not in have]
+        if not lacking:
+            return ""
+        cols = ", ".join(f"{t}.{name}" for t in lacking)
+        if all((t, name) in latest for t in lacking):
+            return f" (snapshot {snapshot} predates the column {cols}: it was added to the catalog later)"
+        return (f" (this catalog was made by an older version and lacks the column {cols}; it gains it the next "
+                "time it is opened for writing, e.g. by any publish or `awm gate`)")
+
+    def columns(self, table: str, snapshot: int | None = None) -> list[str]:
+        """The columns ``table`` has (at ``snapshot``: a column added later is not there)."""
+        return [r[0] for r in self._query(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = ? AND table_name = ? "
+            "ORDER BY column_index", [ALIAS, table], snapshot)]
 
     def _data_error(self, exc: duckdb.Error) -> str:
         """An object-store failure names the store; other errors pass through as they are."""

@@ -112,6 +112,18 @@ def flavour_of(env: Environment) -> str:
     return "awm1k" if env.provenance.source == "awm1k" else "native"
 
 
+def instruction(user_scenario: dict[str, Any] | None, name: str) -> str | None:
+    """One field of a user scenario's structured instructions as text (None where there is none:
+    no scenario, or instructions given as one plain text)."""
+    instructions = (user_scenario or {}).get("instructions")
+    if not isinstance(instructions, dict):
+        return None
+    value = instructions.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
 def environment_rows(env: Environment) -> dict[str, list[dict[str, Any]]]:
     """The rows one Environment bundle contributes to each environment-keyed table."""
     dropped = env.validation.dropped_tasks if env.validation else {}
@@ -128,6 +140,8 @@ def environment_rows(env: Environment) -> dict[str, list[dict[str, Any]]]:
             "env_id": env.id, "task_idx": t.idx, "task_id": task_id(env.id, t.idx), "text": t.text,
             "has_verifier": t.idx in verifier_idx, "has_solution": t.idx in solution_idx,
             "dropped_reason": dropped.get(t.idx), "retired_reason": env.retired_tasks.get(t.idx),
+            "user_scenario": t.user_scenario, "reason_for_call": instruction(t.user_scenario, "reason_for_call"),
+            "known_info": instruction(t.user_scenario, "known_info"),
         } for t in env.tasks],
         "environments": [{
             "env_id": env.id, "name": env.scenario.name, "category": env.scenario.category,
@@ -144,7 +158,7 @@ def environment_rows(env: Environment) -> dict[str, list[dict[str, Any]]]:
             "code": env.code.source if env.code else None,
             "generator_model": prov.generator_model, "prompt_version": prov.prompt_version,
             "run_id": prov.run_id, "total_tokens": prov.total_tokens, "cost_usd": cost,
-            "created_at": prov.created_at, "bundle": env.to_json(),
+            "created_at": prov.created_at, "bundle": env.to_json(), "policy": env.policy,
         }],
         "verifiers": [{
             "env_id": env.id, "task_idx": v.task_idx, "style": v.style, "function_name": v.function_name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tasks.user_scenario/reason_for_call/known_info, environments.policy, rollouts.mode
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,14 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         C("dropped_reason", "VARCHAR", "why validation dropped the task (NULL = kept)"),
         C("retired_reason", "VARCHAR", "why curation retired the task (NULL = live): solved by every policy, or "
                                        "never solved while its reference solution passes"),
+        C("user_scenario", "JSON", "who the user is and what they want, played by the user simulator in a "
+                                   "conversation (tau2-bench's shape: {persona, instructions: {domain, "
+                                   "reason_for_call, known_info, unknown_info, task_instructions}}); NULL = none"),
+        C("reason_for_call", "VARCHAR", "user_scenario.instructions.reason_for_call (NULL = no user scenario)"),
+        C("known_info", "VARCHAR", "user_scenario.instructions.known_info: what the user can tell the agent"),
     ), key=("env_id", "task_idx"),
-        example="SELECT env_id, count(*) FILTER (WHERE dropped_reason IS NULL) AS kept FROM tasks GROUP BY env_id"),
+        example="SELECT env_id, count(*) FILTER (WHERE dropped_reason IS NULL) AS kept, "
+                "count(user_scenario) AS with_user_scenario FROM tasks GROUP BY env_id"),
     Table("environments", "The Environment bundle of each scenario, whole and in parts.", (
         ENV,
         C("name", "VARCHAR", "scenario name"),
@@ -94,6 +100,8 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         C("created_at", "TIMESTAMPTZ", "when the bundle was made"),
         C("published_at", "TIMESTAMPTZ", "when this row was published", True),
         C("bundle", "JSON", "the whole Environment bundle (what `awm env export` writes)", True),
+        C("policy", "VARCHAR", "the agent's policy in a conversation (what needs the user's confirmation, what "
+                               "is never allowed); NULL = none"),
     ), key=("env_id",),
         example="SELECT env_id, flavour, tool_count, task_count, missing FROM environments ORDER BY env_id"),
     Table("verifiers", "Verifier code per task (AWM-1K scenarios may carry two styles per task).", (
@@ -184,6 +192,8 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         C("termination", "VARCHAR", "final_answer | max_turns | format_error | environment_error; conversations: "
                                      "user_stop | max_steps | too_many_errors | user_error"),
         C("interface", "VARCHAR", "direct (environment tools) | meta (list_tools + call_tool)"),
+        C("mode", "VARCHAR", "message (the task as one user message, maybe with scripted follow-ups) | "
+                             "conversation (a user simulator plays the task's user_scenario); NULL = message"),
         C("window", "INTEGER", "history window the policy saw (NULL = full history)"),
         C("verifier_evidence", "JSON", "what the task's verifier checked"),
         C("judge_reasoning", "VARCHAR", "the LLM judge's reasoning, when a judge was used"),

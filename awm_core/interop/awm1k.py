@@ -373,7 +373,10 @@ def export_records(envs: Iterable[Environment]) -> tuple[dict[str, list[dict[str
     """Records per file, in the original line order where known; plus notes on what was left out."""
     out: dict[str, list[tuple[tuple, dict[str, Any]]]] = {f: [] for f in FILES}
     notes: list[str] = []
+    scenarios = policies = 0  # conversation parts: the format has no place for them
     for pos, env in enumerate(envs):
+        scenarios += sum(1 for t in env.tasks if t.user_scenario is not None or t.user_prompt is not None)
+        policies += env.policy is not None
         book = env.scenario.extra.get("awm1k", {}) if isinstance(env.scenario.extra, dict) else {}
         lines = book.get("lines", {})
         fields = book.get("fields", {})
@@ -438,7 +441,20 @@ def export_records(envs: Iterable[Environment]) -> tuple[dict[str, list[dict[str
             add(fname, rec, vb.get("line"), v.task_idx)
         if native:
             notes.append(f"{env.id}: {native} native-style verifier(s) have no AWM-1K form (left out)")
+    left_out = conversation_left_out(scenarios, policies)
+    if left_out:
+        notes.append(left_out)
     return {f: [r for _, r in sorted(rs, key=lambda x: x[0])] for f, rs in out.items()}, notes
+
+
+def conversation_left_out(scenarios: int, policies: int) -> str | None:
+    """The one line saying the conversation parts were not exported (None when there were none)."""
+    parts = [f"{n} {word if n == 1 else plural}" for n, word, plural in (
+        (scenarios, "user scenario", "user scenarios"), (policies, "policy", "policies")) if n]
+    if not parts:
+        return None
+    them = "it" if scenarios + policies == 1 else "them"
+    return f"left out: {' and '.join(parts)} (the AWM-1K format has no place for {them})"
 
 
 def _db_path(env_id: str) -> str:

@@ -12,7 +12,9 @@ def register(sub) -> None:
                            description="Write the catalog's environments in the AgentWorldModel-1K format "
                                        "(one JSONL file per stage). Imported records come back as they were "
                                        "read, in their original order; native tool code and native verifiers "
-                                       "have no AWM-1K form and are left out (listed on stderr).")
+                                       "have no AWM-1K form and are left out (listed on stderr), and so are "
+                                       "the tasks' user scenarios and the agent policies of conversations "
+                                       "(counted on stderr).")
     p.add_argument("--to", required=True, dest="to", help="output folder (created if needed)")
     p.add_argument("--snapshot", type=non_negative, default=None, help="catalog snapshot (default: latest)")
     p.add_argument("--env", action="append", default=None, metavar="ENV_ID",

@@ -30,9 +30,25 @@ def verify(initial_db, final_db, final_answer):
 '''
 
 
+POLICY = "You help users keep notes. Confirm with the user before adding a note; never delete one."
+
+
+def user_scenario(env_id: str, i: int) -> dict:
+    """A tau2-style user scenario for task ``i`` (what the user simulator plays)."""
+    return {"persona": None, "instructions": {
+        "domain": env_id, "reason_for_call": f"You want a note titled 'n{i}' added.",
+        "known_info": f"The title you want is 'n{i}'.", "unknown_info": "How many notes there are already.",
+        "task_instructions": "Ask for the note, confirm when asked, and end the conversation once it is added."}}
+
+
 def clean_env(env_id: str = "note_box", n_tasks: int = 3, category: str = "productivity",
-              description: str = "Keep notes.") -> Environment:
-    tasks = [Task(scenario_id=env_id, idx=i, text=f"Add a note titled 'n{i}'.") for i in range(n_tasks)]
+              description: str = "Keep notes.", conversational: bool = True) -> Environment:
+    """A bundle that passes the quality gate; ``conversational`` gives its tasks user scenarios
+    and the environment an agent policy (what synthesized environments carry)."""
+    tasks = [Task(scenario_id=env_id, idx=i, text=f"Add a note titled 'n{i}'.",
+                  user_scenario=user_scenario(env_id, i) if conversational else None,
+                  user_prompt=f"You are a user of {env_id}. Play your part." if conversational else None)
+             for i in range(n_tasks)]
     checks = [ValidationCheck(name="schema", passed=True), ValidationCheck(name="seed", passed=True),
               ValidationCheck(name="tool_example", passed=True, tool="add_note"),
               ValidationCheck(name="tool_example", passed=True, tool="list_notes")]
@@ -57,4 +73,5 @@ def clean_env(env_id: str = "note_box", n_tasks: int = 3, category: str = "produ
                    for i in range(n_tasks)],
         provenance=Provenance(source="generated", generator_model="awm-offline", prompt_version="v1", run_id="run-1"),
         validation=ValidationReport(passed=True, checks=checks),
+        policy=POLICY if conversational else None,
     )
