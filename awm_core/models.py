@@ -162,7 +162,8 @@ class Task(_LaterFields):
 
     @property
     def conversational(self) -> bool:
-        """Played with a user simulator: the agent's text replies go to a user, not the end of the episode."""
+        """The task has a user scenario, so it can be played with a user simulator (tau2's tasks always are;
+        synthesized ones in conversation mode: ``awm_core.agent.plays_as_conversation``)."""
         return self.user_scenario is not None
 
     @property

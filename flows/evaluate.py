@@ -7,6 +7,12 @@ end all rollouts (and the per-call timings) are published to the catalog as ONE 
 the summary (``awm_core.agent.eval_summary``) as Prefect artifacts: markdown report, table by
 environment, image of the reward distribution, and a progress bar while it runs.
 
+``config.mode`` says how synthesized tasks are played: ``message`` (one message, the default) or
+``conversation`` (with the user simulator, for tasks with a user scenario; refused when no planned
+task has one); each rollout row records its episode's ``mode``. The summary compares the two modes
+when the catalog holds the same policy's rollouts of the other mode on the same snapshot
+(``evaluation_summary``).
+
 ``run_evaluation`` is the same work without Prefect (tests, notebooks); ``evaluate`` is the
 flow, whose parameters are ``EvalConfig``'s fields; ``awm eval`` builds that config from its options.
 """
@@ -23,7 +29,7 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from awm_core.agent import LLMJudge, check_user_role, make_splits
+from awm_core.agent import LLMJudge, check_conversation_mode, check_user_role, make_splits, plays_as_conversation
 from awm_core.agent.eval_summary import reward_plot_png, summarize, summary_markdown
 from awm_core.agent.evaluation import (
     EvalConfig, EvalResult, EvalRun, add_progress_listener, plan_tasks, remove_progress_listener, thread_runner,
@@ -92,9 +98,13 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     if log:
         for n in notes[:20]:
             log.warning("skipped %s", n)
+    planned = [(environments[e], environments[e].task(i)) for e, idxs in plan.items() for i in idxs]
+    one_message = check_conversation_mode(config.mode, planned, snapshot)
+    if one_message and log:
+        log.warning("%d task(s) have no user scenario and are played as one message (%s%s)", len(one_message),
+                    ", ".join(t.id for t in one_message[:5]), ", ..." if len(one_message) > 5 else "")
     if config.user == "llm":
-        check_user_role(settings, [t for e, idxs in plan.items() for t in map(environments[e].task, idxs)
-                                   if t.conversational])
+        check_user_role(settings, [t for env, t in planned if plays_as_conversation(env, t, config.mode)])
     total = sum(len(v) for v in plan.values()) * config.episodes_per_task
     if total == 0:
         raise AWMError(f"no tasks to evaluate in snapshot {snapshot} (split {config.split!r}, policy {config.policy!r})"
@@ -147,6 +157,27 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
     return result
 
 
+def other_mode_rows(catalog: Any, result: EvalResult, config: EvalConfig, settings: Settings) -> list[dict[str, Any]]:
+    """Rollouts of earlier runs of the same policy and model on the same snapshot in the other mode(s) than
+    ``config.mode`` (a row without a mode is a message), for the summary's message vs conversation table."""
+    return catalog.rows(
+        "SELECT run_id, env_id, task_idx, coalesce(mode, 'message') AS mode, reward, label FROM rollouts "
+        "WHERE snapshot = ? AND policy = ? AND model = ? AND run_id <> ? AND coalesce(mode, 'message') <> ?",
+        params=[result.snapshot, config.policy, config.model_name(settings), result.run_id, config.mode])
+
+
+def evaluation_summary(result: EvalResult, config: EvalConfig, settings: Settings) -> dict[str, Any]:
+    """``summarize`` with the snapshot's categories and, where the catalog holds them, the same policy's
+    rollouts in the other mode (``other_mode_rows``) for the message vs conversation table."""
+    from storage.catalog import Catalog
+
+    with Catalog.open(settings, read_only=True) as cat:
+        categories = {r["env_id"]: r["category"] for r in cat.rows("SELECT env_id, category FROM scenarios",
+                                                                     snapshot=result.snapshot)}
+        others = other_mode_rows(cat, result, config, settings)
+    return summarize(result, categories=categories, mode=config.mode, other_rows=others)
+
+
 class _ProgressArtifact:
     """Updates a Prefect progress artifact at most once a second, never backwards."""
 
@@ -191,7 +222,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """
     from prefect.runtime import flow_run
 
-    from storage.catalog import Catalog
     from tasks.evaluation import prefect_runner
 
     log = get_run_logger()
@@ -199,11 +229,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     progress = _ProgressArtifact()
     result = run_evaluation(config, settings=settings, flow_run_id=str(flow_run.id) if flow_run.id else None,
                             runner=prefect_runner, on_update=progress, log=log)
-    with Catalog.open(settings, read_only=True) as cat:
-        categories = {r["env_id"]: r["category"] for r in cat.rows("SELECT env_id, category FROM scenarios",
-                                                                     snapshot=result.snapshot)}
     progress.set(100.0)
-    summary = summarize(result, categories=categories)
+    summary = evaluation_summary(result, config, settings)
     png = reward_plot_png(result.rows)
     (settings.runs_dir / result.run_id / "reward_distribution.png").write_bytes(png)
     (settings.runs_dir / result.run_id / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -245,5 +272,5 @@ def publish_splits(settings: Settings | None = None, snapshot: int | None = None
             "environments": {s: len({r["env_id"] for r in rows if r["split"] == s}) for s in ("train", "val")}}
 
 
-__all__ = ["EvalConfig", "EvalResult", "add_progress_listener", "evaluate", "publish_splits", "remove_progress_listener",
-           "run_evaluation", "summarize", "summary_markdown"]
+__all__ = ["EvalConfig", "EvalResult", "add_progress_listener", "evaluate", "evaluation_summary", "other_mode_rows",
+           "publish_splits", "remove_progress_listener", "run_evaluation", "summarize", "summary_markdown"]

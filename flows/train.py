@@ -82,6 +82,7 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
     """Gate check, task plan and run folder. Returns (run folder, snapshot, split rows to publish)."""
     from storage.catalog import Catalog
 
+    from awm_core.agent import check_conversation_mode
     from awm_core.interop.benchmarks import benchmark_categories, is_benchmark, trainable_tasks
 
     benchmark = is_benchmark(config.split)
@@ -108,6 +109,9 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
     if not tasks:
         raise AWMError(f"snapshot {snapshot} has no trainable task in split {config.split!r} "
                        "(tasks need a verifier and must not be dropped by validation)")
+    # Conversation mode on a snapshot without user scenarios: one clear line here, not inside the launched run.
+    by_id = {e.id: e for e in environments}
+    check_conversation_mode(config.mode, [(by_id[e], by_id[e].task(int(i))) for e, i, _ in tasks], snapshot)
     used = {e for e, _, _ in tasks}
     run_dir = settings.runs_dir / f"train-{run_id}"
     config = config.replace(snapshot=snapshot, run_name=config.run_name or run_id)
@@ -218,7 +222,8 @@ def rollout_rows(run_id: str, snapshot: int, config: TrainConfig, episodes: list
             "completion_tokens": e["completion_tokens"], "tool_calls": e["tool_calls"],
             "duration_s": e["duration_s"], "env_time_s": e["env_time_s"], "initial_digest": e["initial_digest"],
             "final_digest": e["final_digest"], "final_answer": e["final_answer"], "error": e["error"],
-            "termination": e.get("termination"), "interface": config.interface, "window": config.window,
+            "termination": e.get("termination"), "mode": e.get("mode") or "message",
+            "interface": config.interface, "window": config.window,
             "judge_reasoning": e.get("judge_reasoning"),
             "messages_json": json.dumps(e.get("messages"), ensure_ascii=False),
             "created_at": datetime.now(timezone.utc),

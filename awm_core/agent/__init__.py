@@ -13,7 +13,8 @@ The same loop serves evaluation and training::
 Training builds its per-step samples with ``visible_messages`` (what step t saw is
 ``episode.turns[t].visible``) and the episode's reward.
 
-A conversational task (tau2-bench style) is played with a user simulator::
+A conversation (tau2-bench's tasks; a synthesized task with a user scenario in mode ``conversation``,
+``plays_as_conversation``) is played with a user simulator::
 
     user = ScriptedUser(task, solution)            # or LLMUser.for_task(settings, task, tools=env.user_tools())
     episode = run_episode(policy, session, task, env.tools(), user=user, user_tools=env.user_tools())
@@ -29,6 +30,7 @@ from awm_core.agent.loop import (
     DEFAULT_MAX_TURNS,
     DEFAULT_WINDOW,
     default_system_prompt,
+    policy_system_prompt,
     render_tool_result,
     run_episode,
     visible_messages,
@@ -57,22 +59,29 @@ from awm_core.agent.rewards import (
 from awm_core.agent.splits import make_splits, select
 from awm_core.agent.users import (
     AGENT_GREETING,
+    MODES,
     STOP_TOKENS,
     USER_KINDS,
     LLMUser,
     ScriptedUser,
     User,
     UserReply,
-    is_stop,
-    solution_ranges,
+    check_conversation_mode,
     check_user_role,
+    conversation_system_prompt,
+    episode_mode,
+    is_stop,
+    plays_as_conversation,
+    solution_ranges,
     user_for,
     user_view,
 )
 
 __all__ = [
-    "AGENT_GREETING", "DEFAULT_MAX_ERRORS", "DEFAULT_MAX_STEPS", "LLMUser", "STOP_TOKENS", "ScriptedUser", "User",
-    "USER_KINDS", "UserExchange", "UserReply", "check_user_role", "is_stop", "solution_ranges", "user_for", "user_view",
+    "AGENT_GREETING", "DEFAULT_MAX_ERRORS", "DEFAULT_MAX_STEPS", "LLMUser", "MODES", "STOP_TOKENS", "ScriptedUser",
+    "User", "USER_KINDS", "UserExchange", "UserReply", "check_conversation_mode", "check_user_role",
+    "conversation_system_prompt", "episode_mode", "is_stop", "plays_as_conversation", "policy_system_prompt",
+    "solution_ranges", "user_for", "user_view",
     "CALL_TOOL", "DEFAULT_MAX_TURNS", "DEFAULT_WINDOW", "Episode", "FormatError", "Generation", "JudgeDecision",
     "LABELS", "LIST_TOOLS", "LLMJudge", "META_TOOLS", "OpenAIChatPolicy", "Outcome", "Policy", "PolicyReply",
     "RandomPolicy", "ReferencePolicy", "TextToolCallPolicy", "ToolCallRequest", "ToolCallResult", "ToolDef",

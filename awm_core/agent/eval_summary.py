@@ -1,4 +1,8 @@
-"""An evaluation's summary: statistics by scenario and category, its markdown, its reward chart."""
+"""An evaluation's summary: statistics by scenario and category, its markdown, its reward chart.
+
+A summary names the run's mode (``message`` or ``conversation``); given the same policy's rollouts of the
+other mode on the same snapshot (``other_rows``, read from the catalog by the evaluate flow) it compares
+the two modes side by side on the tasks this run played (``by_mode``)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,7 @@ from typing import Any
 
 from awm_core.agent.evaluation import EvalConfig, EvalResult
 from awm_core.agent.rewards import LABELS
+from awm_core.agent.users import MODES
 from awm_core.models import Environment
 from awm_core.report import LABEL_COLOURS, markdown_table, stacked_bars_png
 
@@ -32,9 +37,58 @@ def group_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_turns": round(_mean([r["turns"] for r in rows]), 2)}
 
 
+def row_mode(row: dict[str, Any]) -> str:
+    """A rollout row's mode; a row from before modes were recorded (no mode, or NULL) was one message."""
+    return row.get("mode") or "message"
+
+
+def run_mode(rows: list[dict[str, Any]], mode: str | None = None) -> str:
+    """The mode a summary names: the one asked for, else the rows' own (``mixed`` when they differ)."""
+    if mode:
+        return mode
+    found = {row_mode(r) for r in rows}
+    return found.pop() if len(found) == 1 else ("mixed" if found else "message")
+
+
+def _mode_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    return {"episodes": n, "mean_reward": round(_mean([r["reward"] for r in rows]), 4),
+            "completion_rate": _share(sum(1 for r in rows if r["label"] == "completed"), n)}
+
+
+def mode_comparison(rows: list[dict[str, Any]], other_rows: list[dict[str, Any]] | None,
+                    categories: dict[str, str]) -> dict[str, Any] | None:
+    """Message vs conversation: episodes, mean reward and completion rate per mode, overall and by category,
+    over this run's rows and ``other_rows`` (the same policy's rollouts of earlier runs on the same snapshot)
+    of the tasks this run played. None when no other row of such a task is in another mode than this run's."""
+    played = {(r["env_id"], int(r["task_idx"])) for r in rows}
+    others = [r for r in other_rows or () if (r["env_id"], int(r["task_idx"])) in played]
+    mine = {row_mode(r) for r in rows}
+    if not others or not {row_mode(r) for r in others} - mine:
+        return None
+    every = [*rows, *others]
+    modes = [m for m in MODES if any(row_mode(r) == m for r in every)]
+    by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in every:
+        by_cat[categories.get(r["env_id"], "general")].append(r)
+
+    def per_mode(group: list[dict[str, Any]]) -> dict[str, Any]:
+        return {m: _mode_stats([r for r in group if row_mode(r) == m]) for m in modes}
+
+    return {"modes": modes,
+            "runs": {m: sorted({r["run_id"] for r in every if row_mode(r) == m and r.get("run_id")}) for m in modes},
+            "overall": per_mode(every),
+            "by_category": [{"category": c, **per_mode(g)} for c, g in sorted(by_cat.items())]}
+
+
 def summarize(result: EvalResult, environments: dict[str, Environment] | None = None,
-              categories: dict[str, str] | None = None) -> dict[str, Any]:
-    """Reward by scenario and category, completion rate, mean turns and error classes."""
+              categories: dict[str, str] | None = None, *, mode: str | None = None,
+              other_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Reward by scenario and category, completion rate, mean turns and error classes.
+
+    ``mode``: the run's (default: the rows' own). ``other_rows``: rollouts of other runs of the same
+    policy and model on the same snapshot (``run_id``, ``env_id``, ``task_idx``, ``mode``, ``reward``,
+    ``label``); where some are of another mode, ``by_mode`` compares the modes (``mode_comparison``)."""
     rows = result.rows
     cats = dict(categories or {})
     for e, env in (environments or {}).items():
@@ -47,6 +101,7 @@ def summarize(result: EvalResult, environments: dict[str, Environment] | None = 
     env_time = sum(r["env_time_s"] or 0.0 for r in rows)
     return {
         "run_id": result.run_id, "snapshot": result.snapshot, "published_snapshot": result.published_snapshot,
+        "mode": run_mode(rows, mode), "episodes_by_mode": dict(Counter(row_mode(r) for r in rows)),
         "overall": {**group_stats(rows), "failed": len(result.failures),
                     "reward_std": round(statistics.pstdev([r["reward"] for r in rows]), 4) if rows else 0.0,
                     "mean_tool_calls": round(_mean([r["tool_calls"] for r in rows]), 2),
@@ -63,6 +118,7 @@ def summarize(result: EvalResult, environments: dict[str, Environment] | None = 
         "failures": result.failures[:20],
         "bfcl": bfcl_accuracy(by_cat),
         "tau2": tau2_pass_hat_k(by_cat),
+        "by_mode": mode_comparison(rows, other_rows, cats),
     }
 
 
@@ -126,11 +182,37 @@ def reward_plot_png(rows: list[dict[str, Any]], title: str = "Reward distributio
                             colours=LABEL_COLOURS)
 
 
+def mode_markdown(by_mode: dict[str, Any]) -> list[str]:
+    """The message vs conversation table: a row per category and one for all, the modes side by side."""
+    modes = by_mode["modes"]
+    columns = [("category", "l")] + [(f"{m} {what}", "r") for m in modes
+                                     for what in ("episodes", "mean reward", "completion rate")]
+
+    def cells(stats: dict[str, Any]) -> list[Any]:
+        out: list[Any] = []
+        for m in modes:
+            s = stats[m]
+            out += ([s["episodes"], f"{s['mean_reward']:.3f}", f"{s['completion_rate']:.1%}"] if s["episodes"]
+                    else [0, "-", "-"])
+        return out
+
+    runs = "; ".join(f"{m}: {', '.join(f'`{r}`' for r in by_mode['runs'][m])}" for m in modes)
+    return ["", "## Message vs conversation", "",
+            f"The same policy on the same snapshot and tasks, one message per task vs a conversation with the "
+            f"user simulator (runs {runs}).", "",
+            *markdown_table(columns, [["all", *cells(by_mode["overall"])]]
+                            + [[c["category"], *cells(c)] for c in by_mode["by_category"]])]
+
+
 def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str | None = None) -> str:
     o = summary["overall"]
+    mode = summary.get("mode", config.mode)
+    conversations = summary.get("episodes_by_mode", {}).get("conversation", 0)
     lines = [
         f"# Evaluation `{summary['run_id']}`", "",
-        f"Policy **{config.policy}** on snapshot {summary['snapshot']} (split `{config.split}`, interface "
+        f"Policy **{config.policy}** in mode **{mode}**"
+        + (f" ({conversations} conversation(s), user {config.user})" if conversations else "")
+        + f" on snapshot {summary['snapshot']} (split `{config.split}`, interface "
         f"`{config.interface}`, window {config.window}, max turns {config.max_turns}, judge "
         f"{'on' if config.judge else 'off'}); rollouts published as snapshot {summary['published_snapshot']}.", "",
         *markdown_table([("episodes", "r"), ("mean reward", "r"), ("completion rate", "r"), ("partial", "r"),
@@ -170,6 +252,8 @@ def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str
                                    for d, n in t["domains"].items()])]
         if t.get("data_version"):
             lines += ["", f"Data: {t['data_version']}. Not comparable with tau2-bench 1.0 leaderboard rows."]
+    if summary.get("by_mode"):
+        lines += mode_markdown(summary["by_mode"])
     if summary["errors"]:
         lines += ["", "## Error classes", "", *markdown_table([("error", "l"), ("episodes", "r")],
                                                                summary["errors"].items())]
@@ -180,4 +264,5 @@ def summary_markdown(summary: dict[str, Any], config: EvalConfig, image_src: str
     return "\n".join(lines)
 
 
-__all__ = ["group_stats", "pass_hat_k", "reward_plot_png", "summarize", "summary_markdown", "tau2_pass_hat_k"]
+__all__ = ["group_stats", "mode_comparison", "mode_markdown", "pass_hat_k", "reward_plot_png", "row_mode", "run_mode",
+           "summarize", "summary_markdown", "tau2_pass_hat_k"]

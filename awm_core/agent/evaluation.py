@@ -4,6 +4,8 @@
 deployment all take it). ``plan_tasks`` picks the tasks, ``EvalRun`` runs one environment's
 episodes on a shared thread pool over one sandbox pool, streams each finished episode to
 ``rollouts.jsonl`` at once (nothing is lost if the process dies) and reports progress.
+Whether an episode is one message or a conversation with the user simulator is
+``EvalConfig.mode`` under ``awm_core.agent.users.plays_as_conversation``; each row records it (``mode``).
 ``rollout_row`` and ``tool_call_rows`` are the catalog rows. No Prefect and no catalog here:
 ``flows/evaluate.py`` loads the snapshot, publishes the rows and shows the report.
 """
@@ -24,7 +26,7 @@ from awm_core.agent.loop import run_episode
 from awm_core.agent.policies import OpenAIChatPolicy, RandomPolicy, ReferencePolicy, TextToolCallPolicy
 from awm_core.agent.rewards import LLMJudge, reward_for, verify_episode
 from awm_core.agent.splits import select
-from awm_core.agent.users import user_for
+from awm_core.agent.users import conversation_system_prompt, episode_mode, plays_as_conversation, user_for
 from awm_core.configs import FlowConfig
 from awm_core.errors import AWMError
 from awm_core.interop.benchmarks import benchmark_categories
@@ -70,14 +72,18 @@ class EvalConfig(FlowConfig):
         "an external benchmark imported into the catalog: 'bfcl' (every multi-turn category), "
         "'bfcl:base,miss_func', 'tau2' (airline, retail, telecom) or 'tau2:retail'; evaluates all its "
         "entries (no split) with the whole history in view unless window is given"))
+    mode: Literal["message", "conversation"] = Field("message", description=(
+        "message: a synthesized task is one user message (its text); conversation: a synthesized task with a "
+        "user scenario is played with the user simulator (--user), the agent shown the environment's policy. "
+        "tau2-bench's tasks are conversations in either mode"))
     user: Literal["llm", "scripted"] = Field("llm", description=(
-        "who plays the user of conversational tasks (tau2-bench's): llm, the LLM role 'user' (an endpoint or "
-        "its offline recordings); scripted, a deterministic user that gives what it knows and stops once the "
-        "reference's actions are done"))
+        "who plays the user of a conversation (tau2-bench's tasks; synthesized ones in mode conversation): "
+        "llm, the LLM role 'user' (an endpoint or its offline recordings); scripted, a deterministic user that "
+        "gives what it knows and stops once the reference's actions are done"))
     max_steps: int = Field(100, ge=1, description=(
-        "conversational tasks: messages of every party before the episode stops (tau2-bench's max steps)"))
+        "conversations: messages of every party before the episode stops (tau2-bench's max steps)"))
     max_errors: int = Field(10, ge=1, description=(
-        "conversational tasks: tool errors of either side before the episode stops (tau2-bench's max errors)"))
+        "conversations: tool errors of either side before the episode stops (tau2-bench's max errors)"))
 
     @field_validator("benchmark")
     @classmethod
@@ -161,7 +167,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class EpisodeKey:
-    """Which episode a rollout row is: the run, the snapshot, the task and the policy."""
+    """Which episode a rollout row is: the run, the snapshot, the task, the policy, and whether it is one
+    message or a conversation (``mode``, ``awm_core.agent.users.episode_mode``)."""
 
     run_id: str
     snapshot: int
@@ -171,6 +178,7 @@ class EpisodeKey:
     policy: str
     model: str
     episode_idx: int
+    mode: str = "message"
 
     @property
     def rollout_id(self) -> str:
@@ -187,7 +195,7 @@ def rollout_row(key: EpisodeKey, episode=None, outcome=None, *, duration_s: floa
     ``load_error``) an episode of an environment that did not load, scored as an environment error."""
     row = {"rollout_id": key.rollout_id, "run_id": key.run_id, "snapshot": key.snapshot, "env_id": key.env_id,
            "task_idx": key.task_idx, "split": key.split, "policy": key.policy, "model": key.model,
-           "episode_idx": key.episode_idx, "created_at": datetime.now(timezone.utc)}
+           "episode_idx": key.episode_idx, "mode": key.mode, "created_at": datetime.now(timezone.utc)}
     if episode is None:
         return {**row, "reward": reward_for("environment_error", settings), "label": "environment_error",
                 "env_error": True, "turns": 0, "prompt_tokens": 0, "completion_tokens": 0, "tool_calls": 0,
@@ -320,8 +328,10 @@ class EvalRun:
         return openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=role.timeout_s, max_retries=2)
 
     def key(self, env_id: str, task_idx: int, episode_idx: int) -> EpisodeKey:
+        env = self.environments[env_id]
         return EpisodeKey(self.run_id, self.snapshot, env_id, task_idx, self.split_of.get((env_id, task_idx)),
-                          self.config.policy, self.model, episode_idx)
+                          self.config.policy, self.model, episode_idx,
+                          episode_mode(env, env.task(task_idx), self.config.mode))
 
     def policy_for(self, env: Environment, task_idx: int, episode_idx: int):
         c, role = self.config, self.settings.llm.policy
@@ -361,9 +371,9 @@ class EvalRun:
         return rows, calls, failures
 
     def user_for(self, env: Environment, task_idx: int, handle: Any):
-        """The user simulator of a conversational task (None for a task of one message)."""
+        """The user simulator of an episode that is a conversation in the run's mode (None for one message)."""
         task = env.task(task_idx)
-        if not task.conversational:
+        if not plays_as_conversation(env, task, self.config.mode):
             return None
         if self.config.user == "llm":
             with self._user_lock:
@@ -380,9 +390,12 @@ class EvalRun:
         c = self.config
         try:
             user = self.user_for(env, task_idx, handle)
+            task = env.task(task_idx)
+            system_prompt = conversation_system_prompt(env, task, c.interface) if user else None
             with handle.open_session() as session:
-                episode = run_episode(self.policy_for(env, task_idx, episode_idx), session, env.task(task_idx),
+                episode = run_episode(self.policy_for(env, task_idx, episode_idx), session, task,
                                       handle.tools(), interface=c.interface, max_turns=c.max_turns, window=c.window,
+                                      system_prompt=system_prompt,
                                       user=user, user_tools=handle.user_tools() if user else None,
                                       max_steps=c.max_steps if user else None,
                                       max_errors=c.max_errors if user else None)

@@ -65,6 +65,16 @@ def default_system_prompt(interface: Interface) -> str:
     return SYSTEM_PROMPTS[interface]
 
 
+def policy_system_prompt(interface: Interface, policy: str | None) -> str:
+    """The agent's system prompt in a conversation under an environment's policy, laid out as tau2-bench
+    shows its domain policy: the interface's default prompt in ``<instructions>``, then the policy in
+    ``<policy>``. Without a policy (None or blank) it is the default prompt alone."""
+    base = default_system_prompt(interface)
+    if not policy or not policy.strip():
+        return base
+    return f"<instructions>\n{base}\n</instructions>\n<policy>\n{policy.strip()}\n</policy>"
+
+
 def _as_message(value: str | dict[str, Any] | None, role: str) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value

@@ -1,15 +1,20 @@
 """The user side of a conversational episode: a simulated customer the agent talks to.
 
-In a conversational task (``Task.conversational``, tau2-bench style) an agent's text reply does not
-end the episode: it goes to a *user*, whose reply comes back to the agent, until the user ends the
-conversation with a stop token (``STOP_TOKENS``) or a limit is reached. The agent opens with
-``AGENT_GREETING``; the user's first reply is the request the agent works on.
+In a conversation (tau2-bench style) an agent's text reply does not end the episode: it goes to a
+*user*, whose reply comes back to the agent, until the user ends the conversation with a stop token
+(``STOP_TOKENS``) or a limit is reached. The agent opens with ``AGENT_GREETING``; the user's first
+reply is the request the agent works on.
 
 A user sees the conversation from its own side (``user_view``): the agent's texts as ``user``
 messages, its own earlier turns as ``assistant`` messages, its own tool calls and their results;
 the agent's tool traffic is left out, as the agent never sees the user's. In dual-control domains
 (tau2's telecom) the user acts on their own device through user tools; its calls come back in
 ``UserReply.tool_calls`` and the loop runs them with ``requestor="user"``.
+
+Which episodes are conversations is one rule, ``plays_as_conversation(env, task, mode)``: a tau2-bench
+task always; a synthesized task with a user scenario (``Task.conversational``) in mode ``conversation``;
+anything else is one message (mode ``message``, the default). In a conversation of a synthesized task
+the agent is shown the environment's policy (``conversation_system_prompt``).
 
 - ``LLMUser``: a language model plays the user (LLM role ``user``, stage ``user``).
 - ``ScriptedUser``: deterministic, from the task's reference solution; with ``ReferencePolicy`` it
@@ -313,6 +318,75 @@ class ScriptedUser:
             if isinstance(cid, str) and cid.startswith("user_call_") and cid[10:].isdigit():
                 out[int(cid[10:])] = m.get("content")
         return out
+
+
+# --------------------------------------------------------------------------- the mode of an episode
+
+MODES = ("message", "conversation")
+CONVERSATION_FLAVOURS = ("tau2",)  # benchmarks whose tasks are conversations in every mode
+
+
+def plays_as_conversation(env: Any, task: Task, mode: str) -> bool:
+    """Whether an episode of ``env``'s ``task`` is a conversation with a user simulator, in ``mode``.
+
+    The one rule evaluation and training share: a task of an imported conversational benchmark
+    (flavour ``tau2``) always is; any other task is one when ``mode`` is ``conversation`` and the task has
+    a user scenario (``Task.conversational``); else it is one message, ``task.text``.
+    """
+    if mode not in MODES:
+        from awm_core.errors import AWMError
+
+        raise AWMError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if env.flavour in CONVERSATION_FLAVOURS:
+        return True
+    return mode == "conversation" and task.conversational
+
+
+def episode_mode(env: Any, task: Task, mode: str) -> str:
+    """What a rollout row records as its ``mode``: ``conversation`` or ``message`` (``plays_as_conversation``)."""
+    return "conversation" if plays_as_conversation(env, task, mode) else "message"
+
+
+def conversation_system_prompt(env: Any, task: Task, interface: str) -> str | None:
+    """The agent's system prompt in a conversation of ``env``'s ``task``: None when the task brings its own
+    (tau2's, which ``run_episode`` uses), else the loop's default prompt for ``interface`` with the
+    environment's policy (``policy_system_prompt``; the default prompt alone when it has none)."""
+    if task.system_prompt:
+        return None
+    from awm_core.agent.loop import policy_system_prompt
+
+    return policy_system_prompt(interface, getattr(env, "policy", None))
+
+
+def missing_scenarios(planned: Iterable[tuple[Any, Task]]) -> tuple[int, list[Task]]:
+    """Of the planned ``(environment, task)`` pairs that conversation mode would play with a user (every
+    flavour but the conversational benchmarks'): how many there are, and those without a user scenario."""
+    count, missing = 0, []
+    for env, task in planned:
+        if env.flavour in CONVERSATION_FLAVOURS:
+            continue
+        count += 1
+        if not task.conversational:
+            missing.append(task)
+    return count, missing
+
+
+def check_conversation_mode(mode: str, planned: Iterable[tuple[Any, Task]], snapshot: int | None) -> list[Task]:
+    """Refuse conversation mode when none of the planned synthesized tasks has a user scenario (a snapshot
+    made before the generator wrote scenarios), naming the snapshot and how to make them. Returns the tasks
+    without a scenario when only some lack one: those are played as one message."""
+    if mode != "conversation":
+        return []
+    count, missing = missing_scenarios(planned)
+    if count and len(missing) == count:
+        from awm_core.errors import AWMError
+
+        where = f"snapshot {snapshot}" if snapshot is not None else "the snapshot"
+        raise AWMError(f"mode conversation needs user scenarios, and none of the {count} planned task(s) of {where} "
+                       f"has one ({', '.join(t.id for t in missing[:3])}{', ...' if count > 3 else ''}): make them "
+                       f"with `awm generate --include-existing` (it writes the existing environments' user "
+                       f"scenarios, reusing their cached stages), or use mode message")
+    return missing
 
 
 # --------------------------------------------------------------------------- choosing a user

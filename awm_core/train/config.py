@@ -21,6 +21,7 @@ ROLLOUT_SCHEDULERS = ("continuous", "lockstep")
 SPLITS = ("train", "val", "all")
 INTERFACES = ("direct", "meta")
 USERS = ("llm", "scripted")  # awm_core.agent.users.USER_KINDS
+MODES = ("message", "conversation")  # awm_core.agent.users.MODES
 ACCELERATE_CONFIGS = ("cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero3")
 # Config keys that existed once, with what replaced them: an old config file gets told, not a bare "unknown".
 RENAMED = {"grad_accum": "max_tokens_per_microbatch (micro-batches are now cut by a token budget)"}
@@ -146,14 +147,20 @@ class TrainConfig:
     """Supervised steps on the training tasks' reference solutions before GRPO (0: none), so a
     fresh model starts out calling tools."""
     warmstart_lr: float = 1e-3
+    mode: str = "message"
+    """``message``: a synthesized task is one user message (its text); ``conversation``: a synthesized
+    task with a user scenario is played with the user simulator (``user``), the agent shown the
+    environment's policy. tau2-bench's tasks are conversations in either mode
+    (``awm_core.agent.users.plays_as_conversation``)."""
     user: str = "llm"
-    """Who plays the user of conversational tasks (tau2-bench's): ``llm``, the LLM role ``user`` (an
-    endpoint or its offline recordings; its calls count against the run's LLM budget); ``scripted``, a
-    deterministic user that gives what it knows and stops once the reference's actions are done."""
+    """Who plays the user of a conversation (tau2-bench's tasks; synthesized ones in mode
+    ``conversation``): ``llm``, the LLM role ``user`` (an endpoint or its offline recordings; its calls
+    count against the run's LLM budget); ``scripted``, a deterministic user that gives what it knows and
+    stops once the reference's actions are done."""
     max_steps: int = 100
-    """Conversational tasks: messages of every party before the episode stops (tau2-bench's max steps)."""
+    """Conversations: messages of every party before the episode stops (tau2-bench's max steps)."""
     max_errors: int = 10
-    """Conversational tasks: tool errors of either side before the episode stops (tau2-bench's max errors)."""
+    """Conversations: tool errors of either side before the episode stops (tau2-bench's max errors)."""
     negate_advantages: bool = False
     """A control experiment: train against the reward (every advantage negated). A run with this
     set should get worse; one that does not is not learning from the reward at all."""
@@ -221,6 +228,9 @@ class TrainConfig:
                     benchmark_categories(self.split)
                 except AWMError as exc:
                     problems.append(f"split {self.split!r}: {exc}")
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)} (a synthesized task as one message or as a "
+                            f"conversation with the user simulator), got {self.mode!r}")
         if self.user not in USERS:
             problems.append(f"user must be one of {', '.join(USERS)} (who plays the user of conversational "
                             f"tasks), got {self.user!r}")

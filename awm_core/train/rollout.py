@@ -28,9 +28,11 @@ itself raising, e.g. out of GPU memory; every episode of a step failing) raises 
 ``AWMError`` on every process at the same point (``EpisodeRollout``), so no process waits for
 the collective timeout.
 
-A conversational task (``Task.conversational``, tau2-bench's) is played with a user simulator
+A conversation (tau2-bench's tasks; a synthesized task with a user scenario in mode ``conversation``:
+``awm_core.agent.users.plays_as_conversation``) is played with a user simulator
 (``EpisodeRunner.user_for``: the LLM role ``user``, its calls on the run's budget and ledger, or the
-scripted user) within tau2's limits (``max_steps``, ``max_errors``). The policy's samples are still
+scripted user) within tau2's limits (``max_steps``, ``max_errors``), the agent of a synthesized task
+shown its environment's policy; each row records its episode's ``mode``. The policy's samples are still
 what it saw (``turns[t].visible``: the user's own tool traffic is not in it); a user that could not
 reply ends the episode as ``user_error``, which verification labels an environment error (masked).
 
@@ -46,7 +48,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from awm_core.agent import Episode, Generation, Outcome, TextToolCallPolicy, run_episode, user_for, verify_episode
+from awm_core.agent import (
+    Episode, Generation, Outcome, TextToolCallPolicy, conversation_system_prompt, episode_mode, plays_as_conversation,
+    run_episode, user_for, verify_episode,
+)
 from awm_core.agent.evaluation import transcript
 from awm_core.errors import AWMError
 from awm_core.train.samples import Sample, StepRecord, build_samples
@@ -870,6 +875,7 @@ class EpisodeResult:
     steps: list[StepRecord]
     samples: list[Sample]
     verify_s: float = 0.0
+    mode: str = "message"  # "conversation" when the episode was played with a user simulator
 
     @property
     def reward(self) -> float | None:
@@ -884,7 +890,7 @@ class EpisodeResult:
                 "tool_calls": ep.tool_call_count, "duration_s": ep.duration_s, "env_time_s": ep.env_s,
                 "verify_s": self.verify_s, "initial_digest": ep.initial_digest, "final_digest": ep.final_digest,
                 "final_answer": ep.final_answer, "error": self.outcome.error or ep.error,
-                "termination": ep.termination, "verdict": self.outcome.verdict,
+                "termination": ep.termination, "mode": self.mode, "verdict": self.outcome.verdict,
                 "judge_reasoning": self.outcome.judge_reasoning,
                 # a conversation keeps every party's messages, each tagged with its sender
                 "messages": transcript(ep), **extra}
@@ -937,7 +943,8 @@ class EpisodeRunner:
 
     ``environments`` are ``Environment`` bundles; each is loaded once into ``pool``.
     ``scheduler`` is ``continuous`` or ``lockstep``; ``episode_timeout_s`` bounds one episode.
-    ``user`` (``llm`` or ``scripted``) plays conversational tasks, within ``max_steps`` and
+    ``mode`` (``message`` or ``conversation``) says which episodes are conversations
+    (``plays_as_conversation``); ``user`` (``llm`` or ``scripted``) plays them, within ``max_steps`` and
     ``max_errors``; an LLM user's calls go against ``budget`` (default: the run's, ``run_budget``,
     made on first use) and into the ``ledger`` file, under ``run_id``.
     """
@@ -946,8 +953,8 @@ class EpisodeRunner:
                  interface: str = "direct", max_turns: int = 20, window: int | None = 3,
                  max_prompt_tokens: int = 16384, threads: int = 0, max_batch: int = 64, merge: bool = True,
                  scheduler: str = "continuous", episode_timeout_s: float | None = None, cut: bool = True,
-                 judge: Any = None, user: str = "llm", max_steps: int = 100, max_errors: int = 10,
-                 budget: Any = None, ledger: Any = None, run_id: str | None = None):
+                 judge: Any = None, mode: str = "message", user: str = "llm", max_steps: int = 100,
+                 max_errors: int = 10, budget: Any = None, ledger: Any = None, run_id: str | None = None):
         if scheduler not in SCHEDULERS:
             raise AWMError(f"rollout scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         self.pool = pool
@@ -969,6 +976,7 @@ class EpisodeRunner:
         # The code-augmented LLM judge (``awm_core.agent.LLMJudge``) labels episodes on the
         # verifier's evidence when set; None: the verifier's verdict decides.
         self.judge = judge
+        self.mode = mode
         self.user = user
         self.max_steps = max_steps
         self.max_errors = max_errors
@@ -978,12 +986,20 @@ class EpisodeRunner:
         self._budget_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()
 
+    def mode_of(self, env_id: str, task_idx: int) -> str:
+        """What the episode's row records as its ``mode``."""
+        env = self.environments.get(env_id)
+        try:
+            return episode_mode(env, env.task(task_idx), self.mode)
+        except Exception:  # noqa: BLE001 - an unknown task: its failed row still needs a mode
+            return "message"
+
     def user_for(self, env_id: str, task_idx: int, kind: str | None = None) -> Any:
-        """The user simulator of one episode of a conversational task (None for a task of one message);
-        ``kind`` overrides the runner's (the warm start replays references with the scripted user)."""
+        """The user simulator of one episode that is a conversation in the runner's mode (None for one
+        message); ``kind`` overrides the runner's (the warm start replays references with the scripted user)."""
         env = self.environments[env_id]
         task = env.task(task_idx)
-        if not task.conversational:
+        if not plays_as_conversation(env, task, self.mode):
             return None
         kind = kind or self.user
         if kind == "llm":
@@ -996,12 +1012,21 @@ class EpisodeRunner:
                         tools=self.handles[env_id].user_tools(), budget=self.budget, ledger=self.ledger,
                         run_id=self.run_id)
 
-    def conversation_args(self, env_id: str, user: Any) -> dict[str, Any]:
-        """``run_episode``'s keyword arguments for a conversation with ``user`` (none without a user)."""
+    def conversation_args(self, env_id: str, user: Any, task_idx: int | None = None) -> dict[str, Any]:
+        """``run_episode``'s keyword arguments for a conversation with ``user`` (none without a user): the
+        user, its tools, tau2's limits, and the agent's system prompt with the environment's policy
+        (``conversation_system_prompt``; a task that brings its own prompt, tau2's, keeps it). The task is
+        ``task_idx``'s, else the one the user plays."""
         if user is None:
             return {}
-        return {"user": user, "user_tools": self.handles[env_id].user_tools(), "max_steps": self.max_steps,
+        env = self.environments[env_id]
+        args = {"user": user, "user_tools": self.handles[env_id].user_tools(), "max_steps": self.max_steps,
                 "max_errors": self.max_errors}
+        task = env.task(task_idx) if task_idx is not None else getattr(user, "task", None)
+        prompt = conversation_system_prompt(env, task, self.interface) if task is not None else None
+        if prompt is not None:
+            args["system_prompt"] = prompt
+        return args
 
     def run(self, tasks: Sequence[tuple[str, int]], engine: Any) -> RolloutBatch:
         """Every task as one episode; ``engine`` is a generate function or an engine object.
@@ -1098,7 +1123,7 @@ class EpisodeRunner:
             try:
                 episode = run_episode(policy, session, env.task(task_idx), self.tools[env_id],
                                       interface=self.interface, max_turns=self.max_turns, window=self.window,
-                                      **self.conversation_args(env_id, user))
+                                      **self.conversation_args(env_id, user, task_idx))
             finally:
                 try:
                     session.close()
@@ -1122,7 +1147,8 @@ class EpisodeRunner:
                                 episode, verify_s=time.perf_counter() - t0)
         verify_s = time.perf_counter() - t0
         samples = build_samples(policy.steps, merge=self.merge) if not outcome.env_error else []
-        return EpisodeResult(env_id, task_idx, episode, outcome, policy.steps, samples, verify_s)
+        return EpisodeResult(env_id, task_idx, episode, outcome, policy.steps, samples, verify_s,
+                             self.mode_of(env_id, task_idx))
 
     def _failed(self, env_id: str, task_idx: int, reason: str, steps: list[StepRecord] | None = None,
                 episode: Episode | None = None, verify_s: float = 0.0) -> EpisodeResult:
@@ -1143,7 +1169,8 @@ class EpisodeRunner:
         except Exception:  # noqa: BLE001
             penalty = 0.0
         outcome = Outcome(label="environment_error", reward=penalty, env_error=True, error=reason)
-        return EpisodeResult(env_id, task_idx, episode, outcome, list(steps or []), [], verify_s)
+        return EpisodeResult(env_id, task_idx, episode, outcome, list(steps or []), [], verify_s,
+                             self.mode_of(env_id, task_idx))
 
 
 class EpisodeRollout:

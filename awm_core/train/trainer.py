@@ -12,9 +12,11 @@ are masked out completely.
 
 ``run_training(config, environments, tasks, run_dir, settings)`` is what ``accelerate launch``
 runs (through ``awm_core.train.launch``): per-step metrics go to ``run_dir/metrics.jsonl``,
-episodes to ``run_dir/rollouts.rank<k>.jsonl``, LLM calls (the judge's, the user simulator's of
-conversational tasks; one budget for the run) to ``run_dir/llm_calls.rank<k>.jsonl``, checkpoints
-to the checkpoint folder, and the final model and tokenizer to ``<checkpoint folder>/final``.
+episodes to ``run_dir/rollouts.rank<k>.jsonl`` (each with its ``mode``: ``message``, or
+``conversation`` for tau2-bench's tasks and, with ``config.mode = "conversation"``, synthesized tasks
+with a user scenario), LLM calls (the judge's, the user simulator's; one budget for the run) to
+``run_dir/llm_calls.rank<k>.jsonl``, checkpoints to the checkpoint folder, and the final model and
+tokenizer to ``<checkpoint folder>/final``.
 """
 from __future__ import annotations
 
@@ -554,11 +556,26 @@ def training_judge(config: TrainConfig, settings: Any, run_dir: Path, state: Any
     return LLMJudge.from_settings(settings, budget=budget, ledger=ledger_file(run_dir, state))
 
 
-def conversational_tasks(environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]]) -> list[Any]:
-    """The planned tasks that are conversations (played with a user simulator)."""
+def planned_tasks(environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]]) -> list[tuple[Any, Any]]:
+    """``(environment, task)`` of each planned task (of a loaded environment)."""
     by_id = {e.id: e for e in environments}
-    return [t for env_id, idx, _ in tasks if env_id in by_id
-            for t in [by_id[env_id].task(int(idx))] if t.conversational]
+    return [(by_id[env_id], by_id[env_id].task(int(idx))) for env_id, idx, _ in tasks if env_id in by_id]
+
+
+def conversational_tasks(environments: Sequence[Any], tasks: Sequence[tuple[str, int, str]],
+                         mode: str = "message") -> list[Any]:
+    """The planned tasks that are conversations in ``mode`` (played with a user simulator)."""
+    from awm_core.agent import plays_as_conversation
+
+    return [t for env, t in planned_tasks(environments, tasks) if plays_as_conversation(env, t, mode)]
+
+
+def snapshot_of(run_dir: Path, config: TrainConfig) -> int | None:
+    """The catalog snapshot the flow planned the run on (``run.json``), else the config's."""
+    try:
+        return int(json.loads((run_dir / "run.json").read_text())["snapshot"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return config.snapshot
 
 
 def run_llm_budget(config: TrainConfig, settings: Any, run_id: str, conversations: Sequence[Any]) -> Any:
@@ -591,10 +608,13 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     state = PartialState(cpu=not torch.cuda.is_available())
-    conversations = conversational_tasks(environments, tasks)
-    if conversations and config.user == "llm":  # a user role with no endpoint fails here, before any step
-        from awm_core.agent import check_user_role
+    from awm_core.agent import check_conversation_mode, check_user_role
 
+    # Before any step: mode conversation on tasks that have no user scenario, and a user role with no
+    # endpoint (or no recordings), fail here.
+    check_conversation_mode(config.mode, planned_tasks(environments, tasks), snapshot_of(run_dir, config))
+    conversations = conversational_tasks(environments, tasks, config.mode)
+    if conversations and config.user == "llm":
         check_user_role(settings, conversations)
     run_id = run_id_of(run_dir, config)
     budget = run_llm_budget(config, settings, run_id, conversations)
@@ -611,7 +631,8 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
                                max_batch=config.generation_batch, scheduler=config.rollout_scheduler,
                                episode_timeout_s=config.episode_timeout_s,
                                judge=training_judge(config, settings, run_dir, state, budget),
-                               user=config.user, max_steps=config.max_steps, max_errors=config.max_errors,
+                               mode=config.mode, user=config.user, max_steps=config.max_steps,
+                               max_errors=config.max_errors,
                                budget=budget, ledger=ledger_file(run_dir, state), run_id=run_id)
         if config.warmstart_steps and not resume:  # a resumed run loads the checkpoint's weights
             warm_start(model, tok, runner, tasks, config, run_dir, state)

@@ -62,7 +62,7 @@ def runner_for(pool, env, tok, settings, **kw):
     from awm_core.train.rollout import EpisodeRunner
 
     return EpisodeRunner(pool, [env], settings, tokenizer=tok, interface="direct", max_turns=2, window=1,
-                         max_prompt_tokens=2048, **kw)
+                         max_prompt_tokens=2048, mode="conversation", **kw)
 
 
 def say_nothing(tok):
@@ -114,7 +114,7 @@ def test_a_user_role_without_an_endpoint_fails_before_training(awm_home, talk, t
 
     monkeypatch.setenv("AWM_LLM__USER__BACKEND", "http")
     get_settings.cache_clear()
-    cfg = TrainConfig(group_size=2, tasks_per_step=1, steps=1, sandbox_workers=1)
+    cfg = TrainConfig(group_size=2, tasks_per_step=1, steps=1, sandbox_workers=1, mode="conversation")
     with pytest.raises(AWMError, match="the user simulator \\(LLM role 'user'\\) has no endpoint"):
         run_training(cfg, [talk], tasks_of(talk), tmp_path, get_settings())
     assert not (tmp_path / "tokenizer").exists()  # refused before the model was made
