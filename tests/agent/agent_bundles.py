@@ -2,6 +2,11 @@
 verifiers and reference solutions, plus a variant whose extra tool sleeps past the call timeout."""
 from __future__ import annotations
 
+import pytest
+
+from awm_core.runtime import SandboxPool
+from awm_core.settings import load_settings
+
 from awm_core.models import (
     ApiSpec, DbSchema, EnvCode, Environment, ParamSpec, ReferenceSolution, Scenario, SeedData, TableSchema,
     TableSeed, Task, ToolCall, ToolSpec, Verifier,
@@ -137,3 +142,18 @@ def notes_environment(env_id: str = "notes", *, sleepy: bool = False) -> Environ
                               final_answer="You have 3 notes."),
         ],
     )
+
+
+# Fixtures shared by the loop tests (a test module imports them by name).
+@pytest.fixture(scope="module")
+def pool():
+    """One sandbox worker with a short call timeout, for the module."""
+    with SandboxPool(load_settings().sandbox, workers=1, call_timeout_s=3.0) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def notes(pool):
+    """The notes app, loaded in the module's pool."""
+    env = notes_environment()
+    return env, pool.load(env)

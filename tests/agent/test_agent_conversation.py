@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from agent_bundles import notes, pool  # noqa: F401  (fixtures)
+
 from awm_core.agent import (
     AGENT_GREETING, STOP_TOKENS, LLMUser, PolicyReply, ReferencePolicy, ScriptedUser, UserReply, is_stop,
     run_episode, solution_ranges, user_view, verify_episode,

@@ -85,7 +85,7 @@ def test_bad_parameters_and_missing_endpoint_are_clear_errors(published):
 
 
 @pytest.mark.slow
-def test_awm_eval_on_the_generated_demo_snapshot(awm_home, prefect_server, capsys):
+def test_awm_eval_on_the_generated_demo_snapshot(awm_home, prefect_server, capsys, tmp_path, monkeypatch):
     """The demo environments built from the offline recordings by the generate flow; then `awm eval`
     with the reference policy on a real Prefect server: every task scores 1.0, rollouts and splits are
     in the catalog, the artifacts are in the Prefect API."""
@@ -137,6 +137,55 @@ def test_awm_eval_on_the_generated_demo_snapshot(awm_home, prefect_server, capsy
     assert "| recipe_box |" in found["evaluation-summary"].data
     assert found["evaluation-progress"].data == 100.0
     assert (settings.runs_dir / summary["run_id"] / "reward_distribution.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The same tasks as conversations: the scripted user tells what its scenario says it knows, the
+    # reference acts under the environment's policy; every demo task still scores 1.0.
+    assert main(["eval", "--policy", "reference", "--split", "all", "--mode", "conversation", "--user", "scripted",
+                 "--concurrency", "4", "--json"]) == 0
+    talk = json.loads(capsys.readouterr().out)
+    assert talk["overall"]["episodes"] == 30 and talk["overall"]["mean_reward"] == 1.0
+    assert {c["category"] for c in talk["by_mode"]["by_category"]} and set(talk["by_mode"]["overall"]) == {
+        "message", "conversation"}
+    with Catalog.open(settings, read_only=True) as cat:
+        modes = cat.rows("SELECT mode, count(*) AS n, min(termination) AS ends FROM rollouts WHERE run_id = ? "
+                         "GROUP BY mode", params=[talk["run_id"]])
+        env = cat.get_environment("recipe_box")
+    assert modes == [{"mode": "conversation", "n": 30, "ends": "user_stop"}]
+
+    # And with the recorded user simulator (LLM role "user", offline) talking to an OpenAI-compatible
+    # fixture agent that makes the reference's calls: one task, end to end.
+    from awm_core.llm.fixture_server import FixtureServer
+
+    idx = next(s.task_idx for s in env.solutions if s.calls and not any("$ref" in json.dumps(c.arguments)
+                                                                         for c in s.calls))
+    fixtures = tmp_path / "fixtures"
+    for i in range(idx + 1):  # the run plays tasks 0..idx; the assertions are on task idx
+        solution, scenario = env.solution(i), env.task(i).user_scenario["instructions"]
+        (fixtures / f"recipe_box.task{i}").mkdir(parents=True)
+        (fixtures / f"recipe_box.task{i}" / "user.json").write_text(json.dumps({
+            "stage": "user", "scenario": f"recipe_box.task{i}", "attempts": [
+                {"content": f"{scenario['reason_for_call']} {scenario.get('known_info') or ''}"},
+                {"content": "That is everything, thank you. ###STOP###"}]}))
+        (fixtures / "recipe_box").mkdir(exist_ok=True)
+        (fixtures / "recipe_box" / f"policy.{i}.json").write_text(json.dumps({
+            "stage": f"policy.{i}", "scenario": "recipe_box", "attempts": [
+                *[{"content": "", "tool_calls": [{"id": f"call_{n}", "type": "function", "function": {
+                    "name": c.tool, "arguments": json.dumps(c.arguments)}}]} for n, c in enumerate(solution.calls)],
+                {"content": solution.final_answer or "Done."}]}))
+    monkeypatch.setenv("AWM_LLM__FIXTURES_DIR", str(fixtures))
+    get_settings.cache_clear()
+    with FixtureServer(fixtures) as srv:
+        code = main(["eval", "--policy", "openai", "--base-url", srv.base_url, "--model", "fixture-agent",
+                     "--split", "all", "--env", "recipe_box", "--mode", "conversation", "--json",
+                     "--max-tasks-per-env", str(idx + 1)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    out = json.loads(capsys.readouterr().out)
+    with Catalog.open(get_settings(), read_only=True) as cat:
+        row = cat.rows("SELECT label, mode, termination, messages_json FROM rollouts WHERE run_id = ? AND task_idx = ?",
+                       params=[out["run_id"], idx])[0]
+    assert (row["label"], row["mode"], row["termination"]) == ("completed", "conversation", "user_stop")
+    senders = [m["sender"] for m in json.loads(row["messages_json"])]
+    assert senders[:3] == ["system", "assistant", "user"] and senders[-1] == "user"
 
 
 def test_judged_run_publishes_the_judge_calls(published, tmp_path):

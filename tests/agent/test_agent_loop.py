@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from agent_bundles import notes_environment
+from agent_bundles import notes, notes_environment, pool  # noqa: F401  (fixtures)
 from awm_core.agent import (
     PolicyReply, RandomPolicy, ReferencePolicy, TextToolCallPolicy, run_episode, verify_and_reward, verify_episode,
     visible_messages,
