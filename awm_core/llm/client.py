@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from awm_core.errors import AWMError, BudgetExceeded, LLMError
+from awm_core.errors import BudgetExceeded, LLMError, StructuredOutputError
 from awm_core.llm.cache import ResponseCache, request_key
 from awm_core.llm.offline import (
     FixtureReply,
@@ -51,23 +51,6 @@ class LLMResult:
 class Structured(Generic[M]):
     value: M
     record: CallRecord
-
-
-class StructuredOutputError(AWMError, ValueError):
-    """The reply was received but is not a valid document of the requested model.
-
-    ``message`` says what failed and where (JSON syntax position with a snippet, or the
-    field paths with problems); ``problems`` holds the same as separate lines for a repair
-    prompt; ``content`` is the raw reply text; ``record`` is the call's accounting.
-    """
-
-    def __init__(self, message: str, record: CallRecord, *, problems: list[str] | None = None,
-                 content: str = ""):
-        super().__init__(message)
-        self.message = message
-        self.record = record
-        self.problems = list(problems) if problems else [message]
-        self.content = content
 
 
 class _TransportFailure(Exception):

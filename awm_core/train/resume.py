@@ -19,17 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from awm_core.errors import AWMError
+from awm_core.errors import ResumeError
 
 MARKER = "awm-complete.json"
 PREFIX = "checkpoint-"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
 LOCK = "train.lock"
-
-
-class ResumeError(AWMError):
-    """A run cannot be resumed (no complete checkpoint, already finished, unknown)."""
 
 
 def hold_run_lock(run_dir: str | Path) -> int:

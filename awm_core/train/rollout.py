@@ -53,19 +53,11 @@ from awm_core.agent import (
     run_episode, user_for, verify_episode,
 )
 from awm_core.agent.evaluation import transcript
-from awm_core.errors import AWMError
+from awm_core.errors import AWMError, EngineError, EpisodeCancelled
 from awm_core.train.samples import Sample, StepRecord, build_samples
 
 GenerateFn = Callable[[list[list[int]]], list[list[int]]]
 SCHEDULERS = ("continuous", "lockstep")
-
-
-class EngineError(AWMError):
-    """The generation engine itself failed (e.g. out of GPU memory): training cannot go on."""
-
-
-class EpisodeCancelled(AWMError):
-    """Raised in an episode's thread once its episode was ended from outside (a timeout)."""
 
 
 # --------------------------------------------------------------------------- engines
