@@ -24,7 +24,7 @@ from typing import Any
 
 from awm_core.errors import ToolError
 from awm_core.runtime import sandbox
-from awm_core.runtime.bundled import exec_modules
+from awm_core.runtime.bundled import exec_modules, read_bundle
 
 BUNDLE_KEYS = ("modules", "classes", "involved_classes", "stateless", "initial_config", "long_context",
                "functions", "entry_id", "checker")
@@ -145,10 +145,7 @@ class BfclEnv:
 
     def __init__(self, key: str, source: str, env_id: str, guard: sandbox.Guard):
         self.key = key
-        bundle = json.loads(source)
-        missing = [k for k in BUNDLE_KEYS if k not in bundle]
-        if missing:
-            raise ValueError(f"the BFCL bundle of {env_id} lacks {', '.join(missing)}")
+        bundle = read_bundle(source, BUNDLE_KEYS, "BFCL", env_id)
         self.entry_id: str = bundle["entry_id"]
         self.classes: dict[str, str] = bundle["classes"]
         self.involved_classes: list[str] = bundle["involved_classes"]

@@ -3,6 +3,7 @@ module names (the benchmarks' modules import each other by name): BFCL's backend
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import types
 from typing import Any
@@ -62,3 +63,12 @@ def exec_modules(modules: list[list[str]], builtins: dict[str, Any], packages: t
             sys.modules.pop(name, None)
             raise
     return executed
+
+
+def read_bundle(source: str, keys: tuple[str, ...], benchmark: str, env_id: str) -> dict[str, Any]:
+    """An environment's bundle (``EnvCode.source``), refused naming what it lacks."""
+    bundle = json.loads(source)
+    missing = [k for k in keys if k not in bundle]
+    if missing:
+        raise ValueError(f"the {benchmark} bundle of {env_id} lacks {', '.join(missing)}")
+    return bundle

@@ -25,7 +25,7 @@ from typing import Any
 
 from awm_core.errors import ToolError
 from awm_core.runtime import sandbox
-from awm_core.runtime.bundled import exec_modules, register_parents
+from awm_core.runtime.bundled import exec_modules, read_bundle, register_parents
 
 BUNDLE_KEYS = ("domain", "domain_name", "modules", "packages", "classes", "db", "user_db", "policy")
 EVALUATOR_MODULE = "tau2.evaluator.evaluator"
@@ -217,10 +217,7 @@ class Tau2Env:
 
     def __init__(self, key: str, source: str, env_id: str, guard: sandbox.Guard):
         self.key = key
-        bundle = json.loads(source)
-        missing = [k for k in BUNDLE_KEYS if k not in bundle]
-        if missing:
-            raise ValueError(f"the tau2 bundle of {env_id} lacks {', '.join(missing)}")
+        bundle = read_bundle(source, BUNDLE_KEYS, "tau2", env_id)
         self.domain: str = bundle["domain"]
         self.domain_name: str = bundle["domain_name"]
         self.policy: str = bundle["policy"]
