@@ -188,10 +188,32 @@ def tau2_content(value: Any) -> str:
     return env_cls.to_json_str(value)
 
 
-class Tau2Session:
-    """One τ² ``Environment`` for one agent (and its user), built from copies of the databases."""
+def state_json(world: Any) -> bytes:
+    """Both databases of a τ² Environment as JSON. Pydantic's own writer: a tenth of the cost of dumping
+    to dicts and sorting keys, which matters with a 7 MB airline database snapshotted twice per episode."""
+    db = world.tools.db.model_dump_json() if world.tools is not None else "null"
+    user_db = world.user_tools.db.model_dump_json() if world.user_tools is not None else "null"
+    return f'{{"db":{db},"user_db":{user_db}}}'.encode()
 
-    __slots__ = ("env", "world")
+
+def set_initial_state(world: Any, state: Any) -> None:
+    """τ²'s ``set_state`` with a task's ``InitialState`` (the start of every episode and of every replay)."""
+    world.set_state(state.initialization_data, state.initialization_actions, list(state.message_history or []))
+
+
+def message_history(task: Any) -> list[Any]:
+    """The messages a τ² task starts with (its trajectory must begin with them)."""
+    return list(task.initial_state.message_history or []) if task.initial_state is not None else []
+
+
+class Tau2Session:
+    """One τ² ``Environment`` for one agent (and its user), built from copies of the databases.
+
+    ``fresh``: nothing has happened in it since it was built, so a task's initial state can be set
+    without building it again (an episode opens a session, then prepares it).
+    """
+
+    __slots__ = ("env", "world", "fresh")
 
     def __init__(self, env: "Tau2Env"):
         self.env = env
@@ -199,14 +221,10 @@ class Tau2Session:
 
     def reset(self) -> None:
         self.world = self.env.build()
+        self.fresh = True
 
     def serialize(self) -> bytes:
-        # Pydantic's own JSON writer: a tenth of the cost of dumping to dicts and sorting keys, which
-        # matters with a 7 MB airline database snapshotted twice per episode.
-        world = self.world
-        db = world.tools.db.model_dump_json() if world.tools is not None else "null"
-        user_db = world.user_tools.db.model_dump_json() if world.user_tools is not None else "null"
-        return f'{{"db":{db},"user_db":{user_db}}}'.encode()
+        return state_json(self.world)
 
     def close(self) -> None:
         self.world = None
@@ -239,9 +257,7 @@ class Tau2Env:
         self.tools = {i["name"]: i for i in self.infos}
         self.user_infos = [_info(t) for t in probe.get_user_tools()] if probe.user_tools is not None else []
         self.user_tools = {i["name"]: i for i in self.user_infos}
-        self.snapshot = Tau2Session.__new__(Tau2Session)
-        self.snapshot.world = probe
-        self.snapshot = self.snapshot.serialize()
+        self.snapshot = state_json(probe)
 
     def build(self, solo_mode: bool = False) -> Any:
         """A fresh τ² Environment, as the domain's ``get_environment`` makes one."""
@@ -260,6 +276,7 @@ class Tau2Env:
     def call(self, session: Tau2Session, tool: str, args: dict[str, Any], requestor: str = "assistant") -> str:
         """τ²'s ``get_response``: the call, then ``sync_tools``; an exception is the call's error text."""
         world = session.world
+        session.fresh = False
         try:
             out = world.make_tool_call(tool, requestor=requestor, **args)
             world.sync_tools()
@@ -270,14 +287,13 @@ class Tau2Env:
         return tau2_content(out)
 
     def prepare(self, session: Tau2Session, initial_state: dict[str, Any] | None) -> None:
-        """Reset, then put the session in a task's initial state (τ²'s ``set_state``)."""
-        session.reset()
+        """Back to the start (unless nothing happened yet), then into a task's initial state (τ²'s ``set_state``)."""
+        if not session.fresh:
+            session.reset()
         if not initial_state:
             return
-        tasks = sys.modules["tau2.data_model.tasks"]
-        state = tasks.InitialState.model_validate(initial_state)
-        session.world.set_state(state.initialization_data, state.initialization_actions,
-                                list(state.message_history or []))
+        session.fresh = False
+        set_initial_state(session.world, sys.modules["tau2.data_model.tasks"].InitialState.model_validate(initial_state))
 
     def check(self, task_json: dict[str, Any], messages: list[dict[str, Any]], termination: str) -> dict[str, Any]:
         """τ²'s verdict on the episode: its trajectory replayed and scored by ``evaluate_simulation``."""
@@ -321,7 +337,7 @@ class Tau2Env:
     def messages(self, task: Any, messages: list[dict[str, Any]]) -> list[Any]:
         """The trajectory as τ²'s messages (after the task's own message history), results as recorded."""
         msg = sys.modules["tau2.data_model.message"]
-        out: list[Any] = list(task.initial_state.message_history or []) if task.initial_state is not None else []
+        out = message_history(task)
         for m in messages:
             role = m.get("role")
             if role == "tool":
@@ -351,10 +367,8 @@ class Tau2Env:
         msg = sys.modules["tau2.data_model.message"]
         world = self.build()
         if task.initial_state is not None:
-            init = task.initial_state
-            world.set_state(init.initialization_data, init.initialization_actions, list(init.message_history or []))
-        history = list(task.initial_state.message_history or []) if task.initial_state is not None else []
-        out: list[Any] = list(history)
+            set_initial_state(world, task.initial_state)
+        out = message_history(task)
         mismatches: list[str] = []
         pending: dict[str, Any] = {}
         for m in messages:
