@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, runtime_checkable
@@ -426,3 +427,62 @@ def user_for(kind: str, task: Task, *, settings: Any = None, solution: Reference
     if kind == "llm":
         return LLMUser.for_task(settings, task, tools=tools, budget=budget, ledger=ledger, run_id=run_id)
     raise AWMError(f"unknown user {kind!r}; choose from {', '.join(USER_KINDS)}")
+
+
+def play_reference(pool: Any, environment: Any, task_idx: int, settings: Any,
+                   solution: ReferenceSolution | None = None) -> tuple[Any, Any]:
+    """A task played as a conversation by its reference (or ``solution``), then verified: the reference
+    policy makes the agent's calls, the scripted user tells what its scenario says it knows, makes the
+    user's own calls turn by turn (τ²'s telecom) and stops once all are done. Returns (episode, outcome)."""
+    from awm_core.agent.loop import run_episode
+    from awm_core.agent.policies import ReferencePolicy
+    from awm_core.agent.rewards import verify_episode
+
+    solution = solution or environment.solution(task_idx)
+    task = environment.task(task_idx)
+    handle = pool.load(environment)
+    n = len(solution.calls)
+    with handle.open_session() as session:
+        episode = run_episode(ReferencePolicy(solution), session, task, handle.tools(), window=None,
+                              max_turns=n + 2, user=ScriptedUser(task, solution), user_tools=handle.user_tools(),
+                              max_steps=4 * n + 20)
+    return episode, verify_episode(pool, environment, task_idx, episode, settings)
+
+
+class RunUsers:
+    """Who plays the user of each conversation of one run (an evaluation or a training run): one kind, one
+    ledger, and one LLM budget for every user simulator call (``budget``, else made on the first LLM user)."""
+
+    def __init__(self, settings: Any, kind: str, *, run_id: str | None, ledger: Any = None, budget: Any = None):
+        self.settings, self.kind, self.run_id, self.ledger, self.budget = settings, kind, run_id, ledger, budget
+        self._lock = threading.Lock()
+
+    def user(self, env: Any, task_idx: int, tools: Any, mode: str, kind: str | None = None) -> User | None:
+        """The user of one episode of ``env``'s task ``task_idx`` in ``mode`` (None: the task is one message);
+        ``kind`` overrides the run's (a warm start replays references with the scripted user)."""
+        task = env.task(task_idx)
+        if not plays_as_conversation(env, task, mode):
+            return None
+        kind = kind or self.kind
+        if kind == "llm":
+            with self._lock:
+                if self.budget is None:
+                    from awm_core.llm.shared_budget import run_budget
+
+                    self.budget = run_budget(self.settings, self.run_id or "run")
+        return user_for(kind, task, settings=self.settings, solution=env.solution(task_idx), tools=tools,
+                        budget=self.budget, ledger=self.ledger, run_id=self.run_id)
+
+
+def conversation_args(env: Any, task: Task, user: User | None, user_tools: Any, *, interface: str,
+                      max_steps: int, max_errors: int) -> dict[str, Any]:
+    """``run_episode``'s keyword arguments for a conversation with ``user`` (none without a user): the user,
+    its tools, tau2's limits, and the agent's system prompt with the environment's policy
+    (``conversation_system_prompt``; a task that brings its own prompt, tau2's, keeps it)."""
+    if user is None:
+        return {}
+    args = {"user": user, "user_tools": user_tools, "max_steps": max_steps, "max_errors": max_errors}
+    prompt = conversation_system_prompt(env, task, interface)
+    if prompt is not None:
+        args["system_prompt"] = prompt
+    return args

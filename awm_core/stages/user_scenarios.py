@@ -461,22 +461,16 @@ def execute(result: UserScenarios, ctx: StageContext, pool) -> list:
     """Each task played as a conversation in the sandbox: the scripted user opens with its scenario, the
     reference solution acts as the agent, the task's verifier must say "complete". Raises with every
     task that fails; returns one passed ``user_scenario`` check per task."""
-    from awm_core.agent import ReferencePolicy, ScriptedUser, run_episode, verify_episode
+    from awm_core.agent.users import play_reference
     from awm_core.settings import RewardSettings
 
     env = apply(ctx.environment(), result)
-    handle = pool.load(env)
     checks, errors = [], []
     for task in env.tasks:
-        solution = env.solution(task.idx)
-        if solution is None or env.verifier(task.idx) is None or result.scenario(task.idx) is None:
+        if env.solution(task.idx) is None or env.verifier(task.idx) is None or result.scenario(task.idx) is None:
             continue
-        n = len(solution.calls)
         try:
-            with handle.open_session() as session:
-                episode = run_episode(ReferencePolicy(solution), session, task, handle.tools(), window=None,
-                                      user=ScriptedUser(task, solution), max_turns=n + 2, max_steps=4 * n + 20)
-            outcome = verify_episode(pool, env, task.idx, episode, RewardSettings())
+            episode, outcome = play_reference(pool, env, task.idx, RewardSettings())
         except SandboxError:
             raise  # the sandbox failed, not the reply: not a repair instruction
         except AWMError as exc:

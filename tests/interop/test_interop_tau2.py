@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from awm_core.agent import ReferencePolicy, ScriptedUser, run_episode, verify_episode
+from awm_core.agent.users import play_reference
 from awm_core.interop import tau2
 from awm_core.interop.benchmarks import benchmark_categories, trainable_tasks
 from awm_core.settings import get_settings
@@ -29,13 +29,7 @@ def base(package):
 
 def _play(pool, env, idx, solution=None):
     """One conversation of the reference (or ``solution``) with the scripted user, and its outcome."""
-    solution = solution or env.solution(idx)
-    task = env.task(idx)
-    handle = pool.load(env)
-    with handle.open_session() as session:
-        episode = run_episode(ReferencePolicy(solution), session, task, handle.tools(), window=None,
-                              user=ScriptedUser(task, solution), user_tools=handle.user_tools())
-    return episode, verify_episode(pool, env, idx, episode, get_settings())
+    return play_reference(pool, env, idx, get_settings(), solution)
 
 
 def test_domains_read_as_conversational_environments(package, base):
