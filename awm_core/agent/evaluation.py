@@ -26,7 +26,7 @@ from awm_core.agent.loop import run_episode
 from awm_core.agent.policies import OpenAIChatPolicy, RandomPolicy, ReferencePolicy, TextToolCallPolicy
 from awm_core.agent.rewards import LLMJudge, reward_for, verify_episode
 from awm_core.agent.splits import select
-from awm_core.agent.users import conversation_system_prompt, episode_mode, plays_as_conversation, user_for
+from awm_core.agent.users import RunUsers, conversation_args, episode_mode
 from awm_core.configs import FlowConfig
 from awm_core.errors import AWMError
 from awm_core.interop.benchmarks import benchmark_categories
@@ -306,9 +306,7 @@ class EvalRun:
         self.progress = Progress(total, on_update)
         self.workers: set[str] = set()  # Dask workers that ran environments (a Dask runner fills it)
         self._client = self._make_client()
-        self.user_ledger = self.out_dir / "llm_calls.jsonl"
-        self.user_budget = None  # made on the first conversational task: one cap for every user simulator call
-        self._user_lock = threading.Lock()
+        self.users = RunUsers(settings, config.user, run_id=run_id, ledger=self.out_dir / "llm_calls.jsonl")
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -370,35 +368,17 @@ class EvalRun:
                 failures.append(failure)
         return rows, calls, failures
 
-    def user_for(self, env: Environment, task_idx: int, handle: Any):
-        """The user simulator of an episode that is a conversation in the run's mode (None for one message)."""
-        task = env.task(task_idx)
-        if not plays_as_conversation(env, task, self.config.mode):
-            return None
-        if self.config.user == "llm":
-            with self._user_lock:
-                if self.user_budget is None:
-                    from awm_core.llm.shared_budget import run_budget
-
-                    self.user_budget = run_budget(self.settings, self.run_id)
-        return user_for(self.config.user, task, settings=self.settings, solution=env.solution(task_idx),
-                        tools=handle.user_tools(), budget=self.user_budget, ledger=self.user_ledger,
-                        run_id=self.run_id)
-
     def run_one(self, env: Environment, handle: Any, task_idx: int, episode_idx: int):
         started = time.perf_counter()
         c = self.config
         try:
-            user = self.user_for(env, task_idx, handle)
             task = env.task(task_idx)
-            system_prompt = conversation_system_prompt(env, task, c.interface) if user else None
+            user = self.users.user(env, task_idx, handle.user_tools(), c.mode)
             with handle.open_session() as session:
                 episode = run_episode(self.policy_for(env, task_idx, episode_idx), session, task,
                                       handle.tools(), interface=c.interface, max_turns=c.max_turns, window=c.window,
-                                      system_prompt=system_prompt,
-                                      user=user, user_tools=handle.user_tools() if user else None,
-                                      max_steps=c.max_steps if user else None,
-                                      max_errors=c.max_errors if user else None)
+                                      **conversation_args(env, task, user, handle.user_tools(), interface=c.interface,
+                                                          max_steps=c.max_steps, max_errors=c.max_errors))
             outcome = verify_episode(self.pool, env, task_idx, episode, self.settings, judge=self.judge)
         except Exception as exc:  # the policy endpoint failed: no verdict to record for this episode
             failure = f"{env.id}/{task_idx}/{episode_idx}: {type(exc).__name__}: {exc}"

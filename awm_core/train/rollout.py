@@ -48,10 +48,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from awm_core.agent import (
-    Episode, Generation, Outcome, TextToolCallPolicy, conversation_system_prompt, episode_mode, plays_as_conversation,
-    run_episode, user_for, verify_episode,
-)
+from awm_core.agent import Episode, Generation, Outcome, TextToolCallPolicy, episode_mode, run_episode, verify_episode
+from awm_core.agent.users import RunUsers, conversation_args
 from awm_core.agent.evaluation import transcript
 from awm_core.errors import AWMError, EngineError, EpisodeCancelled
 from awm_core.train.samples import Sample, StepRecord, build_samples
@@ -969,13 +967,9 @@ class EpisodeRunner:
         # verifier's evidence when set; None: the verifier's verdict decides.
         self.judge = judge
         self.mode = mode
-        self.user = user
         self.max_steps = max_steps
         self.max_errors = max_errors
-        self.budget = budget
-        self.ledger = ledger
-        self.run_id = run_id
-        self._budget_lock = threading.Lock()
+        self.users = RunUsers(settings, user, run_id=run_id, ledger=ledger, budget=budget)
         self.tokenizer_lock = threading.Lock()
 
     def mode_of(self, env_id: str, task_idx: int) -> str:
@@ -986,39 +980,25 @@ class EpisodeRunner:
         except Exception:  # noqa: BLE001 - an unknown task: its failed row still needs a mode
             return "message"
 
+    @property
+    def budget(self) -> Any:
+        """The LLM budget of the run's user simulator calls (None until the first LLM user, unless given)."""
+        return self.users.budget
+
     def user_for(self, env_id: str, task_idx: int, kind: str | None = None) -> Any:
         """The user simulator of one episode that is a conversation in the runner's mode (None for one
         message); ``kind`` overrides the runner's (the warm start replays references with the scripted user)."""
-        env = self.environments[env_id]
-        task = env.task(task_idx)
-        if not plays_as_conversation(env, task, self.mode):
-            return None
-        kind = kind or self.user
-        if kind == "llm":
-            with self._budget_lock:
-                if self.budget is None:  # one cap for every user simulator call of the run
-                    from awm_core.llm.shared_budget import run_budget
-
-                    self.budget = run_budget(self.settings, self.run_id or "train")
-        return user_for(kind, task, settings=self.settings, solution=env.solution(task_idx),
-                        tools=self.handles[env_id].user_tools(), budget=self.budget, ledger=self.ledger,
-                        run_id=self.run_id)
+        return self.users.user(self.environments[env_id], task_idx, self.handles[env_id].user_tools(), self.mode, kind)
 
     def conversation_args(self, env_id: str, user: Any, task_idx: int | None = None) -> dict[str, Any]:
-        """``run_episode``'s keyword arguments for a conversation with ``user`` (none without a user): the
-        user, its tools, tau2's limits, and the agent's system prompt with the environment's policy
-        (``conversation_system_prompt``; a task that brings its own prompt, tau2's, keeps it). The task is
-        ``task_idx``'s, else the one the user plays."""
+        """``run_episode``'s keyword arguments for a conversation with ``user`` (``conversation_args``); the
+        task is ``task_idx``'s, else the one the user plays."""
         if user is None:
             return {}
         env = self.environments[env_id]
-        args = {"user": user, "user_tools": self.handles[env_id].user_tools(), "max_steps": self.max_steps,
-                "max_errors": self.max_errors}
-        task = env.task(task_idx) if task_idx is not None else getattr(user, "task", None)
-        prompt = conversation_system_prompt(env, task, self.interface) if task is not None else None
-        if prompt is not None:
-            args["system_prompt"] = prompt
-        return args
+        task = env.task(task_idx) if task_idx is not None else user.task
+        return conversation_args(env, task, user, self.handles[env_id].user_tools(), interface=self.interface,
+                                 max_steps=self.max_steps, max_errors=self.max_errors)
 
     def run(self, tasks: Sequence[tuple[str, int]], engine: Any) -> RolloutBatch:
         """Every task as one episode; ``engine`` is a generate function or an engine object.
