@@ -11,8 +11,10 @@ into the next verifier attempt's errors.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
+from dataclasses import dataclass
 
 from awm_core.errors import StageError
 from awm_core.models import Verifier
@@ -143,7 +145,41 @@ def written_tables(source: str) -> set[str]:
     return {m.group(1).lower() for m in _WRITE.finditer(source)}
 
 
-def kept_tools(ctx: StageContext, funcs: dict[str, str]) -> list[str]:
+_LINES = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+
+
+@dataclass(frozen=True)
+class TopLevelCode:
+    """A tool module's top-level functions (source text by name), its module constants (source
+    text) and the tables each function writes."""
+
+    functions: dict[str, str]
+    constants: list[str]
+    writes: dict[str, set[str]]
+
+
+@functools.lru_cache(maxsize=32)
+def top_level_code(source: str) -> TopLevelCode:
+    """Parsed once per tool module: every verifier prompt of an environment (one per task and
+    attempt) shows the same code, and ``ast.get_source_segment`` re-splits the whole source for
+    each node it cuts out."""
+    tree = ast.parse(source)
+    # Split as the parser counts lines (\r\n, \r, \n): str.splitlines also breaks at \f and \x1c.
+    lines = _LINES.findall(source)
+
+    def segment(node: ast.stmt) -> str:
+        # Top-level statements start at column 0; only the last line is cut, by its byte offset.
+        first, last = node.lineno - 1, node.end_lineno - 1
+        tail = lines[last].encode()[:node.end_col_offset].decode(errors="replace")
+        return "".join(lines[first:last]) + tail
+
+    functions = {n.name: segment(n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    # Module constants (the signed-in user's id, status names) are short and read by every tool.
+    constants = [segment(n) for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))]
+    return TopLevelCode(functions, constants, {name: written_tables(src) for name, src in functions.items()})
+
+
+def kept_tools(ctx: StageContext, code: TopLevelCode) -> list[str]:
     """Tools whose code the prompt never cuts: those the task's reference solution calls (when
     the context has one) and those that write a table the task names."""
     solution = next((s for s in ctx.solutions if s.task_idx == ctx.task_idx), None)
@@ -152,23 +188,20 @@ def kept_tools(ctx: StageContext, funcs: dict[str, str]) -> list[str]:
     tables = {t.name.lower() for t in ctx.db_schema.tables} if ctx.db_schema else set()
     # "meal plan" names meal_plan_entries: all of a table's words but one will do.
     named = {t for t in tables if len(_words(t.replace("_", " ")) & task_words) >= max(1, len(t.split("_")) - 1)}
-    writers = [n for n, src in funcs.items() if not n.startswith("_") and written_tables(src) & named]
-    return list(dict.fromkeys(n for n in called + writers if n in funcs))
+    writers = [n for n, written in code.writes.items() if not n.startswith("_") and written & named]
+    return list(dict.fromkeys(n for n in called + writers if n in code.functions))
 
 
 def render_tool_code(ctx: StageContext, cap: int = TOOL_CODE_CHARS) -> str:
     source = ctx.code.source.strip()
     if len(source) <= cap:
         return source
-    tree = ast.parse(source)
-    funcs = {n.name: ast.get_source_segment(source, n) or "" for n in tree.body
-             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    # Module constants (the signed-in user's id, status names) are short and read by every tool.
-    constants = [ast.get_source_segment(source, n) or "" for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))]
+    code = top_level_code(source)
+    funcs, constants = code.functions, code.constants
     task_words = _words(ctx.task().text)
     scored = sorted(((_relevance(t, task_words), t.name) for t in ctx.api_spec.tools if t.name in funcs),
                     key=lambda x: -x[0])
-    kept = kept_tools(ctx, funcs)
+    kept = kept_tools(ctx, code)
     related = [n for score, n in scored if score > 0]
     order = related + [n for n in funcs if n.startswith("_")] + [n for score, n in scored if score == 0]
     shown, left_out = ["\n".join(constants)] if constants else [], []

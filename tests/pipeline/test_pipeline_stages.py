@@ -370,6 +370,22 @@ def test_verifier_prompt_cuts_long_code_but_never_the_tools_of_the_task(ctx):
     assert verifier.render_tool_code(c) == c.code.source.strip()  # the whole module when it fits
 
 
+@pytest.mark.parametrize("source", [
+    extract_python(CODE, "code"),
+    # Line breaks the parser counts (\r\n, \r) and characters str.splitlines would also break at.
+    "X = 1\r\ndef f():\r\n    return '\x0c\u2028é'  # é\rdef g(): pass\n\nY: int = 'ü'\ndef h(): return 'ä'",
+])
+def test_tool_code_is_cut_into_the_same_pieces_as_the_parser_gives(source):
+    import ast
+
+    tree = ast.parse(source)
+    got = verifier.top_level_code(source)
+    assert got.functions == {n.name: ast.get_source_segment(source, n) for n in tree.body
+                             if isinstance(n, ast.FunctionDef)}
+    assert got.constants == [ast.get_source_segment(source, n) for n in tree.body
+                             if isinstance(n, (ast.Assign, ast.AnnAssign))]
+
+
 # ----------------------------------------------------------------------------- solution
 
 def test_solution_accepts_valid(ctx):
