@@ -151,7 +151,7 @@ class LLMClient:
             "json_mode": json_mode, "max_tokens": max_tokens if max_tokens is not None else self.role.max_tokens,
             "temperature": temperature if temperature is not None else self.role.temperature, **keys,
         }
-        if self.role.backend == "offline":
+        if self.role.backend == "offline" and self.cache:
             # Replies follow the fixture file, so an edited recording is never masked by the cache.
             request["fixture"] = fixture_digest(self.settings.llm.fixtures_dir, scenario_id, stage)
 

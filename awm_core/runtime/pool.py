@@ -82,6 +82,7 @@ class _Worker:
         log = open(self.scratch / "worker.log", "wb")
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
+        protocol.widen(req_w, resp_r)
         wcfg = {
             "fd_in": req_r, "fd_out": resp_w, "scratch": str(self.scratch),
             "memory_mb": cfg.memory_mb, "cpu_s": cfg.cpu_s, "open_files": cfg.open_files,
