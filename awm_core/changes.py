@@ -34,33 +34,40 @@ def key_columns(conn: sqlite3.Connection, table: str) -> list[str]:
     return [name for _, name in pk]
 
 
-def _rows(conn: sqlite3.Connection, table: str) -> tuple[list[str], dict[tuple, Row]]:
-    """(key columns, {key: row}) for one table; a table without a declared key is keyed by its
-    rowid, named ``rowid`` in the key and left out of the row."""
+def _rows(conn: sqlite3.Connection, table: str) -> tuple[list[str], list[str], dict[tuple, tuple]]:
+    """(key columns, column names, {key: values}) for one table; a table without a declared key is
+    keyed by its rowid, named ``rowid`` in the key and left out of the row. Rows stay tuples: most
+    rows of two snapshots are equal, and only the ones that differ are made into dicts."""
     keys = key_columns(conn, table)
     if keys:
         cur = conn.execute(f'SELECT * FROM "{table}"')
         names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, values)) for values in cur]
-        return keys, {tuple(r[k] for k in keys): r for r in rows}
+        at = [names.index(k) for k in keys]
+        return keys, names, {tuple(values[i] for i in at): values for values in cur}
     cur = conn.execute(f'SELECT rowid, * FROM "{table}"')
     names = [d[0] for d in cur.description][1:]
-    return ["rowid"], {(values[0],): dict(zip(names, values[1:])) for values in cur}
+    return ["rowid"], names, {(values[0],): values[1:] for values in cur}
 
 
-def table_changes(initial_db: sqlite3.Connection, final_db: sqlite3.Connection, table: str) -> dict[str, list]:
+def table_changes(initial_db: sqlite3.Connection, final_db: sqlite3.Connection, table: str,
+                  tables: tuple[set[str], set[str]] | None = None) -> dict[str, list]:
     """``{"inserted": [row], "updated": [{"key", "old", "new", "columns"}], "deleted": [row]}``
-    for one table (a table missing on one side counts as empty there)."""
-    have_a, have_b = table in user_tables(initial_db), table in user_tables(final_db)
-    keys, before = _rows(initial_db, table) if have_a else ([], {})
-    keys_b, after = _rows(final_db, table) if have_b else ([], {})
+    for one table (a table missing on one side counts as empty there). ``tables``: the user
+    tables of each side, when the caller has them already."""
+    have_a, have_b = tables or (set(user_tables(initial_db)), set(user_tables(final_db)))
+    keys, names_a, before = _rows(initial_db, table) if table in have_a else ([], [], {})
+    keys_b, names_b, after = _rows(final_db, table) if table in have_b else ([], [], {})
     keys = keys or keys_b
-    inserted = [after[k] for k in after if k not in before]
-    deleted = [before[k] for k in before if k not in after]
+    same_columns = names_a == names_b
+    inserted = [dict(zip(names_b, after[k])) for k in after if k not in before]
+    deleted = [dict(zip(names_a, before[k])) for k in before if k not in after]
     updated = []
-    for k in before:
-        if k in after and before[k] != after[k]:
-            old, new = before[k], after[k]
+    for k, values in before.items():
+        other = after.get(k)
+        if other is None or (same_columns and values == other):
+            continue
+        old, new = dict(zip(names_a, values)), dict(zip(names_b, other))
+        if old != new:
             updated.append({"key": dict(zip(keys, k)), "old": old, "new": new,
                             "columns": [c for c in new if old.get(c) != new.get(c)]})
     return {"inserted": inserted, "updated": updated, "deleted": deleted}
@@ -69,9 +76,10 @@ def table_changes(initial_db: sqlite3.Connection, final_db: sqlite3.Connection, 
 def db_changes(initial_db: sqlite3.Connection, final_db: sqlite3.Connection) -> dict[str, dict[str, list]]:
     """Every table that differs between the two databases, with its inserted, updated and
     deleted rows (see the module docstring)."""
+    tables = (set(user_tables(initial_db)), set(user_tables(final_db)))
     out = {}
-    for table in sorted(set(user_tables(initial_db)) | set(user_tables(final_db))):
-        found = table_changes(initial_db, final_db, table)
+    for table in sorted(tables[0] | tables[1]):
+        found = table_changes(initial_db, final_db, table, tables)
         if any(found.values()):
             out[table] = found
     return out
