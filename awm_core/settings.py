@@ -157,6 +157,15 @@ class GenerationSettings(BaseModel):
         "threads", description="fan-out of scenarios: threads, or Dask (local worker processes, or dask_address)"
     )
     dask_address: Annotated[str | None, _url(("tcp", "tls", "inproc", "ucx"))] = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
+    check_processes: NonNegativeInt | None = Field(
+        None, description="processes that run the stages' sandbox checks beside the flow, each with its own "
+                          "sandbox worker (0: in the flow's process; None: two per CPU core, at most the concurrency)")
+
+    def check_process_count(self, concurrency: int | None = None) -> int:
+        """How many check processes a run of ``concurrency`` environments at once uses."""
+        if self.check_processes is not None:
+            return self.check_processes
+        return min(2 * (os.cpu_count() or 1), concurrency or self.concurrency)
 
 
 class SandboxSettings(BaseModel):

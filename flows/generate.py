@@ -166,7 +166,6 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
 
     from awm_core.llm import LLMClient
     from awm_core.llm.shared_budget import run_budget
-    from awm_core.runtime import SandboxPool
 
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
@@ -196,7 +195,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     budget = run_budget(settings, run_id)
     client = LLMClient.for_role(settings, "generator", budget=budget, ledger=run_dir / "llm_calls.jsonl", run_id=run_id)
     say = (lambda line: print(line, flush=True)) if config.progress else (lambda line: logger.info(line))
-    pool = SandboxPool(settings.sandbox)
+    pool = _check_pool(settings, config.concurrency)
     run_key = run_id
     G.register(run_key, G.RunResources(settings=settings, client=client, pool=pool, run_id=run_id, run_dir=run_dir,
                                        embed=_embedder(settings), progress=say))
@@ -328,6 +327,20 @@ def _build_failure(exc: BaseException) -> str:
                 "distributed.scheduler.allowed-failures (default 3) lets Dask retry it elsewhere; rerun to "
                 f"build it (its finished stages are reused from the cache). Dask: {exc}")
     return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _check_pool(settings: Settings, concurrency: int | None) -> Any:
+    """Where the stages' sandbox checks run: check processes beside this one (so the flow's
+    process keeps to orchestration and the LLM layer; each runs one check at a time, so one
+    sandbox worker each), or this process's own sandbox pool (``generation.check_processes = 0``,
+    and on Dask, whose worker processes are the fan-out)."""
+    from awm_core.runtime import SandboxPool
+    from awm_core.stages.check_processes import CheckProcesses
+
+    n = settings.generation.check_process_count(concurrency)
+    if n and settings.generation.task_runner == "threads":
+        return CheckProcesses(settings.sandbox.model_copy(update={"workers": 1}), n)
+    return SandboxPool(settings.sandbox)
 
 
 def _embedder(settings: Settings):

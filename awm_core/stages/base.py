@@ -324,6 +324,15 @@ def stage_name(module: Stage, ctx: StageContext) -> str:
     return f"{module.NAME}.{ctx.task_idx}" if module.PER_TASK else module.NAME
 
 
+def execute_checks(module: Stage, value: Any, ctx: StageContext, pool: Any) -> list:
+    """The stage's sandbox checks on ``pool``: a ``SandboxPool`` here, or ``CheckProcesses``
+    (``awm_core.stages.check_processes``), which runs them in another process."""
+    run_elsewhere = getattr(pool, "execute_stage", None)
+    if run_elsewhere is not None:
+        return run_elsewhere(module.NAME, value, ctx)
+    return module.execute(value, ctx, pool) or []
+
+
 def run_stage(module: Stage, client: Any, ctx: StageContext, *, attempt: int, previous_errors: list[str],
               pool: Any = None) -> StageResult:
     """One attempt: prompt, call, parse, execute. A rejected reply raises StageError with
@@ -337,9 +346,7 @@ def run_stage(module: Stage, client: Any, ctx: StageContext, *, attempt: int, pr
             raise StageError(name, ["the reply was cut off at the output-token limit; give a more compact answer "
                                     "(fewer words in descriptions, no comments), complete and well-formed"])
         value = module.parse(res.content, ctx)
-        checks = []
-        if pool is not None:
-            checks = module.execute(value, ctx, pool) or []
+        checks = execute_checks(module, value, ctx, pool) if pool is not None else []
     except StageError as exc:
         exc.stage = name
         exc.scenario_id = ctx.scenario_id

@@ -146,3 +146,35 @@ def test_report_from_stage_checks_matches_a_full_revalidation(ctx, pool):
     assert got.dropped_tasks[2] == ("checks never run: verifier_noop, verifier_solution, replay_determinism, "
                                     "verifier_mutation, verifier_equivalence")
     assert not report_from_checks(env, [], per_task, {}).passed  # no tool checks: never publishable
+
+
+def test_checks_in_check_processes_match_checks_here_and_survive_a_dead_process(ctx, pool):
+    """The stages' sandbox checks give the same results in a check process as in this one, a
+    rejected artifact comes back as the same StageError, and a check process that dies fails
+    only the check it was running (with a clear error) before a fresh one takes the next."""
+    import os
+    import signal
+
+    from awm_core.errors import AWMError
+    from awm_core.settings import SandboxSettings
+    from awm_core.stages import check_processes
+    from awm_core.stages.base import execute_checks
+
+    good = ctx.with_(verifiers=[verifier.parse(VERIFIER, ctx)])
+    here = execute_checks(solution, GOOD_SOLUTION, good, pool)
+    with check_processes.CheckProcesses(SandboxSettings(workers=1), processes=1) as checks:
+        there = execute_checks(solution, GOOD_SOLUTION, good, checks)
+        assert [(c.name, c.passed, c.detail) for c in there] == [(c.name, c.passed, c.detail) for c in here]
+        assert any(c.name == "verifier_mutation" for c in there)  # the soundness episodes ran there too
+        with pytest.raises(StageError) as exc:
+            execute_checks(verifier, verifier.parse(NOOP_PASSING, ctx), ctx, checks)
+        assert exc.value.stage == "verifier" and "\"complete\" for a no-op episode" in exc.value.errors[0]
+
+        pids = list(checks._pool()._processes)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        with pytest.raises(AWMError, match="a check process died while running the code stage's checks"):
+            execute_checks(code, ctx.code, ctx, checks)
+        assert [c.passed for c in execute_checks(code, ctx.code, ctx, checks)] == [True] * len(ctx.api_spec.tools)
+    with pytest.raises(AWMError, match="closed"):
+        execute_checks(code, ctx.code, ctx, checks)
