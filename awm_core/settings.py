@@ -157,6 +157,9 @@ class GenerationSettings(BaseModel):
         "threads", description="fan-out of scenarios: threads, or Dask (local worker processes, or dask_address)"
     )
     dask_address: Annotated[str | None, _url(("tcp", "tls", "inproc", "ucx"))] = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
+    dask_processes: Count | None = Field(
+        None, description="local Dask cluster: worker processes, the concurrency split across their threads "
+                          "(None: one single-threaded process per scenario built at once)")
     check_processes: NonNegativeInt | None = Field(
         None, description="processes that run the stages' sandbox checks beside the flow, each with its own "
                           "sandbox worker (0: in the flow's process; None: two per CPU core, at most the concurrency)")

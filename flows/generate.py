@@ -205,6 +205,8 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     status, message = "completed", ""
     timings: dict[str, float] = {}
     t_build = 0.0
+    asked = len(n) if isinstance(n, list) else max(0, int(n or 0))
+    chosen: list[Scenario] = []
     try:
         existing = existing_scenarios(settings) if config.skip_existing else []
         if isinstance(n, list):
@@ -262,6 +264,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     tokens = sum(r.prompt_tokens + r.completion_tokens for r in records)
     cost = sum(r.cost_usd for r in records)
     drop_reasons = {o.scenario_id: f"{o.status}: {o.reason}" for o in outcomes if o.status != "published"}
+    regenerated = len([s for s in chosen if s.id in (curation.plan.regenerate if curation else {})])
     drop_reasons.update({d["name"]: f"scenario stage: {d['reason']}" for d in scenario_info.get("dropped", [])})
     summary = {
         "run_id": run_id, "flow_run_id": flow_run_id, "status": status, "message": message,
@@ -277,6 +280,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         # Tasks published with a user scenario (playable as a conversation), and why an environment has none.
         "user_scenarios": {o.scenario_id: sum(1 for t in o.environment.tasks if t.user_scenario) for o in published},
         "notes": {o.scenario_id: o.notes for o in outcomes if o.notes},
+        "accounting": accounting(asked, regenerated, outcomes, scenario_info, message),
     }
     summary["timings"] = timings
     retired = curation.retired if curation else []
@@ -298,6 +302,24 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     if status == "budget_exceeded":
         logger.warning("run stopped: %s; %d validated environment(s) published", message, len(published))
     return summary
+
+
+def accounting(asked: int, regenerated: int, outcomes: list[G.EnvOutcome], scenario_info: dict[str, Any],
+               message: str = "") -> dict[str, Any]:
+    """Where every environment asked for went: published, dropped (with a reason each), skipped
+    (already in the catalog) or never made (the scenario stage found fewer new scenarios, or
+    failed); ``asked + regenerated`` is the sum of the four."""
+    published = sum(o.status == "published" for o in outcomes)
+    skipped = sum(d.get("reason") == "already in the catalog" for d in scenario_info.get("dropped", []))
+    made = len(outcomes) - regenerated
+    short = max(0, asked - skipped - made)
+    why = ""
+    if short:
+        why = (message or f"the scenario stage kept {made} new scenario(s) of {scenario_info.get('candidates', 0)} "
+                          f"candidate(s); {len(scenario_info.get('dropped', [])) - skipped} were duplicates, "
+                          "not stateful or over the category cap")
+    return {"asked": asked, "regenerated": regenerated, "published": published,
+            "dropped": len(outcomes) - published, "skipped": skipped, "not_made": short, "not_made_reason": why}
 
 
 def verifier_soundness(outcomes: list[G.EnvOutcome]) -> dict[str, dict[str, int]]:

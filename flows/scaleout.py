@@ -99,7 +99,8 @@ def run_resources_on_dask_workers(run_key: str, settings: Any, run_id: str, run_
 def task_runner_for(settings: Any, concurrency: int | None = None) -> Any:
     """The task runner ``generation.task_runner`` names, ``concurrency`` wide (default
     ``generation.concurrency``): threads, or Dask (``generation.dask_address``, else a local
-    cluster of that many worker processes with one thread each)."""
+    cluster of ``generation.dask_processes`` worker processes sharing that many threads; by
+    default one process with one thread per scenario)."""
     from awm_core.errors import SettingsError
 
     gen = settings.generation
@@ -115,7 +116,11 @@ def task_runner_for(settings: Any, concurrency: int | None = None) -> Any:
                             "(pip install prefect-dask, or the project's dev extra)") from None
     if gen.dask_address:
         return DaskTaskRunner(address=gen.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": width, "threads_per_worker": 1, "dashboard_address": None})
+    # A process per core with many threads each: a scenario mostly waits on the LLM, and every
+    # process holds a copy of the run's resources (a sandbox pool, the imported stages).
+    processes = min(gen.dask_processes or width, width)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": processes, "threads_per_worker": -(-width // processes),
+                                          "dashboard_address": None})
 
 
 # --------------------------------------------------------------------------- evaluation over a Dask cluster

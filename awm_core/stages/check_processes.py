@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -58,8 +59,12 @@ def _execute(stage: str, value: Any, ctx: Any) -> tuple[str, Any]:
 
 
 class CheckProcesses:
-    """A pool of ``processes`` check processes, each with a ``SandboxPool`` of ``sandbox`` settings.
-    Thread-safe: every environment's thread hands its stage checks to the same pool."""
+    """``processes`` check processes, each with a ``SandboxPool`` of ``sandbox`` settings.
+    Thread-safe: every environment's thread hands its stage checks to the same object.
+
+    An environment's checks always go to the same process (chosen by its scenario id): its
+    sandbox worker then holds the environment's code loaded and its seeded database built
+    from the first check on, instead of every process loading and building every environment."""
 
     def __init__(self, sandbox: Any, processes: int):
         if processes < 1:
@@ -67,31 +72,36 @@ class CheckProcesses:
         self.processes = processes
         self._sandbox_json = sandbox.model_dump_json()
         self._lock = threading.Lock()
-        self._executor: ProcessPoolExecutor | None = None
+        self._executors: list[ProcessPoolExecutor | None] = [None] * processes
         self._closed = False
 
-    def _pool(self) -> ProcessPoolExecutor:
+    def _pool(self, slot: int = 0) -> ProcessPoolExecutor:
         with self._lock:
             if self._closed:
                 raise AWMError("the check processes are closed")
-            if self._executor is None:
+            if self._executors[slot] is None:
                 # Spawned, not forked: the flow process runs threads (Prefect's event loop, the
                 # task runner) whose locks a fork would copy mid-use.
-                self._executor = ProcessPoolExecutor(
-                    self.processes, mp_context=multiprocessing.get_context("spawn"),
+                self._executors[slot] = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_process, initargs=(self._sandbox_json,))
-            return self._executor
+            return self._executors[slot]
+
+    def slot(self, scenario_id: str) -> int:
+        """The check process an environment's checks go to (stable across runs and processes)."""
+        return zlib.crc32(scenario_id.encode()) % self.processes
 
     def execute_stage(self, stage: str, value: Any, ctx: Any) -> list:
         """``STAGES[stage].execute(value, ctx, pool)`` in a check process; raises the ``StageError``
         it raised there."""
-        executor = self._pool()
+        slot = self.slot(ctx.scenario_id)
+        executor = self._pool(slot)
         try:
             kind, payload = executor.submit(_execute, stage, value, ctx).result()
         except BrokenProcessPool as exc:
-            with self._lock:  # the next check starts a fresh pool
-                if self._executor is executor:
-                    self._executor = None
+            with self._lock:  # the next check starts a fresh process
+                if self._executors[slot] is executor:
+                    self._executors[slot] = None
             executor.shutdown(wait=False, cancel_futures=True)
             raise AWMError(f"a check process died while running the {stage} stage's checks: {exc}") from None
         if kind == "stage_error":
@@ -104,9 +114,10 @@ class CheckProcesses:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executors, self._executors = self._executors, [None] * self.processes
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "CheckProcesses":
         return self

@@ -52,6 +52,11 @@ def print_summary(summary: dict) -> None:
     for env_id, tasks in curation.get("retire", {}).items():
         for idx, why in tasks.items():
             print(f"  retired task {env_id}/{idx}: {why}")
+    a = summary.get("accounting")
+    if a:
+        print(f"  accounted for: {a['asked']} asked" + (f" + {a['regenerated']} regenerated" if a["regenerated"] else "")
+              + f" = {a['published']} published + {a['dropped']} dropped + {a['skipped']} already in the catalog"
+              + f" + {a['not_made']} not made" + (f" ({a['not_made_reason']})" if a["not_made"] else ""))
     repairs = ", ".join(f"{k} {v}" for k, v in sorted(summary["repairs"].items())) or "none"
     print(f"  repairs per stage: {repairs}")
     print(f"  {summary['llm_calls']} LLM calls, {summary['tokens']:,} tokens, ${summary['cost_usd']:.4f}, "

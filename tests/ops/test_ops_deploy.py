@@ -248,6 +248,11 @@ def test_nightly_entrypoint_picks_the_task_runner_from_settings(awm_home, monkey
     runner = importlib.reload(nightly).generate.task_runner
     assert type(runner).__name__ == "DaskTaskRunner"
     assert runner.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "dashboard_address": None}
+    monkeypatch.setenv("AWM_GENERATION__DASK_PROCESSES", "2")  # 3 scenarios at once over 2 processes
+    get_settings.cache_clear()
+    runner = importlib.reload(nightly).generate.task_runner
+    assert runner.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 2, "dashboard_address": None}
+    monkeypatch.delenv("AWM_GENERATION__DASK_PROCESSES")
     monkeypatch.setenv("AWM_GENERATION__DASK_ADDRESS", "tcp://scheduler:8786")
     get_settings.cache_clear()
     assert importlib.reload(nightly).generate.task_runner.address == "tcp://scheduler:8786"

@@ -141,6 +141,8 @@ def test_flow_publishes_three_fully_validated_environments_with_repairs(resumed)
     assert envs["clinic_booking"].provenance.stages["verifier.3"].attempts == 2
     assert "no-op" in envs["clinic_booking"].provenance.stages["verifier.3"].errors[0]
     assert envs["team_expenses"].provenance.stages["solution.4"].attempts == 2
+    assert summary["accounting"]["asked"] == 3 and summary["accounting"]["published"] == 3
+    assert summary["accounting"]["not_made"] == 0
     scen_drops = {d["name"]: d["reason"] for d in summary["scenario_drops"]}
     assert scen_drops["Live Weather Feed"] == "not stateful" and "near-duplicate" in scen_drops["Recipe Keeper"]
     # The summary artifacts are on the server, for the UI.
@@ -168,6 +170,8 @@ def test_rerun_hits_the_cache_and_publishes_no_duplicates(resumed):
     # Without --include-existing the nightly run skips what the catalog already has.
     skipped = run_generate(scenarios=["recipe_box"], concurrency=1)
     assert skipped["published"] == [] and skipped["scenario_drops"][0]["reason"] == "already in the catalog"
+    assert skipped["accounting"] == {"asked": 1, "regenerated": 0, "published": 0, "dropped": 0, "skipped": 1,
+                                     "not_made": 0, "not_made_reason": ""}
 
 
 def test_budget_cap_stops_cleanly_and_publishes_what_was_validated(prefect_server, awm_home):
@@ -177,6 +181,8 @@ def test_budget_cap_stops_cleanly_and_publishes_what_was_validated(prefect_serve
     assert summary["status"] == "budget_exceeded" and "budget" in summary["message"]
     assert summary["published"] == ["clinic_booking"]
     assert summary["dropped"]["recipe_box"].startswith("LLM budget exhausted")
+    assert summary["accounting"] == {"asked": 2, "regenerated": 0, "published": 1, "dropped": 1, "skipped": 0,
+                                     "not_made": 0, "not_made_reason": ""}
     run = catalog_rows(f"SELECT status, envs_published FROM generation_runs WHERE run_id = '{summary['run_id']}'")
     assert run == [{"status": "budget_exceeded", "envs_published": 1}]
 

@@ -170,7 +170,7 @@ def test_checks_in_check_processes_match_checks_here_and_survive_a_dead_process(
             execute_checks(verifier, verifier.parse(NOOP_PASSING, ctx), ctx, checks)
         assert exc.value.stage == "verifier" and "\"complete\" for a no-op episode" in exc.value.errors[0]
 
-        pids = list(checks._pool()._processes)
+        pids = list(checks._pool(checks.slot(ctx.scenario_id))._processes)
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGKILL)
         with pytest.raises(AWMError, match="a check process died while running the code stage's checks"):
