@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import inspect
 import json
@@ -477,8 +478,16 @@ def _make_verifier_module(code: str, name: str, guard: sandbox.Guard) -> dict[st
     # defines these names itself, or never uses them, runs as before.
     ns.update(db_changes=db_changes, answer_numbers=answer_numbers, answer_dates=answer_dates,
               answer_times=answer_times)
-    exec(compile(code, f"<{name}>", "exec"), ns)
+    exec(_compiled_verifier(code), ns)
     return ns
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_verifier(code: str):
+    """Compiled once per verifier text: the mutation and equivalence checks run one verifier on
+    dozens of episodes, and compiling it was most of a verify request. Every run still gets a
+    fresh namespace, so nothing a verifier does to its module state carries over."""
+    return compile(code, "<verifier>", "exec")
 
 
 def _load_reply(env) -> dict[str, Any]:
