@@ -187,6 +187,7 @@ def one_run(n: int, concurrency: int, latency: float, workers: int, budget_usd: 
         dropped = summary["dropped"]
         return {"wall_s": wall, "ideal_s": ideal, "chain": per_env, "published": len(summary["published"]),
                 "dropped": len(dropped), "drop_reasons": dropped, "status": summary["status"],
+                "accounting": summary["accounting"],
                 "calls": summary["llm_calls"], "cost_usd": summary["cost_usd"], "flow_s": summary["seconds"],
                 "build_s": summary["timings"]["build_s"], "publish_s": summary["timings"]["publish_s"],
                 "cpu_self_s": cpu_self, "cpu_children_s": cpu_children,
@@ -222,6 +223,12 @@ def main() -> None:
     print(report(args, budget, runs))
 
 
+def accounted(a: dict) -> bool:
+    """The run summary's accounting adds up: every environment asked for is published, dropped
+    with a reason, skipped or said to be not made."""
+    return a["published"] + a["dropped"] + a["skipped"] + a["not_made"] == a["asked"] + a["regenerated"]
+
+
 def report(args: argparse.Namespace, budget: float, runs: list[dict]) -> str:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
@@ -235,6 +242,8 @@ def report(args: argparse.Namespace, budget: float, runs: list[dict]) -> str:
            f"| LLM calls in the run | {r0['calls']} |",
            f"| LLM budget of the run (raised to fit it) / spent | ${budget:.2f} / ${r0['cost_usd']:.2f} |",
            f"| environments published / dropped / asked for | {r0['published']} / {r0['dropped']} / {n} |",
+           "| every environment accounted for (published + dropped + skipped + not made = asked) | "
+           + ("yes" if accounted(r0["accounting"]) else f"**no**: {r0['accounting']}") + " |",
            f"| ideal: critical path of LLM latency, ceil(N/C) x chain x latency | {med('ideal_s'):.1f} s |",
            f"| generate flow, wall time (call to return) | {med('wall_s'):.1f} s |",
            f"| of which building the environments (fan-out until the last is validated) | {med('build_s'):.1f} s |",

@@ -162,13 +162,20 @@ def configured_stage_task(retries: int):
     return _CONFIGURED[retries]
 
 
+# cache_result_in_memory=False on the cached tasks below: Prefect keeps persisted result records
+# in one in-memory LRU cache (1,000 entries) that every task run's result store shares and that
+# has no lock. Past 1,000 stage runs, threads evicting from it at once make commits fail with a
+# KeyError (seen at 1,000 environments, concurrency 200). The caller gets a stage's value
+# directly either way; a rerun reads cached stages from the persisted files.
+
+
 def results_dir(settings: Any) -> Path:
     """Where cached stage results are persisted (``run_generate`` points Prefect there)."""
     return settings.home_dir / "prefect-results"
 
 
 @task(name="stage", task_run_name="{label}", retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition,
-      cache_policy=_cache_policy(), persist_result=True)
+      cache_policy=_cache_policy(), persist_result=True, cache_result_in_memory=False)
 def run_stage_task(label: str, stage: str, ctx_json: str, prompt_version: str, model: str, run_key: str,
                    extra_errors: list[str], attempt_offset: int) -> StageOutput:
     """One attempt of one stage; Prefect's retries make the repair loop.
@@ -209,7 +216,7 @@ def call_stage(settings: Any, run_key: str, stage: str, ctx: StageContext, *, ex
 
 
 @task(name="select-scenarios", retries=5, retry_delay_seconds=0, retry_condition_fn=_retry_condition,
-      cache_policy=_cache_policy(), persist_result=True)
+      cache_policy=_cache_policy(), persist_result=True, cache_result_in_memory=False)
 def select_scenarios_task(seed_list: str | None, n: int, existing: list[Scenario], threshold: float,
                           category_cap: int, model: str, prompt_version: str, run_key: str) -> dict[str, Any]:
     """Expand the seed list with the model, keep stateful, deduplicated, balanced scenarios."""
