@@ -250,7 +250,7 @@ def report(args: argparse.Namespace, budget: float, runs: list[dict]) -> str:
            f"| of which publishing (catalog snapshot with every LLM call) | {med('publish_s'):.1f} s |",
            f"| orchestration + validation overhead | {overhead * 100:+.1f} % |",
            f"| CPU of the flow process per environment | {med('cpu_self_s') / n:.2f} s |",
-           f"| CPU of child processes (sandbox workers, Dask workers) per environment | {med('cpu_children_s') / n:.2f} s |",
+           f"| CPU of child processes (check processes, sandbox workers, Dask workers) per environment | {med('cpu_children_s') / n:.2f} s |",
            f"| CPU of Prefect's server per environment | {med('cpu_server_s') / n:.2f} s |",
            f"| Prefect API requests / events per environment (flow process) | "
            f"{med('api_requests') / n:.1f} / {med('events') / n:.1f} |",
