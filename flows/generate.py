@@ -25,7 +25,7 @@ from awm_core.errors import AWMError
 from awm_core.models import Scenario, slugify
 from awm_core.report import data_uri, markdown_table, stacked_bars_png
 from awm_core.settings import Settings, get_settings
-from awm_core.stages import PROMPT_VERSION, scenario as scenario_stage
+from awm_core.stages import scenario as scenario_stage
 from flows.artifacts import Report, publish_report
 from flows.curate import read_plan
 from flows.events import GENERATE_PUBLISHED, emit_snapshot_event

@@ -37,7 +37,7 @@ from awm_core.models import (
     Verifier,
 )
 from awm_core.stages import (
-    ENV_STAGES, PROMPT_VERSION, STAGES, TASK_STAGES, StageContext, scenario as scenario_stage, user_scenarios,
+    ENV_STAGES, PROMPT_VERSION, STAGES, StageContext, scenario as scenario_stage, user_scenarios,
 )
 from awm_core.stages.base import stage_name, summarise_errors
 from awm_core.stages.verifier import soundness_errors

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from awm_core.errors import StageError
-from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
+from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall
 from awm_core.runtime import EXAMPLE_RULE
 from awm_core.stages import code, solution, spec, verifier
 from awm_core.stages.base import StageContext
