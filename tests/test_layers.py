@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from awm_core.interop.wheels import imported_module
+
 REPO = Path(__file__).resolve().parents[1]
 
 # package -> (top-level packages it must never import, the awm_core modules it may import; None = any)
@@ -27,11 +29,7 @@ def imports_of(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            name = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                name = f"{base}.{name}" if name else base
+            name = imported_module(node, package)
             found.append((node.lineno, name))
             found += [(node.lineno, f"{name}.{a.name}") for a in node.names if name == "awm_core"]
     return found

@@ -26,7 +26,7 @@ from typing import Any
 
 from awm_core.agent.users import user_system_prompt
 from awm_core.errors import Tau2Error
-from awm_core.interop.wheels import PackageFiles, open_package
+from awm_core.interop.wheels import PackageFiles, imported_module, open_package
 from awm_core.models import (
     ApiSpec,
     EnvCode,
@@ -170,11 +170,7 @@ class _Modules:
         found: list[str] = []
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom):
-                name = node.module or ""
-                if node.level:
-                    parts = base.split(".")
-                    anchor = ".".join(parts[:len(parts) - node.level + 1])
-                    name = f"{anchor}.{name}" if name else anchor
+                name = imported_module(node, base)
                 if not (name == PACKAGE or name.startswith(PACKAGE + ".")):
                     continue
                 found.append(name)

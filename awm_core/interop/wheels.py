@@ -5,6 +5,7 @@ only in sandbox workers, carried there in an environment's bundle.
 """
 from __future__ import annotations
 
+import ast
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ class PackageFiles:
 
     def json_lines(self, path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.read_text(path).splitlines() if line.strip()]
+
+
+def imported_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute name of the module a ``from ... import`` statement in ``package`` reads from
+    (``from ..db import x`` in ``tau2.domains.airline`` is ``tau2.domains.db``)."""
+    name = node.module or ""
+    if not node.level:
+        return name
+    parts = package.split(".")
+    anchor = ".".join(parts[:len(parts) - node.level + 1])
+    return f"{anchor}.{name}" if name else anchor
 
 
 def folder_files(root: Path, version: str, error: type[AWMError], package: str) -> PackageFiles:

@@ -48,9 +48,9 @@ def widen(*fds: int, size: int = 256 << 10) -> None:
     against a per-user limit (64 MiB by default) that many pools' workers share. Best effort: a
     pipe keeps its default capacity where it cannot grow."""
     op = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl else None
+    if op is None:
+        return
     for fd in fds:
-        if op is None:
-            return
         try:
             fcntl.fcntl(fd, op, size)
         except OSError:

@@ -75,7 +75,7 @@ class CheckProcesses:
         self._executors: list[ProcessPoolExecutor | None] = [None] * processes
         self._closed = False
 
-    def _pool(self, slot: int = 0) -> ProcessPoolExecutor:
+    def _pool(self, slot: int) -> ProcessPoolExecutor:
         with self._lock:
             if self._closed:
                 raise AWMError("the check processes are closed")
