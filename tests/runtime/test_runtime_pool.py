@@ -305,6 +305,27 @@ def test_sessions_dropped_without_close_are_freed(pool, notes):
     assert live_sessions() == before
 
 
+def test_many_closed_sessions_give_their_memory_back_and_the_worker_serves_on(pool, notes):
+    """After 64 closes the worker runs a collection and malloc_trim (its own step, which the
+    sandbox refuses to environment code): it must neither trip the sandbox nor restart."""
+    from awm_core.runtime.worker import TRIM_AFTER_CLOSES
+
+    def ping() -> dict:
+        return notes.worker.request({"op": "ping"})[0]
+
+    before, restarts = ping(), notes.worker.restarts
+    opened = [notes.open_session() for _ in range(TRIM_AFTER_CLOSES + 6)]
+    for s in opened:
+        assert s.call("create_note", {"title": "x"}).ok
+        s.close_later()
+    assert pool.release_closed() >= 1
+    after = ping()
+    assert after["trims"] > before["trims"] and after["sessions"] == before["sessions"]
+    assert notes.worker.restarts == restarts
+    with notes.open_session() as s:
+        assert s.call("list_notes", {}).ok
+
+
 def test_unload_frees_the_environment_and_load_brings_it_back(pool):
     env = notes_environment(env_id="unload_me")
     handle = pool.load(env)
