@@ -7,7 +7,7 @@ them without importing the code that raises them. Boundaries: settings and docum
 ``ToolError``), the catalog (``CatalogError``), the quality gate (``GateFailed``,
 ``GateRefused``), an LLM reply that is not the requested document (``StructuredOutputError``), training
 (``EngineError``, ``EpisodeCancelled``, ``ResumeError``), the local Prefect server and deployments
-(``ServerError``, ``DeployError``) and an imported benchmark's package (``BfclError``, ``Tau2Error``). Every one is an ``AWMError``: the command line prints it as one line.
+(``ServerError``, ``DeployError``), a served environment session (``SessionError``) and an imported benchmark's package (``BfclError``, ``Tau2Error``). Every one is an ``AWMError``: the command line prints it as one line.
 """
 from __future__ import annotations
 
@@ -180,3 +180,15 @@ class ServerError(AWMError):
 
 class BfclError(AWMError):
     """The bfcl-eval package cannot be found or read."""
+
+
+class SessionError(AWMError):
+    """A served environment session cannot be used: expired, unknown, or past a limit.
+
+    ``code`` is the JSON-RPC error code the MCP server answers with and ``data`` the numbers
+    behind it, so a client can tell "start a new episode" from "back off"."""
+
+    def __init__(self, code: int, message: str, data: dict | None = None):
+        self.code = code
+        self.data = data or {}
+        super().__init__(message)

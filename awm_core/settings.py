@@ -252,12 +252,27 @@ class CatalogSettings(BaseModel):
 
 
 class ServerSettings(BaseModel):
+    """The local Prefect server (host, port, work pool, schedules) and how ``awm env serve``
+    serves environments over HTTP (token, session limits)."""
+
     host: str = Field("127.0.0.1", min_length=1)
     port: Port = 4200
     work_pool: str = Field("awm-local", min_length=1)
     nightly_cron: Annotated[str, AfterValidator(_cron)] = "0 2 * * *"
     timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
     train_after_gate: bool = Field(False, description="automation: start `train` when a gate run passes")
+    token: SecretStr | None = Field(
+        None, description="`awm env serve` over HTTP: a bearer token every request must show (more with "
+                          "--token-file); needed to bind an address other than loopback")
+    session_idle_s: Seconds = Field(
+        900, description="`awm env serve`: an environment session idle this long is closed (its database freed) "
+                         "and later calls naming it get 'session expired'")
+    max_sessions: Count = Field(1024, description="`awm env serve`: live environment sessions at most, per server; "
+                                                  "past it a new one is refused, live ones are never evicted")
+    max_sessions_per_token: Count | None = Field(
+        None, description="`awm env serve`: live environment sessions at most per token (None: max_sessions)")
+    max_request_bytes: Count = Field(4 * 2**20, description="`awm env serve`: larger request bodies are refused "
+                                                            "(413) before parsing")
 
 
 class Settings(BaseSettings):

@@ -1,14 +1,20 @@
 """Serve environments over MCP (official SDK, low-level ``Server`` with exact schemas).
 
 One process, one ``SandboxPool``, many isolated sessions. Each MCP client gets its own
-environment session (its own database):
+environment session (its own database; ``awm_core.runtime.access`` keeps them):
 
 - handshake-era clients (protocol up to 2025-11-25, which the official AWM agent and every
   mcp 1.x client speak): one environment session per MCP connection (per ``Mcp-Session-Id``
-  over HTTP), closed when the connection goes away;
-- 2026-07-28 clients, whose requests carry no session: the session named by
-  ``_meta["awm/session"]`` or the ``X-AWM-Session`` HTTP header; requests that name none
-  share one default session (right for stdio, where the process has one client).
+  over HTTP, which the SDK binds to the token that opened it), closed when the connection
+  goes away or idles past the expiry;
+- 2026-07-28 clients, whose requests carry no session, and handshake-era clients served
+  statelessly: over HTTP, the first tool call that names no session is issued one (its id in
+  the reply's ``_meta["awm/session"]`` and ``X-AWM-Session`` header), which later calls name
+  the same way; a client may instead choose a name, scoped to its token. Over stdio (one client
+  per process) calls that name none share one default session.
+
+Sessions are bounded (per server and per token) and expire when idle; a call naming an expired
+or unknown session is a JSON-RPC error, never a fresh database.
 
 Over HTTP (``http_app``) the transport is chosen per request:
 
@@ -20,8 +26,8 @@ Over HTTP (``http_app``) the transport is chosen per request:
   the modern entry runs to check ``Mcp-Param`` headers); anything unusual goes to the SDK;
 - handshake-era ``initialize`` gets an MCP session (stateful, JSON responses) unless the
   client names its environment session with ``X-AWM-Session`` or the server runs with
-  ``stateless=True``: then it is answered statelessly (no session id) and the client's later
-  requests take the stateless path;
+  ``stateless=True``: then it is answered statelessly (no MCP session id) and the client's
+  later requests take the stateless path;
 - requests with an ``Mcp-Session-Id`` go to the SDK's session manager as before.
 
 Calls reach the pool through ``Session.acall`` (the reply is awaited on the event loop, no
@@ -35,25 +41,22 @@ several environments are served, their tools are named ``<env_id>.<tool>``.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import threading
-import weakref
-from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import anyio
 import mcp_types as types
 from mcp.server import Server
+from mcp.shared.exceptions import MCPError
 
+from awm_core.errors import SessionError
 from awm_core.models import Environment
-from awm_core.runtime.pool import EnvHandle, SandboxPool, Session
+from awm_core.runtime.access import SESSION_HEADER, SESSION_META_KEY, ClientSessions, ClientState, Tokens, owner_of
+from awm_core.runtime.pool import EnvHandle, SandboxPool
 from awm_core.runtime.types import ToolResult
 
 OFFICIAL_PREFIX = "mcp_tool_"
-SESSION_META_KEY = "awm/session"
-SESSION_HEADER = "x-awm-session"
 META_TOOLS = {
     "list_tools": types.Tool(
         name="list_tools",
@@ -74,60 +77,18 @@ META_TOOLS = {
 logger = logging.getLogger(__name__)
 
 
-class _ClientState:
-    """The environment sessions of one MCP client (one per environment, opened lazily)."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, Session] = {}
-        self.lock = threading.Lock()
-        self._opening: dict[str, asyncio.Future] = {}
-
-    def session(self, handle: EnvHandle) -> Session:
-        with self.lock:
-            s = self.sessions.get(handle.id)
-            if s is None:
-                s = self.sessions[handle.id] = handle.open_session()
-            return s
-
-    async def asession(self, handle: EnvHandle) -> Session:
-        s = self.sessions.get(handle.id)
-        if s is not None:
-            return s
-        pending = self._opening.get(handle.id)
-        if pending is not None:  # a concurrent call of this client is opening it
-            return await asyncio.shield(pending)
-        fut = self._opening[handle.id] = asyncio.get_running_loop().create_future()
-        try:
-            s = await handle.aopen_session()
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                fut.cancel()
-            else:
-                fut.set_exception(exc)
-                fut.exception()  # marked retrieved: the waiters, if any, get it too
-            raise
-        finally:
-            self._opening.pop(handle.id, None)
-        with self.lock:
-            old = self.sessions.get(handle.id)
-            if old is not None:  # opened from a thread meanwhile
-                s.close_later()
-                s = old
-            else:
-                self.sessions[handle.id] = s
-        fut.set_result(s)
-        return s
-
-    def close(self) -> None:
-        # Called from finalizers too, so never wait on a worker here.
-        for s in list(self.sessions.values()):
-            s.close_later()
-        self.sessions.clear()
+class CallReply(NamedTuple):
+    text: str
+    is_error: bool
+    issued: str | None = None  # the session id the server issued for this call, if it did
 
 
 class EnvMCPServer:
-    def __init__(self, pool: SandboxPool, environments: list[Environment], *, max_keyed_sessions: int = 1024,
-                 name: str = "awm-env"):
+    """The MCP server of a set of environments. ``sessions`` bounds and expires the clients'
+    environment sessions (default: at most 1,024 live, none expiring)."""
+
+    def __init__(self, pool: SandboxPool, environments: list[Environment], *,
+                 sessions: ClientSessions | None = None, name: str = "awm-env"):
         if not environments:
             raise ValueError("no environments to serve")
         self.pool = pool
@@ -150,10 +111,7 @@ class EnvMCPServer:
             for t in self._tool_list])
         self._schemas = {t.name: t.input_schema for t in META_TOOLS.values()}
         self._schemas.update({t["name"]: t["input_schema"] for t in self._tool_list})
-        self._by_connection: "weakref.WeakKeyDictionary[Any, _ClientState]" = weakref.WeakKeyDictionary()
-        self._keyed: OrderedDict[str, _ClientState] = OrderedDict()
-        self._max_keyed = max_keyed_sessions
-        self._lock = threading.Lock()
+        self.sessions = sessions or ClientSessions()
         self.server = Server(name, on_list_tools=self._on_list_tools, on_call_tool=self._on_call_tool,
                              get_tool_input_schema=self._schemas.get)
         # The SDK's default middleware is one OpenTelemetry span per message, a no-op until an
@@ -161,44 +119,38 @@ class EnvMCPServer:
         self.server.middleware = []
 
     # ------------------------------------------------------------------ sessions
-    def _client_state(self, ctx: Any) -> _ClientState:
+    def _client_state(self, ctx: Any) -> tuple[ClientState, str | None]:
         key = None
         meta = ctx.meta or {}
         if isinstance(meta, dict):
             key = meta.get(SESSION_META_KEY)
         request = getattr(ctx, "request", None)
-        if key is None and request is not None and hasattr(request, "headers"):
-            key = request.headers.get(SESSION_HEADER)
+        headers = getattr(request, "headers", None)
+        if key is None and headers is not None:
+            key = headers.get(SESSION_HEADER)
         conn = getattr(ctx.session, "_connection", None)
-        handshake_era = conn is not None and getattr(conn, "protocol_version", "") < "2026"
-        return self.client_state(key, conn if handshake_era else None)
+        # A handshake-era MCP session: over HTTP one the SDK issued (``Mcp-Session-Id``); in
+        # process, the connection itself.
+        per_connection = conn is not None and getattr(conn, "protocol_version", "") < "2026" and (
+            headers is None or headers.get("mcp-session-id") is not None)
+        user = request.scope.get("user") if request is not None and hasattr(request, "scope") else None
+        return self.client_state(key, conn if per_connection else None, owner=owner_of(user),
+                                 issue=headers is not None)
 
-    def client_state(self, key: Any, connection: Any = None) -> _ClientState:
-        """The client's environment sessions: by ``connection`` (an MCP connection of the
-        handshake era) when no ``key`` names them, else by ``key`` (``"default"`` if none)."""
-        with self._lock:
-            if key is None and connection is not None:
-                state = self._by_connection.get(connection)
-                if state is None:
-                    state = self._by_connection[connection] = _ClientState()
-                    weakref.finalize(connection, state.close)
-                return state
-            key = str(key or "default")
-            state = self._keyed.get(key)
-            if state is None:
-                state = self._keyed[key] = _ClientState()
-                while len(self._keyed) > self._max_keyed:
-                    _, old = self._keyed.popitem(last=False)
-                    old.close()
-            self._keyed.move_to_end(key)
-            return state
+    def client_state(self, key: Any, connection: Any = None, *, owner: str | None = None,
+                     issue: bool = False) -> tuple[ClientState, str | None]:
+        """The client's environment sessions and, when the server just issued them, their id:
+        by ``connection`` (a handshake-era MCP connection) when no ``key`` names them; else by
+        ``key`` within ``owner``'s sessions; with neither, a new issued session (``issue``, over
+        HTTP) or the one ``"default"`` session (stdio, where the process has one client)."""
+        if key is None and connection is not None:
+            return self.sessions.of_connection(owner, connection), None
+        if key is None and issue:
+            return self.sessions.issue(owner)[::-1]
+        return self.sessions.named(owner, str(key or "default")), None
 
     def close(self) -> None:
-        with self._lock:
-            states = list(self._keyed.values()) + list(self._by_connection.values())
-            self._keyed.clear()
-        for s in states:
-            s.close()
+        self.sessions.close()
 
     # ------------------------------------------------------------------ handlers
     def tool_list(self) -> list[dict[str, Any]]:
@@ -208,15 +160,23 @@ class EnvMCPServer:
         return self._list_result
 
     async def _on_call_tool(self, ctx, params) -> types.CallToolResult:
-        text, is_error = await self.call(params.name, params.arguments, lambda: self._client_state(ctx))
-        return _text_result(text, is_error)
+        try:
+            reply = await self.call(params.name, params.arguments, lambda: self._client_state(ctx))
+        except SessionError as exc:
+            raise MCPError(exc.code, str(exc), exc.data) from None
+        result = _text_result(reply.text, reply.is_error)
+        if reply.issued is not None:
+            result.meta = {SESSION_META_KEY: reply.issued}
+        return result
 
-    async def call(self, name: Any, args: Any, state_of) -> tuple[str, bool]:
-        """One ``tools/call``: (text for the client, is_error). ``state_of()`` gives the
-        client's sessions (asked only when a tool runs)."""
+    async def call(self, name: Any, args: Any,
+                   state_of: Callable[[], tuple[ClientState, str | None]]) -> CallReply:
+        """One ``tools/call``. ``state_of()`` gives the client's sessions and the id the server
+        issued them, if it just did (asked only when a tool runs). Raises ``SessionError`` for
+        an expired or unknown session and at a session limit."""
         args = args or {}
         if name == "list_tools":
-            return self._tool_list_text, False
+            return CallReply(self._tool_list_text, False)
         if name == "call_tool":
             name = args.get("tool_name") if isinstance(args, dict) else None
             inner = args.get("arguments", {}) if isinstance(args, dict) else {}
@@ -234,25 +194,25 @@ class EnvMCPServer:
             return _failure_text(ToolResult.failure(
                 "unknown_tool", f"unknown tool {str(name)[:200]!r}; list_tools gives the available tools"))
         handle, tool = route
-        session = await state_of().asession(handle)
-        result = await session.acall(tool, args, as_text=True)
+        state, issued = state_of()
+        self.sessions.begin(state)
+        try:
+            session = await state.asession(handle)
+            result = await session.acall(tool, args, as_text=True)
+        finally:
+            self.sessions.end(state)
         if result.ok:
-            return result.content if isinstance(result.content, str) else json.dumps(result.content), False
-        return _failure_text(result)
+            text = result.content if isinstance(result.content, str) else json.dumps(result.content)
+            return CallReply(text, False, issued)
+        return _failure_text(result)._replace(issued=issued)
 
 
-def _failure_text(r: ToolResult) -> tuple[str, bool]:
-    return f"Error ({r.error_kind}): {r.error}", True
+def _failure_text(r: ToolResult) -> CallReply:
+    return CallReply(f"Error ({r.error_kind}): {r.error}", True)
 
 
 def _text_result(text: str, is_error: bool) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=is_error)
-
-
-def _result(r: ToolResult) -> types.CallToolResult:
-    if r.ok:
-        return _text_result(r.content if isinstance(r.content, str) else json.dumps(r.content, default=str), False)
-    return _text_result(*_failure_text(r))
 
 
 def serve_stdio(server: EnvMCPServer) -> None:
@@ -265,18 +225,23 @@ def serve_stdio(server: EnvMCPServer) -> None:
     anyio.run(main)
 
 
-def http_app(server: EnvMCPServer, host: str = "127.0.0.1", *, stateless: bool = False):
+def http_app(server: EnvMCPServer, host: str = "127.0.0.1", *, stateless: bool = False,
+             tokens: Tokens | None = None, max_body: int | None = None):
     """The Starlette app serving MCP streamable HTTP at ``/mcp`` (see the module docstring).
 
-    ``stateless``: handshake-era clients get no MCP session either; without ``X-AWM-Session``
-    they then share the default environment session (right for one client at a time)."""
+    ``stateless``: handshake-era clients get no MCP session either; like 2026-07-28 clients they
+    name their environment session or are issued one. ``tokens``: the bearer tokens every request
+    must show (required on a host other than loopback). ``max_body``: the largest request body,
+    in bytes, refused before parsing past it (default: the SDK's, 4 MiB)."""
     from awm_core.runtime.mcp_http import McpHttpEndpoint
 
-    return McpHttpEndpoint(server, host=host, stateless=stateless).app()
+    limit = {} if max_body is None else {"max_body": max_body}
+    return McpHttpEndpoint(server, host=host, stateless=stateless, tokens=tokens, **limit).app()
 
 
-def serve_http(server: EnvMCPServer, host: str = "127.0.0.1", port: int = 8000, *, stateless: bool = False) -> None:
+def serve_http(server: EnvMCPServer, host: str = "127.0.0.1", port: int = 8000, *, stateless: bool = False,
+               tokens: Tokens | None = None, max_body: int | None = None) -> None:
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(http_app(server, host, stateless=stateless), host=host, port=port,
-                                  log_level="warning")).run()
+    app = http_app(server, host, stateless=stateless, tokens=tokens, max_body=max_body)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()

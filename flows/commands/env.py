@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from flows.commands import group, non_negative, port
+from flows.commands import count, group, non_negative, port, seconds
 
 
 def register(sub) -> None:
@@ -45,7 +45,10 @@ def register(sub) -> None:
     p = actions.add_parser("serve", help="serve environments over MCP (stdio or streamable HTTP)",
                            description="One process, one sandbox pool, one environment session per MCP "
                                        "client. Tools: the environment's own plus list_tools and call_tool; "
-                                       "with several environments tool names are '<env_id>.<tool>'.")
+                                       "with several environments tool names are '<env_id>.<tool>'. Over HTTP "
+                                       "every request shows a bearer token when the server has one (required "
+                                       "on an address other than loopback); sessions are bounded and expire "
+                                       "when idle (settings server.max_sessions, server.session_idle_s).")
     target(p, many=True)
     p.add_argument("--transport", choices=("stdio", "http"), default="stdio")
     p.add_argument("--host", default="127.0.0.1")
@@ -53,7 +56,14 @@ def register(sub) -> None:
     p.add_argument("--stateless", action="store_true",
                    help="HTTP: give no MCP session to handshake-era clients either (every tool call one JSON "
                         "exchange); clients then name their environment session with the X-AWM-Session header "
-                        "or _meta['awm/session'], and those that name none share one")
+                        "or _meta['awm/session'], or are issued one on their first call")
+    p.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="HTTP: bearer tokens the server accepts, one per line (with server.token, if set); "
+                        "sessions are scoped to the token that opened them")
+    p.add_argument("--max-sessions", type=count, metavar="N",
+                   help="HTTP: live environment sessions at most (default: server.max_sessions)")
+    p.add_argument("--session-idle-s", type=seconds, metavar="S",
+                   help="HTTP: close an environment session idle this long (default: server.session_idle_s)")
     p.set_defaults(func=cmd_serve)
 
     p = actions.add_parser("export", help="write an environment's bundle JSON from the catalog",
@@ -143,19 +153,37 @@ def cmd_check(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from awm_core.errors import InputError
+    from awm_core.runtime.access import ClientSessions, Tokens, check_bind
     from awm_core.runtime.mcp_server import EnvMCPServer, serve_http, serve_stdio
+    from awm_core.settings import load_settings
 
+    conf = load_settings().server
+    http = args.transport == "http"
+    if args.token_file is not None and not http:
+        raise InputError("--token-file applies to --transport http (a stdio server has one client: its parent)")
+    tokens = Tokens.from_sources(conf.token.get_secret_value() if conf.token else None,
+                                 args.token_file) if http else None
+    if http:
+        check_bind(args.host, tokens)
+    # Over stdio the one client is the parent process: its session lives as long as the server.
+    sessions = ClientSessions(idle_s=(args.session_idle_s or conf.session_idle_s) if http else None,
+                              max_sessions=args.max_sessions or conf.max_sessions,
+                              max_per_owner=conf.max_sessions_per_token)
     envs = [resolve_environment(ref, args.snapshot) for ref in args.env]
     with _pool() as pool:
-        server = EnvMCPServer(pool, envs)
+        server = EnvMCPServer(pool, envs, sessions=sessions)
         try:
-            if args.transport == "stdio":
+            if not http:
                 print(f"serving {', '.join(e.id for e in envs)} over MCP stdio", file=sys.stderr, flush=True)
                 serve_stdio(server)
             else:
-                print(f"serving {', '.join(e.id for e in envs)} at http://{args.host}:{args.port}/mcp; Ctrl-C to stop",
-                      file=sys.stderr, flush=True)
-                serve_http(server, args.host, args.port, stateless=args.stateless)
+                auth = f"{len(tokens)} bearer token(s)" if tokens else "no token (loopback only)"
+                print(f"serving {', '.join(e.id for e in envs)} at http://{args.host}:{args.port}/mcp; {auth}; "
+                      f"at most {sessions.max_sessions} sessions, closed after {sessions.idle_s:g} s idle; "
+                      "Ctrl-C to stop", file=sys.stderr, flush=True)
+                serve_http(server, args.host, args.port, stateless=args.stateless, tokens=tokens,
+                           max_body=conf.max_request_bytes)
         finally:
             server.close()
     return 0

@@ -195,3 +195,30 @@ def awm1k_verifier_environment(samples: Path) -> tuple[Environment, list[dict], 
         verifiers=verifiers,
     )
     return env, code_v, sql_v
+
+
+def serve_app(app, main) -> None:
+    """An ASGI app under uvicorn on a socket bound here (no free-port race); ``main(url)`` (a
+    coroutine function) runs against its ``/mcp``, then the server stops."""
+    import socket
+    import threading
+    import time
+
+    import anyio
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        anyio.run(main, f"http://127.0.0.1:{sock.getsockname()[1]}/mcp")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+    assert not thread.is_alive()

@@ -100,3 +100,73 @@ def test_serve_over_stdio_with_the_sdk_client(bundle):
             r = await c.call_tool("call_tool", {"tool_name": "list_notes", "arguments": {}})
             assert "over stdio" in r.content[0].text
     anyio.run(run)
+
+
+@pytest.mark.parametrize("argv, env, fragment", [
+    (["--transport", "http", "--host", "0.0.0.0"], {}, "without a token"),
+    (["--transport", "http", "--token-file", "MISSING"], {}, "does not exist"),
+    (["--token-file", "MISSING"], {}, "applies to --transport http"),
+    (["--transport", "http"], {"AWM_SERVER__MAX_SESSIONS": "-1"}, "server.max_sessions"),
+    (["--transport", "http"], {"AWM_SERVER__TOKEN": "short"}, "at least 16 characters"),
+])
+def test_serve_refuses_bad_start_up_input_with_one_error_line(bundle, tmp_path, capsys, monkeypatch, argv, env,
+                                                               fragment):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = [str(tmp_path / "none") if a == "MISSING" else a for a in argv]
+    assert main(["env", "serve", str(bundle), *argv]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+
+
+def test_server_token_is_masked_in_config_show(awm_home, monkeypatch, capsys):
+    monkeypatch.setenv("AWM_SERVER__TOKEN", "a-served-token-nobody-may-see")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "a-served-token-nobody-may-see" not in out and json.loads(out)["server"]["token"] == "***"
+
+
+def test_serve_over_http_with_a_token_file(bundle, tmp_path):
+    """``awm env serve --transport http --token-file``, as a user starts it: a request without the
+    token gets 401; the SDK client with it is issued a session and keeps its database."""
+    import subprocess
+    import time
+
+    import httpx
+
+    from flows.server import free_port
+
+    token = "served-over-http-" + "x" * 16
+    (tmp_path / "tokens").write_text(f"# the trainer's\n{token}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "env", "serve", str(bundle), "--transport", "http",
+                             "--port", str(port), "--token-file", str(tmp_path / "tokens"), "--max-sessions", "4"],
+                            cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                refused = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}},
+                                     headers={"accept": "application/json, text/event-stream"})
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.2)
+        assert refused.status_code == 401 and refused.json()["error"]["message"]
+
+        async def run():
+            from mcp.client.streamable_http import streamable_http_client
+
+            auth = httpx.AsyncClient(headers={"authorization": f"Bearer {token}"})
+            async with mcp.Client(streamable_http_client(url, http_client=auth)) as c:
+                r = await c.call_tool("create_note", {"title": "over http"})
+                sid = r.meta["awm/session"]
+                r = await c.call_tool("list_notes", {}, meta={"awm/session": sid})
+                assert "over http" in r.content[0].text
+        anyio.run(run)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "1 bearer token(s)" in err and "at most 4 sessions" in err, err

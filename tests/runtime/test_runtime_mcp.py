@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import anyio
@@ -13,7 +10,7 @@ import mcp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime_envs import awm1k_environment, notes_environment  # noqa: E402
+from runtime_envs import awm1k_environment, notes_environment, serve_app  # noqa: E402
 
 from awm_core.runtime import SandboxPool  # noqa: E402
 from awm_core.runtime.mcp_server import EnvMCPServer, http_app  # noqa: E402
@@ -89,28 +86,13 @@ def test_several_environments_are_prefixed(pool, awm1k_samples):
 
 
 def _serve_http(pool, samples, main, app=None) -> None:
-    """content_platform_1 behind ``awm env serve``'s HTTP app under uvicorn, on a socket bound
-    here (no free-port race); ``main(url)`` runs against it, then the server stops. ``app``:
-    a function of the EnvMCPServer giving the ASGI app (default ``http_app``)."""
-    import uvicorn
-
+    """content_platform_1 behind ``awm env serve``'s HTTP app; ``main(url)`` runs against it.
+    ``app``: a function of the EnvMCPServer giving the ASGI app (default ``http_app``)."""
     srv = EnvMCPServer(pool, [awm1k_environment(samples)])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config((app or http_app)(srv), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     try:
-        anyio.run(main, f"http://127.0.0.1:{sock.getsockname()[1]}/mcp")
+        serve_app((app or http_app)(srv), main)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         srv.close()
-        sock.close()
-    assert not thread.is_alive()
 
 
 def test_streamable_http(pool, awm1k_samples):
@@ -246,7 +228,8 @@ def test_stateless_json_mode_answers_a_tool_call(pool, awm1k_samples):
 
 def test_fast_path_answers_what_the_sdk_answers(pool, awm1k_samples):
     """The same session-less tools/call requests (modern and handshake-era; a result, a tool
-    error, an unknown tool) through the fast path and through the SDK give the same reply."""
+    error, an unknown tool) through the fast path and through the SDK give the same reply: each
+    one issued a session where a tool ran (the ids differ, nothing else does)."""
     import httpx
 
     from awm_core.runtime.mcp_http import McpHttpEndpoint
@@ -274,7 +257,14 @@ def test_fast_path_answers_what_the_sdk_answers(pool, awm1k_samples):
                     endpoints[0].fast = fast
                     r = await _post(h, url, {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": params},
                                     headers)
-                    replies.append((r.status_code, r.headers["content-type"], r.json()))
+                    body = r.json()
+                    issued = body.get("result", {}).get("_meta", {}).get("awm/session")
+                    if params["name"] != "nope":  # a tool ran: a session was issued for it
+                        assert issued and issued.startswith("awm-") and len(issued) >= 4 + 32, body
+                        body["result"]["_meta"]["awm/session"] = "<issued>"
+                    else:
+                        assert issued is None, body
+                    replies.append((r.status_code, r.headers["content-type"], body))
                 assert replies[0] == replies[1], (params, replies)
                 assert "result" in replies[0][2], replies[0]
 
