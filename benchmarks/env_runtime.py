@@ -448,13 +448,17 @@ class OfficialServer:
 class OurMCPServer:
     """``awm env serve`` over streamable HTTP, called by the mcp 2.x SDK client."""
 
-    def __init__(self, env: Environment, work: Path):
+    def __init__(self, env: Environment, work: Path, token: str | None = None):
         bundle = work / "content_platform_1.json"
         bundle.write_text(env.to_json())
         self.port = free_port()
+        auth = []
+        if token:  # every request then shows it (``--token-file``)
+            (work / "tokens").write_text(token + "\n")
+            auth = ["--token-file", str(work / "tokens")]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "env", "serve", str(bundle), "--transport", "http",
-             "--port", str(self.port)], cwd=str(REPO), stdout=subprocess.DEVNULL,
+             "--port", str(self.port), *auth], cwd=str(REPO), stdout=subprocess.DEVNULL,
             stderr=open(work / "awm_serve.log", "w"), env={**os.environ, "PYTHONPATH": str(REPO)})
         wait_port(self.port, self.proc, what="awm env serve (see " + str(work / "awm_serve.log") + ")")
 

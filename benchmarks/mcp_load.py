@@ -9,7 +9,7 @@ N MCP client sessions at once (asyncio, loopback only), each doing ``--calls`` t
   memory figure), in two modes: every client naming its environment session with
   ``X-AWM-Session`` (stateless JSON fast path, one environment session per client), and
   every client opening an MCP session (the SDK's session path, one environment session per
-  MCP session);
+  MCP session), and the first again with a bearer token on every request (``--token-file``);
 - the official server: one uvicorn process with fastapi-mcp 0.4.0 (all clients share its
   one database, as they would there).
 
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,12 +40,15 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
 
 url, clients, calls, named = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+token = sys.argv[5] if len(sys.argv) > 5 else ""
 lat, errors, ready = [], [0], [0]
 all_ready = anyio.Event()
 t0 = [0.0]
 
 async def one(i):
-    headers = {"X-AWM-Session": f"load-{i}"} if named else None
+    headers = {"X-AWM-Session": f"load-{i}"} if named else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     done, counted = 0, False
     try:
         async with streamablehttp_client(url, headers=headers, timeout=300) as (r, w, _):
@@ -98,7 +101,8 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
-def run_load(python: Path, script: Path, url: str, pid: int, clients: int, calls: int, named: bool) -> dict:
+def run_load(python: Path, script: Path, url: str, pid: int, clients: int, calls: int, named: bool,
+             token: str = "") -> dict:
     peak = [tree_rss_mb(pid)]
     stop = threading.Event()
 
@@ -109,7 +113,7 @@ def run_load(python: Path, script: Path, url: str, pid: int, clients: int, calls
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        out = subprocess.run([str(python), str(script), url, str(clients), str(calls), "1" if named else "0"],
+        out = subprocess.run([str(python), str(script), url, str(clients), str(calls), "1" if named else "0", token],
                              capture_output=True, text=True, timeout=1800)
     finally:
         stop.set()
@@ -141,7 +145,9 @@ def main() -> int:
     script = work / "load_client.py"
     script.write_text(LOAD_CLIENT)
     results: dict[str, list[dict]] = {}
+    token = secrets.token_urlsafe(32)
     servers = [("`awm env serve`, X-AWM-Session (stateless JSON)", "ours", True),
+               ("`awm env serve`, X-AWM-Session (stateless JSON), bearer token", "ours-auth", True),
                ("`awm env serve`, an MCP session per client", "ours", False)]
     if not args.skip_official:
         servers.append(("official: uvicorn + fastapi-mcp, one process", "official", False))
@@ -149,8 +155,8 @@ def main() -> int:
         for label, which, named in servers:
             print(f"run {run + 1}/{args.runs}: {label}, {args.clients} clients x {args.calls} calls ...",
                   file=sys.stderr, flush=True)
-            if which == "ours":
-                server = OurMCPServer(env, work)
+            if which.startswith("ours"):
+                server = OurMCPServer(env, work, token=token if which == "ours-auth" else None)
                 url, pid = f"http://127.0.0.1:{server.port}/mcp", server.proc.pid
             else:
                 server = official
@@ -158,7 +164,8 @@ def main() -> int:
                 url, pid = f"http://127.0.0.1:{server.port}/mcp", server.proc.pid
             try:
                 results.setdefault(label, []).append(
-                    run_load(official.python, script, url, pid, args.clients, args.calls, named))
+                    run_load(official.python, script, url, pid, args.clients, args.calls, named,
+                             token if which == "ours-auth" else ""))
             finally:
                 server.stop()
     print()
