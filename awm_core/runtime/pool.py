@@ -570,7 +570,7 @@ class EnvHandle:
         # tool -> how the worker reaches its code (AWM-1K: "bound", "handler" or "asgi"; see the worker)
         self.call_paths: dict[str, str] = {}
 
-    def _load_request(self) -> dict[str, Any]:
+    def _load_request(self) -> protocol.LoadRequest:
         env = self.environment
         spec = None
         if env.api_spec is not None and env.flavour == "native":
@@ -728,7 +728,7 @@ class Session:
             return None, bad
         if self.lost:
             return None, ToolResult.failure("environment", self.lost)
-        request = {"op": "call", "sid": self.sid, "tool": tool, "args": args}
+        request: protocol.CallRequest = {"op": "call", "sid": self.sid, "tool": tool, "args": args}
         if requestor == "user":
             request["requestor"] = "user"
         return request, None

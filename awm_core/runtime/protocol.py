@@ -12,12 +12,123 @@ import os
 import select
 import struct
 import time
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, Union
 
 try:
     import fcntl
 except ImportError:  # not on Windows: pipes keep their default capacity
     fcntl = None
+
+# ---------------------------------------------------------------------- the messages
+# One request type per ``op`` the worker answers (``awm_core.runtime.worker.OPS``), and the
+# replies. Blobs travel beside the header: ``load`` (native, AWM-1K) and ``verify`` send database
+# snapshots; ``build_db`` and ``snapshot`` answer with one.
+
+class PingRequest(TypedDict):
+    op: Literal["ping"]
+
+
+class BuildDbRequest(TypedDict):
+    op: Literal["build_db"]
+    schema: dict[str, Any]            # a DbSchema as data
+    seed: dict[str, Any] | None       # a SeedData as data
+
+
+class LoadRequest(TypedDict):
+    """Import an environment's code (blob: its initial database, for native and AWM-1K)."""
+    op: Literal["load"]
+    key: str                          # the environment's id and content digest
+    env_id: str
+    flavour: Literal["native", "awm1k", "bfcl", "tau2"]
+    source: str
+    spec: dict[str, dict[str, Any]] | None   # native: tool -> parameter types and descriptions
+    asgi: bool                        # AWM-1K: every call through the whole app
+
+
+class UnloadRequest(TypedDict):
+    op: Literal["unload"]
+    key: str
+
+
+class OpenRequest(TypedDict):
+    op: Literal["open"]
+    key: str
+    sid: int                          # chosen by the pool, unique per pool
+
+
+class SessionRequest(TypedDict):
+    """``close``, ``reset`` and ``snapshot``: an op on one session."""
+    op: Literal["close", "reset", "snapshot"]
+    sid: int
+
+
+class CloseManyRequest(TypedDict):
+    op: Literal["close_many"]
+    sids: list[int]
+
+
+class PrepareRequest(TypedDict):
+    op: Literal["prepare"]
+    sid: int
+    initial_state: dict[str, Any] | None
+
+
+class CallRequest(TypedDict):
+    op: Literal["call"]
+    sid: int
+    tool: str
+    args: dict[str, Any] | None
+    requestor: NotRequired[Literal["assistant", "user"]]
+
+
+class VerifyRequest(TypedDict):
+    """Run one verifier on (initial, final) databases, the two blobs."""
+    op: Literal["verify"]
+    style: str                        # native, awm1k_code, awm1k_sql, bfcl, tau2
+    function_name: str
+    code: str
+    final_answer: Any
+    key: NotRequired[str]             # bfcl, tau2: the loaded entry whose checker runs
+    trace: NotRequired[Any]           # bfcl, tau2: what the agent did
+
+
+Request = Union[PingRequest, BuildDbRequest, LoadRequest, UnloadRequest, OpenRequest, SessionRequest,
+                CloseManyRequest, PrepareRequest, CallRequest, VerifyRequest]
+
+
+class Reply(TypedDict):
+    """Every reply: ``ok``, and on failure why (``error_kind``: tool, invalid_arguments,
+    unknown_tool, environment, verifier, code) and whether the worker must be replaced."""
+    ok: bool
+    error: NotRequired[str]
+    error_kind: NotRequired[str]
+    recycle: NotRequired[bool]
+
+
+class PingReply(Reply):
+    threads: int
+    sessions: int                     # live sessions in the worker
+    trims: int                        # times it gave freed memory back
+
+
+class LoadReply(Reply):
+    tools: NotRequired[list[dict[str, Any]]]         # name, description, input_schema
+    problems: NotRequired[list[str]]
+    call_paths: NotRequired[dict[str, str]]          # AWM-1K: tool -> bound | handler | asgi
+    user_tools: NotRequired[list[dict[str, Any]]]    # tau2: the user's own tools
+    errors: NotRequired[list[str]]                   # the import failed
+    kind: NotRequired[str]
+
+
+class CallReply(Reply):
+    content_json: NotRequired[str]    # the tool's result as JSON text, passed on as it came
+    worker_ms: NotRequired[float]
+
+
+class VerifyReply(Reply):
+    verdict: NotRequired[Literal["complete", "partial", "incomplete"] | None]
+    evidence: NotRequired[dict[str, Any]]
+
 
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
