@@ -410,8 +410,9 @@ def thread_runner(run: EvalRun, plan: dict[str, list[int]]) -> list[EnvironmentR
 
 class EpisodeHeaders:
     """Per-request headers of an episode's policy calls: stage ``policy.<task_idx>``, the
-    environment, and the turn as attempt. A gateway can trace by them, and the project's fixture
-    server answers by them, so recorded policy conversations replay offline."""
+    environment, and the turn within the episode (``X-AWM-Turn``: 1, 2, 3...). A gateway can trace
+    by them, and the project's fixture server answers by them, so recorded policy conversations
+    replay offline."""
 
     def __init__(self, env_id: str, task_idx: int):
         self.env_id, self.task_idx, self.turn = env_id, task_idx, 0
@@ -419,7 +420,7 @@ class EpisodeHeaders:
     def __call__(self, messages: list[dict[str, Any]]) -> dict[str, str]:
         self.turn += 1
         return {"X-AWM-Stage": f"policy.{self.task_idx}", "X-AWM-Scenario": self.env_id,
-                "X-AWM-Attempt": str(self.turn)}
+                "X-AWM-Turn": str(self.turn)}
 
 
 __all__ = ["EpisodeHeaders", "EpisodeKey", "EvalConfig", "EvalResult", "EvalRun", "Progress", "add_progress_listener",

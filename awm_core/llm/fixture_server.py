@@ -1,8 +1,10 @@
 """A local OpenAI-compatible server that answers from the fixture files, with fault injection.
 
 It exercises the real client path (openai package, HTTP, JSON, tool calls, retries) without a
-remote model. Chat requests are keyed by the ``X-AWM-Stage``, ``X-AWM-Scenario`` and
-``X-AWM-Attempt`` headers the client sends; embeddings come from the offline embedder.
+remote model. Chat requests are keyed by the ``X-AWM-Stage`` and ``X-AWM-Scenario`` headers the
+client sends and by the reply's position in the recorded list: ``X-AWM-Attempt`` for a synthesis
+stage (the repair attempt), ``X-AWM-Turn`` for a policy's call (the turn within its episode).
+Embeddings come from the offline embedder.
 
 In-process use (tests)::
 
@@ -169,16 +171,17 @@ class FixtureServer:
     def handle_chat(self, headers: Any, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         stage = headers.get("X-AWM-Stage")
         scenario = headers.get("X-AWM-Scenario") or "_"
-        raw_attempt = headers.get("X-AWM-Attempt") or "1"
+        position = "X-AWM-Turn" if headers.get("X-AWM-Turn") is not None else "X-AWM-Attempt"
+        raw_attempt = headers.get(position) or "1"
         model = body.get("model")
         seen = self._seen(SeenRequest("/v1/chat/completions", stage, scenario, None, model, None, 0))
         try:
             seen.attempt = int(raw_attempt)
         except ValueError:
-            return self._error(seen, 400, f"X-AWM-Attempt must be an integer, got {raw_attempt!r}")
+            return self._error(seen, 400, f"{position} must be an integer, got {raw_attempt!r}")
         if not stage:
             return self._error(seen, 400, "missing X-AWM-Stage header: the fixture server keys replies by "
-                                          "X-AWM-Stage, X-AWM-Scenario and X-AWM-Attempt")
+                                          "X-AWM-Stage, X-AWM-Scenario and X-AWM-Attempt (or X-AWM-Turn)")
         if not isinstance(body.get("messages"), list):
             return self._error(seen, 400, "request body has no 'messages' list")
         seen.fault = fault = self._next_fault()

@@ -14,7 +14,7 @@ def register(sub) -> None:
         "serve-fixtures",
         help="serve the fixture files at http://127.0.0.1:PORT/v1 (chat completions, embeddings) until Ctrl-C",
         description="Answer POST /v1/chat/completions from <fixtures>/<scenario>/<stage>.json, keyed by the "
-                    "X-AWM-Stage, X-AWM-Scenario and X-AWM-Attempt headers, and POST /v1/embeddings with the "
+                    "X-AWM-Stage, X-AWM-Scenario and X-AWM-Attempt (a policy's X-AWM-Turn) headers, and POST /v1/embeddings with the "
                     "offline embedder. Faults can be injected at a seeded rate.",
     )
     serve.add_argument("--port", type=port, default=8765, help="port on 127.0.0.1 (0 = any free port; default 8765)")

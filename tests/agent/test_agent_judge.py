@@ -91,7 +91,7 @@ def test_openai_policy_with_native_tool_calls_over_http(tmp_path, pool):
 
     def headers(messages):  # the fixture server keys replies by turn
         turn = 1 + sum(m["role"] == "assistant" for m in messages)
-        return {"X-AWM-Stage": "policy", "X-AWM-Scenario": env.id, "X-AWM-Attempt": str(turn)}
+        return {"X-AWM-Stage": "policy", "X-AWM-Scenario": env.id, "X-AWM-Turn": str(turn)}
 
     handle = pool.load(env)
     with FixtureServer(tmp_path) as srv:

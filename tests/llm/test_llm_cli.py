@@ -56,6 +56,11 @@ def test_llm_serve_fixtures_cli_answers_and_stops(tmp_path):
                   {"X-AWM-Stage": "tasks", "X-AWM-Scenario": "nope"})
         assert missing.value.code == 404
         assert "nope/tasks.json" in json.loads(missing.value.read())["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError) as bad_turn:  # a policy's turn, named for what it is
+            _post(f"http://127.0.0.1:{port}/v1/chat/completions", {"messages": []},
+                  {"X-AWM-Stage": "policy.0", "X-AWM-Scenario": "_", "X-AWM-Turn": "second"})
+        assert bad_turn.value.code == 400
+        assert "X-AWM-Turn must be an integer" in json.loads(bad_turn.value.read())["error"]["message"]
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=15) == 0
         assert "stopped after 2 requests" in proc.stderr.read()
