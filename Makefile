@@ -6,7 +6,7 @@ VENV   := .venv
 PIP    := $(VENV)/bin/pip
 PIPOPT := --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test lint install install-dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.dev
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Mistakes, not style (the rules are in pyproject.toml); CI runs it before the tests.
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) .awm .pytest_cache

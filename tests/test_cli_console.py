@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from conftest import REPO
 
 
 @pytest.mark.slow

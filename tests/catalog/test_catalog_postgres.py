@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 
 from awm_core.settings import load_settings
 from storage.catalog import Catalog

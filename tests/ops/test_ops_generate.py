@@ -153,7 +153,10 @@ def test_fault_run_artifacts_list_failures_with_reasons_and_stage_pass_rates(fau
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
     by_key = {a.key: a for a in arts}
     assert {"generate-summary", "generate-environments", "generate-stages", "generate-failures"} <= set(by_key)
-    data = lambda key: by_key[key].data if isinstance(by_key[key].data, list) else json.loads(by_key[key].data)
+
+    def data(key):
+        return by_key[key].data if isinstance(by_key[key].data, list) else json.loads(by_key[key].data)
+
     failures = data("generate-failures")
     assert failures and all(f["error"] and f["stage"] for f in failures)
     assert any("429" in f["error"] for f in failures) and any("rejected" in f["error"] for f in failures)

@@ -181,8 +181,8 @@ def awm1k_verifier_environment(samples: Path) -> tuple[Environment, list[dict], 
     """e_commerce_33 (schema, seed, both verifier styles; no code) for verifier tests."""
     db = _jsonl(samples / "gen_db.jsonl", "e_commerce_33")
     seed = _jsonl(samples / "gen_sample.jsonl", "e_commerce_33")
-    code_v = [json.loads(l) for l in (samples / "gen_verifier.pure_code.jsonl").read_text().splitlines()]
-    sql_v = [json.loads(l) for l in (samples / "gen_verifier.jsonl").read_text().splitlines()]
+    code_v = [json.loads(line) for line in (samples / "gen_verifier.pure_code.jsonl").read_text().splitlines()]
+    sql_v = [json.loads(line) for line in (samples / "gen_verifier.jsonl").read_text().splitlines()]
     verifiers = [Verifier(task_idx=r["task_idx"], code=r["verification"]["code"], style="awm1k_code",
                           function_name="verify_task_completion") for r in code_v]
     env = Environment(

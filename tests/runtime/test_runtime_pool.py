@@ -406,7 +406,7 @@ async def create_item(body: ItemIn):
 
 
 def test_awm1k_adapter_with_sync_handler_and_body_model(pool):
-    from awm_core.models import DbSchema, EnvCode, Environment, Scenario, TableSchema
+    from awm_core.models import DbSchema, Environment, Scenario, TableSchema
 
     env = Environment(
         id="small_fastapi", scenario=Scenario(id="small_fastapi", name="small", description="items"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from awm_core.models import Environment
