@@ -39,6 +39,25 @@ from awm_core.train.samples import microbatch_cost, pack_microbatches
 
 FINAL = "final"
 
+# Where this trainer leans on TRL beyond its public API, each with why. The pinned TRL has them;
+# tests/train/test_trl_coupling.py fails naming the entry when an upgrade drops or reshapes one.
+TRL_COUPLING: dict[str, str] = {
+    "GRPOTrainer.__init__(rollout_func=...)": "TRL's experimental rollout hook: an episode per repeat, "
+                                              "in a sandbox session, instead of one generate call",
+    "GRPOTrainer._generate_and_score_completions(inputs)": "overridden: start the episodes' batch, let TRL "
+                                                           "score them (group advantages), then replace its "
+                                                           "one-sequence batch with the episodes' step samples",
+    "GRPOTrainer._prepare_inputs(generation_batch)": "overridden: one generation per num_iterations optimizer "
+                                                     "steps, handed to training_step whole (no row-count split)",
+    "GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, "
+    "batch_size)": "called: old and reference log-probabilities of each micro-batch",
+    "GRPOTrainer._compute_loss(model, inputs)": "called: TRL's GRPO loss on each micro-batch",
+    "self._step, self._metrics, self.num_iterations, self._tokenizer, self.ref_model": "attributes TRL sets "
+                                                                                       "and this trainer reads",
+    "trl.trainer.utils.use_adapter(model, adapter_name)": "LoRA: the reference is the policy without its adapters",
+    "trl.models.unwrap_model_for_generation": "the model the rollout engines generate with",
+}
+
 
 class AWMGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose rollouts are episodes and whose samples are the episodes' steps."""
