@@ -208,26 +208,21 @@ def metric_rows(run_id: str, snapshot: int, config: TrainConfig, metrics: list[d
 
 
 def rollout_rows(run_id: str, snapshot: int, config: TrainConfig, episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's episodes (as ``EpisodeResult.row`` wrote them) as ``rollouts`` rows."""
+    from awm_core.agent.evaluation import EpisodeKey, rollout_row
+
     counter: dict[tuple, int] = defaultdict(int)
     rows = []
     for e in episodes:
-        key = (e["step"], e["env_id"], e["task_idx"])
-        counter[key] += 1
-        idx = counter[key] - 1
-        rows.append({
-            "rollout_id": f"{run_id}/{e['step']}/{e['rank']}/{e['env_id']}/{e['task_idx']}/{idx}", "run_id": run_id,
-            "snapshot": snapshot, "env_id": e["env_id"], "task_idx": e["task_idx"], "split": config.split,
-            "policy": "grpo", "model": config.model, "episode_idx": idx, "reward": e["reward"], "label": e["label"],
-            "env_error": e["env_error"], "turns": e["turns"], "prompt_tokens": e["prompt_tokens"],
-            "completion_tokens": e["completion_tokens"], "tool_calls": e["tool_calls"],
-            "duration_s": e["duration_s"], "env_time_s": e["env_time_s"], "initial_digest": e["initial_digest"],
-            "final_digest": e["final_digest"], "final_answer": e["final_answer"], "error": e["error"],
-            "termination": e.get("termination"), "mode": e.get("mode") or "message",
-            "interface": config.interface, "window": config.window,
-            "judge_reasoning": e.get("judge_reasoning"),
-            "messages_json": json.dumps(e.get("messages"), ensure_ascii=False),
-            "created_at": datetime.now(timezone.utc),
-        })
+        step = (e["step"], e["env_id"], e["task_idx"])
+        counter[step] += 1
+        idx = counter[step] - 1
+        key = EpisodeKey(run_id, snapshot, e["env_id"], e["task_idx"], config.split, "grpo", config.model, idx,
+                         e.get("mode") or "message")
+        # Runs written before the rows carried the interface and window have them in the config only.
+        columns = {"interface": config.interface, "window": config.window, **e}
+        rows.append(rollout_row(key, columns=columns,
+                                rollout_id=f"{run_id}/{e['step']}/{e['rank']}/{e['env_id']}/{e['task_idx']}/{idx}"))
     return rows
 
 

@@ -189,31 +189,50 @@ class EpisodeKey:
 NORMAL_ENDINGS = ("final_answer", "user_stop")
 
 
-def rollout_row(key: EpisodeKey, episode=None, outcome=None, *, duration_s: float = 0.0,
-                load_error: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
-    """A row of the catalog's ``rollouts`` table: a finished episode and its outcome, or (with
-    ``load_error``) an episode of an environment that did not load, scored as an environment error."""
-    row = {"rollout_id": key.rollout_id, "run_id": key.run_id, "snapshot": key.snapshot, "env_id": key.env_id,
-           "task_idx": key.task_idx, "split": key.split, "policy": key.policy, "model": key.model,
-           "episode_idx": key.episode_idx, "mode": key.mode, "created_at": datetime.now(timezone.utc)}
-    if episode is None:
-        return {**row, "reward": reward_for("environment_error", settings), "label": "environment_error",
-                "env_error": True, "turns": 0, "prompt_tokens": 0, "completion_tokens": 0, "tool_calls": 0,
-                "duration_s": 0.0, "env_time_s": 0.0, "initial_digest": None, "final_digest": None,
-                "final_answer": None, "error": f"environment failed to load: {load_error}", "messages_json": "[]"}
+def episode_columns(episode, outcome, *, duration_s: float) -> dict[str, Any]:
+    """What an episode and its outcome put in a ``rollouts`` row, for evaluation and training alike
+    (training writes these to its ``rollouts.rank<k>.jsonl`` and publishes them with ``rollout_row``).
+    ``messages`` is a list here; the row holds it as ``messages_json``."""
     error = outcome.error or episode.error
     if episode.termination not in NORMAL_ENDINGS and not error:
         error = episode.termination
     return {
-        **row, "reward": outcome.reward, "label": outcome.label, "env_error": outcome.env_error,
+        "reward": outcome.reward, "label": outcome.label, "env_error": outcome.env_error,
         "turns": len(episode.turns), "prompt_tokens": episode.prompt_tokens,
         "completion_tokens": episode.completion_tokens, "tool_calls": episode.tool_call_count,
         "duration_s": duration_s, "env_time_s": episode.env_s, "initial_digest": episode.initial_digest,
         "final_digest": episode.final_digest, "final_answer": episode.final_answer, "error": error,
         "termination": episode.termination, "interface": episode.interface, "window": episode.window,
         "verifier_evidence": outcome.verifier_evidence, "judge_reasoning": outcome.judge_reasoning,
-        "messages_json": json.dumps(transcript(episode), ensure_ascii=False, default=str),
+        "messages": transcript(episode),
     }
+
+
+EPISODE_COLUMNS = ("reward", "label", "env_error", "turns", "prompt_tokens", "completion_tokens", "tool_calls",
+                   "duration_s", "env_time_s", "initial_digest", "final_digest", "final_answer", "error",
+                   "termination", "interface", "window", "verifier_evidence", "judge_reasoning", "messages")
+
+
+def rollout_row(key: EpisodeKey, episode=None, outcome=None, *, duration_s: float = 0.0,
+                load_error: str | None = None, settings: Settings | None = None,
+                columns: dict[str, Any] | None = None, rollout_id: str | None = None) -> dict[str, Any]:
+    """A row of the catalog's ``rollouts`` table, the one builder of it: a finished episode and its
+    outcome; or its ``columns`` as ``episode_columns`` made them (a training run's episodes, read
+    back from its files); or (with ``load_error``) an episode of an environment that did not load,
+    scored as an environment error."""
+    row = {"rollout_id": rollout_id or key.rollout_id, "run_id": key.run_id, "snapshot": key.snapshot,
+           "env_id": key.env_id, "task_idx": key.task_idx, "split": key.split, "policy": key.policy,
+           "model": key.model, "episode_idx": key.episode_idx, "mode": key.mode,
+           "created_at": datetime.now(timezone.utc)}
+    if columns is None and episode is None:
+        columns = {"reward": reward_for("environment_error", settings), "label": "environment_error",
+                   "env_error": True, "turns": 0, "prompt_tokens": 0, "completion_tokens": 0, "tool_calls": 0,
+                   "duration_s": 0.0, "env_time_s": 0.0, "error": f"environment failed to load: {load_error}"}
+    elif columns is None:
+        columns = episode_columns(episode, outcome, duration_s=duration_s)
+    row.update({k: columns.get(k) for k in EPISODE_COLUMNS if k != "messages"})
+    row["messages_json"] = json.dumps(columns.get("messages") or [], ensure_ascii=False, default=str)
+    return row
 
 
 def transcript(episode) -> list[dict[str, Any]]:
@@ -423,5 +442,5 @@ class EpisodeHeaders:
                 "X-AWM-Turn": str(self.turn)}
 
 
-__all__ = ["EpisodeHeaders", "EpisodeKey", "EvalConfig", "EvalResult", "EvalRun", "Progress", "add_progress_listener",
-           "plan_tasks", "remove_progress_listener", "rollout_row", "thread_runner", "tool_call_rows"]
+__all__ = ["EPISODE_COLUMNS", "EpisodeHeaders", "EpisodeKey", "EvalConfig", "EvalResult", "EvalRun", "Progress", "add_progress_listener",
+           "episode_columns", "plan_tasks", "remove_progress_listener", "rollout_row", "thread_runner", "tool_call_rows"]

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 from awm_core.agent import Episode, Generation, Outcome, TextToolCallPolicy, episode_mode, run_episode, verify_episode
 from awm_core.agent.users import RunUsers, conversation_args
-from awm_core.agent.evaluation import transcript
+from awm_core.agent.evaluation import episode_columns
 from awm_core.errors import AWMError, EngineError, EpisodeCancelled
 from awm_core.train.samples import Sample, StepRecord, build_samples
 
@@ -873,17 +873,12 @@ class EpisodeResult:
         return None if self.outcome.env_error else self.outcome.reward
 
     def row(self, **extra: Any) -> dict[str, Any]:
-        ep = self.episode
-        return {"env_id": self.env_id, "task_idx": self.task_idx, "reward": self.outcome.reward,
-                "label": self.outcome.label, "env_error": self.outcome.env_error, "turns": len(ep.turns),
-                "prompt_tokens": ep.prompt_tokens, "completion_tokens": ep.completion_tokens,
-                "tool_calls": ep.tool_call_count, "duration_s": ep.duration_s, "env_time_s": ep.env_s,
-                "verify_s": self.verify_s, "initial_digest": ep.initial_digest, "final_digest": ep.final_digest,
-                "final_answer": ep.final_answer, "error": self.outcome.error or ep.error,
-                "termination": ep.termination, "mode": self.mode, "verdict": self.outcome.verdict,
-                "judge_reasoning": self.outcome.judge_reasoning,
-                # a conversation keeps every party's messages, each tagged with its sender
-                "messages": transcript(ep), **extra}
+        """The episode as the run's ``rollouts.rank<k>.jsonl`` keeps it: the ``rollouts`` columns
+        (``episode_columns``; a conversation's messages are every party's, tagged with its sender)
+        plus which task, the mode, the verdict and the verifier's time."""
+        return {"env_id": self.env_id, "task_idx": self.task_idx, "mode": self.mode, "verdict": self.outcome.verdict,
+                "verify_s": self.verify_s,
+                **episode_columns(self.episode, self.outcome, duration_s=self.episode.duration_s), **extra}
 
 
 @dataclass
