@@ -94,7 +94,8 @@ def run_evaluation(config: EvalConfig, *, settings: Settings | None = None, run_
             split_rows, new_split = stored_split_rows(cat, snapshot), False
         else:
             split_rows, new_split = split_rows_for(cat, environments, snapshot, config)
-    plan, notes = plan_tasks(environments, config, [] if config.split == "all" else split_rows)
+    plan, notes = plan_tasks(environments, [] if config.split == "all" else split_rows, config.split,
+                             need_solution=config.policy == "reference", max_per_env=config.max_tasks_per_env)
     if log:
         for n in notes[:20]:
             log.warning("skipped %s", n)

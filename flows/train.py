@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 
-from awm_core.agent import make_splits, select
+from awm_core.agent import make_splits
+from awm_core.agent.evaluation import plan_tasks
 from awm_core.curation import task_telemetry_rows
 from awm_core.errors import AWMError, GateRefused, SettingsError
 from awm_core.report import data_uri, reward_curves_png
@@ -64,20 +65,6 @@ def resolve_snapshot(cat: Any, snapshot: int | None) -> int:
     return int(snapshot)
 
 
-def plan_tasks(environments: list[Any], split_rows: list[dict[str, Any]], split: str) -> list[tuple[str, int, str]]:
-    chosen = select(split_rows, split)
-    by_id = {e.id: e for e in environments}
-    out = []
-    for env_id, idxs in chosen.items():
-        env = by_id.get(env_id)
-        if env is None:
-            continue
-        for i in idxs:
-            if env.is_live(i) and env.verifier(i) is not None:
-                out.append((env_id, i, env.task(i).text))
-    return out
-
-
 def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[Path, int, list[dict[str, Any]]]:
     """Gate check, task plan and run folder. Returns (run folder, snapshot, split rows to publish)."""
     from storage.catalog import Catalog
@@ -105,12 +92,13 @@ def prepare_run(config: TrainConfig, settings: Settings, run_id: str) -> tuple[P
         stored = make_splits({e.id: [t.idx for t in e.tasks] for e in environments}, seed=config.split_seed,
                              by="environment")
         new_splits = [{"snapshot": snapshot, **r} for r in stored]
-    tasks = plan_tasks(environments, stored, "all" if benchmark else config.split)
+    by_id = {e.id: e for e in environments}
+    plan, _ = plan_tasks(by_id, stored, "all" if benchmark else config.split)
+    tasks = [(env_id, i, by_id[env_id].task(i).text) for env_id, idxs in plan.items() for i in idxs]
     if not tasks:
         raise AWMError(f"snapshot {snapshot} has no trainable task in split {config.split!r} "
                        "(tasks need a verifier and must not be dropped by validation)")
     # Conversation mode on a snapshot without user scenarios: one clear line here, not inside the launched run.
-    by_id = {e.id: e for e in environments}
     check_conversation_mode(config.mode, [(by_id[e], by_id[e].task(int(i))) for e, i, _ in tasks], snapshot)
     used = {e for e, _, _ in tasks}
     run_dir = settings.runs_dir / f"train-{run_id}"

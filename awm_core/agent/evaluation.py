@@ -258,11 +258,13 @@ def tool_call_rows(rollout_id: str, env_id: str, episode) -> list[dict[str, Any]
 # --------------------------------------------------------------------------- the run
 
 
-def plan_tasks(environments: dict[str, Environment], config: EvalConfig,
-               split_rows: list[dict[str, Any]]) -> tuple[dict[str, list[int]], list[str]]:
-    """The tasks to run per environment, and notes on what was left out and why."""
-    chosen = select(split_rows, config.split) if split_rows else {e: [t.idx for t in env.tasks]
-                                                                   for e, env in environments.items()}
+def plan_tasks(environments: dict[str, Environment], split_rows: list[dict[str, Any]], split: str, *,
+               need_solution: bool = False, max_per_env: int | None = None) -> tuple[dict[str, list[int]], list[str]]:
+    """The tasks to run per environment (for evaluation and training alike), and notes on what was
+    left out and why: the tasks of ``split`` in ``split_rows`` (no rows: every task), live, with a
+    verifier, and with a reference solution where ``need_solution``."""
+    chosen = select(split_rows, split) if split_rows else {e: [t.idx for t in env.tasks]
+                                                            for e, env in environments.items()}
     plan, notes = {}, []
     for env_id, idxs in chosen.items():
         env = environments.get(env_id)
@@ -274,12 +276,12 @@ def plan_tasks(environments: dict[str, Environment], config: EvalConfig,
                 continue
             if env.verifier(i) is None:
                 notes.append(f"{env_id}/{i}: no verifier")
-            elif config.policy == "reference" and env.solution(i) is None:
+            elif need_solution and env.solution(i) is None:
                 notes.append(f"{env_id}/{i}: no reference solution")
             else:
                 keep.append(i)
-        if config.max_tasks_per_env:
-            keep = keep[: config.max_tasks_per_env]
+        if max_per_env:
+            keep = keep[:max_per_env]
         if keep:
             plan[env_id] = keep
     return plan, notes
