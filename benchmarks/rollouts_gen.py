@@ -136,15 +136,12 @@ def engine_for(name: str, mode: str, model, tok, args, stop):
     continuous scheduler runs ``HFStepEngine``; ``generate-cut``: ``HFEngine`` under the continuous
     scheduler (rows handed back as they finish, batches cut for waiting requests); ``paged``:
     transformers' continuous batching."""
-    from awm_core.train.rollout import HFStepEngine, PagedEngine, hf_generate_fn
+    from awm_core.train.rollout import make_engine
 
-    if name == "paged":
-        return PagedEngine(model, tok, max_new_tokens=args.max_tokens, temperature=1.0, eos_token_ids=stop,
-                           max_requests=args.episodes, max_context=args.max_prompt_tokens)
-    if name == "transformers" and mode == "continuous":
-        return HFStepEngine(model, tok, max_new_tokens=args.max_tokens, temperature=1.0, eos_token_ids=stop,
-                            max_rows=args.episodes)
-    return hf_generate_fn(model, tok, max_new_tokens=args.max_tokens, temperature=1.0, eos_token_ids=stop)
+    return make_engine("paged" if name == "paged" else "transformers",
+                       mode if name == "transformers" else "lockstep",  # generate-cut: HFEngine, whatever the mode
+                       model, tok, max_new_tokens=args.max_tokens, temperature=1.0, eos_token_ids=stop,
+                       max_rows=args.episodes, max_context=args.max_prompt_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

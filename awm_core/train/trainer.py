@@ -34,7 +34,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from awm_core.errors import AWMError, SettingsError
 from awm_core.train.config import TrainConfig
-from awm_core.train.rollout import EpisodeRollout, EpisodeRunner, episode_reward, hf_generate_fn
+from awm_core.train.rollout import EpisodeRollout, EpisodeRunner, episode_reward, make_engine
 from awm_core.train.samples import microbatch_cost, pack_microbatches
 
 FINAL = "final"
@@ -675,25 +675,16 @@ def run_training(config: TrainConfig, environments: Sequence[Any], tasks: Sequen
             with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                              gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
                                              ) as unwrapped:
-                if config.generation_backend == "paged":
-                    from awm_core.train.rollout import PagedEngine
-
-                    per_process = max(1, config.episodes_per_step // max(1, state.num_processes))
-                    yield PagedEngine(unwrapped, tok, max_new_tokens=config.max_tokens,
-                                      temperature=config.temperature, eos_token_ids=trainer.eos_token_ids,
-                                      memory_share=config.vllm_gpu_memory_utilization,
-                                      max_requests=min(config.generation_batch, per_process),
-                                      max_context=config.max_prompt_tokens)
-                    return
-                if config.rollout_scheduler == "continuous":  # requests join and leave the batch per token
-                    from awm_core.train.rollout import HFStepEngine
-
-                    yield HFStepEngine(unwrapped, tok, max_new_tokens=config.max_tokens,
-                                       temperature=config.temperature, eos_token_ids=trainer.eos_token_ids,
-                                       max_rows=config.generation_batch)
-                    return
-                yield hf_generate_fn(unwrapped, tok, max_new_tokens=config.max_tokens,
-                                     temperature=config.temperature, eos_token_ids=trainer.eos_token_ids)
+                paged = config.generation_backend == "paged"
+                per_process = max(1, config.episodes_per_step // max(1, state.num_processes))
+                # Continuous: requests join and leave the batch per token (HFStepEngine); paged: for GPUs.
+                yield make_engine(config.generation_backend, config.rollout_scheduler, unwrapped, tok,
+                                  max_new_tokens=config.max_tokens, temperature=config.temperature,
+                                  eos_token_ids=trainer.eos_token_ids,
+                                  max_rows=min(config.generation_batch, per_process) if paged
+                                  else config.generation_batch,
+                                  max_context=config.max_prompt_tokens,
+                                  memory_share=config.vllm_gpu_memory_utilization if paged else None)
 
         rollout = EpisodeRollout(runner, generation)
         ref: list = []
