@@ -37,7 +37,7 @@ class CpuMeter:
         import flows.generate as generate
         import tasks.generation as generation
         from awm_core.llm.client import LLMClient
-        from awm_core.runtime.pool import _Worker
+        from awm_core.runtime.worker_process import WorkerProcess
         from awm_core.stages import STAGES
 
         m = cls()
@@ -49,7 +49,7 @@ class CpuMeter:
             m.wrap(validation, name, "execution checks (in this process)")
         for name in ("mutation_checks", "equivalence_checks", "soundness_checks"):
             m.wrap(validation, name, "mutation checks (in this process)")
-        m.wrap(_Worker, "request", "sandbox requests (encode, pipe, decode)")
+        m.wrap(WorkerProcess, "request", "sandbox requests (encode, pipe, decode)")
         m.wrap(generation, "call_stage", "Prefect: stage task runs")
         m.wrap(generation, "collect_validation", "validation report (with its task run)")
         m.wrap(generation, "_build_environment", "flow and task code")
