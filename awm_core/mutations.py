@@ -4,7 +4,7 @@ equivalent episodes a verifier must still accept.
 A verifier that passes the reference solution and rejects a no-op can still be lenient: it
 may not look at every change the task asks for, at the values a change writes, at which row was
 changed, at changes made elsewhere, or at the exact value in an answer. Each builder here makes
-one kind of wrong episode; ``awm_core.validation.mutation_checks`` replays or verifies them in the
+one kind of wrong episode; ``awm_core.soundness.mutation_checks`` replays or verifies them in the
 sandbox:
 
 - ``drop_call``: the solution without one of its state-changing calls;
@@ -24,7 +24,7 @@ sandbox:
 - ``hedged_answer``: the right value plus a wrong candidate of the same kind (another name or
   status from the same column, another count), and the asked number only inside a date.
 
-Too strict is checked the other way (``awm_core.validation.equivalence_checks``): read-only
+Too strict is checked the other way (``awm_core.soundness.equivalence_checks``): read-only
 calls around the solution, its independent state-changing calls reordered, the answer reworded
 (``reworded_answers``).
 

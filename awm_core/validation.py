@@ -4,11 +4,8 @@ Per environment: the schema and seed data execute with zero errors; every spec t
 with its example arguments (each in a fresh session) returns no error. Per task: a no-op
 episode must not satisfy the verifier; the reference solution replayed in a fresh session
 must satisfy it; a second replay must end in the same database (``snapshot_digest``); wrong
-episodes derived from the solution (``awm_core.mutations``: a state-changing call dropped,
-an id argument swapped, a value the task states changed, a row destroyed, inserted or edited
-elsewhere, a wrong or hedged answer) must not (``verifier_mutation``: the verifier is
-lenient); equivalent episodes (read-only calls around the solution, independent calls
-reordered, the answer reworded) must (``verifier_equivalence``: the verifier is too strict).
+episodes derived from the solution must not satisfy the verifier, and equivalent ones must
+(``awm_core.soundness``).
 
 The same checks are what the code, verifier and solution stages run on each attempt, so a
 stage's rejection and the final report say the same thing in the same words. Generated code
@@ -20,18 +17,16 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
-from awm_core import mutations
-from awm_core.db import build_database, open_snapshot, snapshot_digest
+from awm_core.db import build_database, snapshot_digest
 from awm_core.errors import SolutionRefError, SqlExecutionError, StageError
-from awm_core.models import Environment, ToolCall, ValidationCheck, ValidationReport, resolve_refs
+from awm_core.models import Environment, ValidationCheck, ValidationReport, resolve_refs
 
 DETAIL_CHARS = 700
 
 
-def _short(value: Any, n: int = 200) -> str:
+def short_text(value: Any, n: int = 200) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -50,7 +45,7 @@ _HANDLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _HANDLES_LOCK = threading.Lock()
 
 
-def _handle(pool, env: Environment):
+def env_handle(pool, env: Environment):
     """``pool.load`` of the environment's runnable parts, remembered by the identity of those
     parts: the pool keys handles by a digest of the whole bundle, and computing it (a JSON
     dump of everything) on every check was a large share of validation's CPU time."""
@@ -69,7 +64,7 @@ def _handle(pool, env: Environment):
     return handle
 
 
-def _verify(pool, env: Environment, task_idx: int, initial_db: bytes, final_db: bytes, final_answer):
+def run_verifier(pool, env: Environment, task_idx: int, initial_db: bytes, final_db: bytes, final_answer):
     """``pool.verify`` with a bundle of just the verifier (the pool only needs that and an id)."""
     only = Environment(id=env.id, scenario=env.scenario, verifiers=[v for v in env.verifiers if v.task_idx == task_idx])
     return pool.verify(only, task_idx, initial_db=initial_db, final_db=final_db, final_answer=final_answer)
@@ -122,7 +117,7 @@ def tool_checks(pool, env: Environment) -> list[ValidationCheck]:
         else:
             checks.append(ValidationCheck(
                 name="tool_example", tool=tc.tool, passed=False,
-                detail=(f"tool {tc.tool} called with its spec example arguments {_short(tc.arguments)} on the "
+                detail=(f"tool {tc.tool} called with its spec example arguments {short_text(tc.arguments)} on the "
                         f"initial database failed ({tc.result.error_kind}): {tc.result.error}")[:DETAIL_CHARS]))
     return checks
 
@@ -133,8 +128,8 @@ def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | Non
     ``initial_db`` defaults to the loaded environment's snapshot (an environment without code
     can pass its own, built from schema and seed)."""
     if initial_db is None:
-        initial_db = _handle(pool, env).snapshot
-    out = _verify(pool, env, task_idx, initial_db, initial_db, None)
+        initial_db = env_handle(pool, env).snapshot
+    out = run_verifier(pool, env, task_idx, initial_db, initial_db, None)
     if out.verdict is None and out.error:
         return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
                                detail=f"the verifier raised on a no-op episode (final db == initial db, final_answer "
@@ -144,11 +139,11 @@ def noop_check(pool, env: Environment, task_idx: int, *, initial_db: bytes | Non
                                detail=("the verifier returned \"complete\" for a no-op episode (final db identical to "
                                        "the initial db, final_answer None), so it checks something that is already "
                                        "true before the task is done; check for the change or the answer the task "
-                                       f"asks for. Its evidence: {_short(out.evidence, 300)}")[:DETAIL_CHARS])
+                                       f"asks for. Its evidence: {short_text(out.evidence, 300)}")[:DETAIL_CHARS])
     return ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=True, detail=f"verdict {out.verdict}")
 
 
-def _replay(handle, solution, order: list[int] | None = None) -> tuple[bytes | None, list[str], str | None]:
+def replay_solution(handle, solution, order: list[int] | None = None) -> tuple[bytes | None, list[str], str | None]:
     """Replay in a fresh session, in the solution's order or in ``order`` (call indices): (final
     db, per-call summaries, failure or None)."""
     trace = []
@@ -162,10 +157,10 @@ def _replay(handle, solution, order: list[int] | None = None) -> tuple[bytes | N
                 return None, trace, str(exc)
             r = s.call(call.tool, args)
             if not r.ok:
-                return None, trace, (f"call {i} {call.tool}({_short(args, 150)}) failed "
+                return None, trace, (f"call {i} {call.tool}({short_text(args, 150)}) failed "
                                      f"({r.error_kind}): {r.error}")
             results[i] = r.content
-            trace.append(f"[{i}] {call.tool} -> {_short(r.content, 160)}")
+            trace.append(f"[{i}] {call.tool} -> {short_text(r.content, 160)}")
         return s.snapshot(), trace, None
 
 
@@ -176,12 +171,12 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
     if solution is None:
         return [ValidationCheck(name="verifier_solution", task_idx=task_idx, passed=False,
                                 detail=f"task {task_idx} has no reference solution")]
-    handle = _handle(pool, env)
-    final, trace, failure = _replay(handle, solution)
+    handle = env_handle(pool, env)
+    final, trace, failure = replay_solution(handle, solution)
     if failure:
         return [ValidationCheck(name="solution_replay", task_idx=task_idx, passed=False,
                                 detail=f"replaying the reference solution on the seeded database: {failure}"[:DETAIL_CHARS])]
-    out = _verify(pool, env, task_idx, handle.snapshot, final, solution.final_answer)
+    out = run_verifier(pool, env, task_idx, handle.snapshot, final, solution.final_answer)
     checks = []
     if out.verdict != "complete":
         what = f"raised: {out.error}" if out.verdict is None else f"returned \"{out.verdict}\""
@@ -189,13 +184,13 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
             name="verifier_solution", task_idx=task_idx, passed=False,
             # Verdict and evidence first: summaries cut long messages at the end.
             detail=(f"the task's verifier {what} after replaying the reference solution; evidence: "
-                    f"{_short(out.evidence, 300)}; final_answer "
-                    f"{_short(solution.final_answer, 120) if solution.final_answer else None}; calls: "
+                    f"{short_text(out.evidence, 300)}; final_answer "
+                    f"{short_text(solution.final_answer, 120) if solution.final_answer else None}; calls: "
                     f"{'; '.join(trace) or 'none'}. Either the calls do not do what the task asks, or the final "
                     "answer lacks the value asked for.")[:DETAIL_CHARS * 2]))
     else:
         checks.append(ValidationCheck(name="verifier_solution", task_idx=task_idx, passed=True))
-    again, _, failure = _replay(handle, solution)
+    again, _, failure = replay_solution(handle, solution)
     if failure or snapshot_digest(again) != snapshot_digest(final):
         checks.append(ValidationCheck(
             name="replay_determinism", task_idx=task_idx, passed=False,
@@ -207,382 +202,6 @@ def solution_checks(pool, env: Environment, task_idx: int) -> list[ValidationChe
     return checks
 
 
-# --------------------------------------------------------------------------- mutations
-
-# Each drop_call and swap_argument mutation is one more replay in the sandbox pool (the others
-# one verifier run), for every task of every environment of a nightly run: the count per kind
-# and task is capped so validation stays a small multiple of the replays it already does.
-MAX_MUTATIONS_PER_KIND = 3
-# Every value a task states is one way to get it wrong: a create with a name, a type, a date and
-# a count needs all four tried.
-MAX_VALUE_CHANGES = 8
-
-
-def _mutation(task_idx: int, passed: bool, detail: str, tool: str | None = None) -> ValidationCheck:
-    return ValidationCheck(name="verifier_mutation", task_idx=task_idx, passed=passed, tool=tool,
-                           detail=detail[:DETAIL_CHARS])
-
-
-def _skipped(task_idx: int, what: str, why: str, tool: str | None = None) -> ValidationCheck:
-    """A mutation that could not be built (or would prove nothing): recorded, not a failure."""
-    return _mutation(task_idx, True, f"skipped {what} because {why}", tool)
-
-
-# "skipped <what> because <why>", after an optional "<label>: " (the audit's); <what> may
-# quote arguments, <why> is one of this module's phrases, so the last "because" splits them.
-SOUNDNESS_CHECKS = ("verifier_mutation", "verifier_equivalence")
-_SKIPPED = re.compile(r"^(?:[^:]*: )?skipped (.*) because (.*)$", re.S)
-
-
-def skipped_mutation(check: ValidationCheck) -> tuple[str, str] | None:
-    """(mutation or equivalence, reason) of a ``verifier_mutation`` or ``verifier_equivalence``
-    check that was skipped, else None."""
-    m = _SKIPPED.match(check.detail) if check.name in SOUNDNESS_CHECKS and check.passed else None
-    return (m.group(1), m.group(2)) if m else None
-
-
-def _judge(pool, env: Environment, task_idx: int, what: str, initial: bytes, final: bytes, answer,
-           tool: str | None = None) -> ValidationCheck:
-    out = _verify(pool, env, task_idx, initial, final, answer)
-    if out.verdict == "complete":
-        return _mutation(task_idx, False, (
-            f"the verifier said \"complete\" after {what}; that episode does not do the task, so the verifier "
-            f"misses what the mutation broke. Its evidence: {_short(out.evidence, 300)}"), tool)
-    return _mutation(task_idx, True, f"{what}: {out.verdict or 'verifier error: ' + _short(out.error, 120)}", tool)
-
-
-def _replay_states(handle, solution) -> list[bytes] | None:
-    """The database after each call of the reference solution (None if it does not replay)."""
-    states, results = [], []
-    with handle.open_session() as s:
-        for i, call in enumerate(solution.calls):
-            try:
-                r = s.call(call.tool, resolve_refs(call.arguments, results, i))
-            except SolutionRefError:
-                return None
-            if not r.ok:
-                return None
-            results.append(r.content)
-            states.append(s.snapshot())
-    return states
-
-
-def _replay_mutant(handle, calls) -> bytes:
-    """Final database of a mutated solution ((original index, call) pairs). A call that fails,
-    or whose ``$ref`` names a left-out call, is passed over, as an agent would go on after an
-    error; the state it ends in is what the verifier must judge."""
-    results: dict[int, Any] = {}
-    with handle.open_session() as s:
-        for i, call in calls:
-            try:
-                r = s.call(call.tool, resolve_refs(call.arguments, results, i))
-            except SolutionRefError:
-                continue
-            if r.ok:
-                results[i] = r.content
-        return s.snapshot()
-
-
-def _call_label(solution, i: int) -> str:
-    call = solution.calls[i]
-    return f"call {i} ({call.tool}({_short(call.arguments, 100)}))"
-
-
-def _drop_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
-    if not changing:
-        return [_skipped(task_idx, "drop_call", "no call of the reference solution changes the database")]
-    return [_mutant_check(pool, env, task_idx, handle, f"drop_call of {_call_label(solution, i)}",
-                          solution.calls[i].tool, mutations.without_call(solution, i), solution, reference)
-            for i in changing[:MAX_MUTATIONS_PER_KIND]]
-
-
-def _mutant_check(pool, env, task_idx, handle, what, tool, mutant, solution, reference) -> ValidationCheck:
-    """Replay the mutant solution and ask the verifier; a mutant that ends where the reference
-    does is not a wrong solution, so it is skipped."""
-    final = _replay_mutant(handle, mutant)
-    if snapshot_digest(final) == reference:
-        return _skipped(task_idx, what, "it ends in the same database as the reference solution", tool)
-    return _judge(pool, env, task_idx, what, handle.snapshot, final, solution.final_answer, tool)
-
-
-def _swaps(initial: bytes, solution, changing) -> list[mutations.Swap]:
-    """At most one swap per call (the first id argument with a candidate), up to the cap."""
-    swaps = []
-    for i in changing:
-        call = solution.calls[i]
-        for name, value in mutations.id_arguments(call.arguments):
-            found = mutations.swap_for(initial, call.tool, name, value)
-            if found:
-                swaps.append(mutations.Swap(i, name, value, found[1], found[0]))
-                break
-    return swaps[:MAX_MUTATIONS_PER_KIND]
-
-
-def _swap_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
-    swaps = _swaps(handle.snapshot, solution, changing)
-    if not swaps:
-        return [_skipped(task_idx, "swap_argument", "no state-changing call has an integer id argument whose "
-                                                    "value is a key of a table with another row")]
-    return [_mutant_check(pool, env, task_idx, handle,
-                          f"swap_argument in {_call_label(solution, sw.call_idx)}: {sw.argument} {sw.old} -> "
-                          f"{sw.new} (another row of {sw.table})",
-                          solution.calls[sw.call_idx].tool, mutations.with_argument(solution, sw), solution, reference)
-            for sw in swaps]
-
-
-def _task_text(env: Environment, task_idx: int) -> str:
-    return next((t.text for t in env.tasks if t.idx == task_idx), "")
-
-
-def _value_checks(pool, env, task_idx, handle, solution, changing, reference) -> list[ValidationCheck]:
-    tools = {t.name: t for t in env.api_spec.tools} if env.api_spec else {}
-    changes, free = mutations.value_changes(handle.snapshot, solution, changing, tools, _task_text(env, task_idx))
-    checks = []
-    if free:
-        checks.append(_skipped(task_idx, f"change_value of {', '.join(free[:8])}",
-                               "the task does not state those values (judged free)"))
-    if not changes and not free:
-        checks.append(_skipped(task_idx, "change_value", "no state-changing call has an argument the task states "
-                                                         "that another valid value could replace"))
-    return checks + [
-        _mutant_check(pool, env, task_idx, handle,
-                      f"change_value in {_call_label(solution, ch.call_idx)}: {ch.argument} {_short(json.dumps(ch.old), 60)}"
-                      f" -> {_short(json.dumps(ch.new), 60)} ({ch.kind}; the task states {ch.argument})",
-                      solution.calls[ch.call_idx].tool, mutations.with_argument(solution, ch), solution, reference)
-        for ch in changes[:MAX_VALUE_CHANGES]]
-
-
-_NOTHING_CHANGED = "the reference solution changes nothing (a question task: the answer checks cover it)"
-
-
-def _damage_checks(pool, env, task_idx, initial, final, solution) -> list[ValidationCheck]:
-    """extra_destructive, extra_insert and extra_update: changes no tool call of the task makes,
-    applied to the reference final database."""
-    if snapshot_digest(final) == snapshot_digest(initial):
-        return [_skipped(task_idx, kind, _NOTHING_CHANGED)
-                for kind in ("extra_destructive", "extra_insert", "extra_update")]
-    changes = mutations.snapshot_changes(initial, final)
-    touched = set(changes)
-    prefer = env.verifier(task_idx).code
-    conn = open_snapshot(final, readonly=True)
-    try:
-        others = [t for t in mutations.user_tables(conn) if t not in touched]
-    finally:
-        conn.close()
-    targets = {t: c["inserted"] + [u["new"] for u in c["updated"]] for t, c in changes.items()}
-    updated = [(t, u) for t, c in changes.items() for u in c["updated"]]
-    built = [
-        ("extra_destructive", "", mutations.delete_unrelated_row(final, touched, prefer=prefer),
-         "every non-empty table is one the solution changes"),
-        ("extra_insert", " in a table the task changes", mutations.insert_copy(final, sorted(touched), targets),
-         "no table the solution changes takes a copy of a row"),
-        ("extra_insert", " in a table the task changes, under another parent",
-         mutations.insert_copy(final, sorted(touched), targets, elsewhere=True),
-         "no row the solution changes has a reference column with another value to point at"),
-        ("extra_insert", " in another table", mutations.insert_copy(final, others, prefer=prefer),
-         "no other table takes a copy of a row"),
-        ("extra_update", " of another column of a row the task changes",
-         next((d for t, u in updated if (d := mutations.alter_column(final, t, u["key"], set(u["columns"])))), None),
-         "the solution updates no row with another column to alter (it only inserts or deletes)"),
-        ("extra_update", " in another table", mutations.alter_unrelated_row(final, touched, prefer=prefer),
-         "no other table has a row with a column to alter"),
-    ]
-    checks = []
-    for kind, where, damaged, why in built:
-        if damaged is None:
-            checks.append(_skipped(task_idx, f"{kind}{where}", why))
-        else:
-            what = f"{kind}{where}: the reference final database, then {damaged[1]}"
-            checks.append(_judge(pool, env, task_idx, what, initial, damaged[0], solution.final_answer))
-    return checks
-
-
-def _reads_answer(pool, env, task_idx, initial, final, solution) -> str | None:
-    """Why the answer checks cannot run (None when they can)."""
-    if not solution.final_answer:
-        return "the reference solution gives no final answer"
-    if _verify(pool, env, task_idx, initial, final, None).verdict == "complete":
-        return "the verifier does not read the answer (the reference final database without an answer is complete)"
-    return None
-
-
-def _answer_checks(pool, env, task_idx, ref: "_Reference") -> list[ValidationCheck]:
-    """wrong_answer and hedged_answer: the answer's numbers changed, embedded, hedged or only
-    inside a date; a database value it states hedged with another of the same column."""
-    initial, final, answer = ref.initial, ref.final, ref.solution.final_answer
-    why = ref.answer_unread
-    if why:
-        return [_skipped(task_idx, kind, why) for kind in ("wrong_answer", "hedged_answer")]
-
-    def judge(kind, label, text):
-        return _judge(pool, env, task_idx, f"{kind} ({label}): {_short(text, 160)!r} instead of "
-                                           f"{_short(answer, 160)!r}", initial, final, text)
-    checks = []
-    wrong = mutations.wrong_answers(answer)
-    # When the asked value is not a number (a title, a name), changed numbers leave it right.
-    if not wrong:
-        checks.append(_skipped(task_idx, "wrong_answer", "the answer has no number to change"))
-    elif _verify(pool, env, task_idx, initial, final, mutations.without_numbers(answer)).verdict == "complete":
-        checks.append(_skipped(task_idx, "wrong_answer", "the asked value is not one of the answer's numbers (the "
-                                                         "answer without its numbers is still complete)"))
-        wrong = []
-    else:
-        checks += [judge("wrong_answer", label, text) for label, text in wrong]
-    hedges = []
-    dbs = [initial, final]
-    for m in mutations.number_matches(answer) if wrong else []:
-        # Each number the verifier needs (the answer without it is not complete) is an asked value.
-        if _verify(pool, env, task_idx, initial, final, mutations.without_number(answer, m)).verdict != "complete":
-            hedges += [("hedged_answer", label, text)
-                       for label, text in mutations.hedged_number(answer, m, dbs, _task_text(env, task_idx))]
-    for value in mutations.answer_values(answer, _task_text(env, task_idx), dbs):
-        # A value the answer can do without is context ("your order from Acme shipped"), not what was asked.
-        if _verify(pool, env, task_idx, initial, final, mutations.without_value(answer, value.text)).verdict != "complete":
-            hedges.append(("hedged_answer", f"another {value.column} of {value.table} as a second guess",
-                           mutations.hedged_value(answer, value)))
-    if not hedges:
-        checks.append(_skipped(task_idx, "hedged_answer", "the answer states no number or database value the verifier "
-                                                          "reads"))
-    return checks + [judge(*h) for h in hedges[:MAX_MUTATIONS_PER_KIND + 1]]
-
-
-@dataclass(frozen=True)
-class _Reference:
-    """The reference solution replayed once: what every mutation and equivalence starts from."""
-    handle: Any
-    solution: Any
-    initial: bytes
-    final: bytes
-    changing: list[int]  # the calls whose replay changes the database
-    digest: str  # of the final database
-    answer_unread: str | None  # why the answer checks cannot run; None when the verifier reads the answer
-
-
-def _reference(pool, env: Environment, task_idx: int) -> "_Reference | str":
-    """The replayed reference, or why the verifier cannot be judged on episodes made from it."""
-    verifier = env.verifier(task_idx)
-    if verifier is not None and verifier.style == "awm1k_sql":
-        return "the verifier collects evidence for a judge and has no verdict"
-    solution = env.solution(task_idx)
-    if solution is None:
-        return "there is no reference solution to derive episodes from"
-    handle = _handle(pool, env)
-    states = _replay_states(handle, solution)
-    if states is None:
-        return "the reference solution does not replay"
-    digests = [snapshot_digest(handle.snapshot)] + [snapshot_digest(b) for b in states]
-    final = states[-1] if states else handle.snapshot
-    return _Reference(handle, solution, handle.snapshot, final,
-                      [i for i in range(len(states)) if digests[i + 1] != digests[i]], digests[-1],
-                      _reads_answer(pool, env, task_idx, handle.snapshot, final, solution))
-
-
-def mutation_checks(pool, env: Environment, task_idx: int, ref: "_Reference | str | None" = None) -> list[ValidationCheck]:
-    """The verifier on wrong episodes derived from the reference solution (``awm_core.mutations``):
-    it must not say "complete" on any. One ``verifier_mutation`` check per mutation tried or
-    skipped; run after the solution checks passed."""
-    ref = _reference(pool, env, task_idx) if ref is None else ref
-    if isinstance(ref, str):
-        return [_skipped(task_idx, "mutations", ref)]
-    h, sol, changing = ref.handle, ref.solution, ref.changing
-    return (_drop_checks(pool, env, task_idx, h, sol, changing, ref.digest)
-            + _swap_checks(pool, env, task_idx, h, sol, changing, ref.digest)
-            + _value_checks(pool, env, task_idx, h, sol, changing, ref.digest)
-            + _damage_checks(pool, env, task_idx, ref.initial, ref.final, sol)
-            + _answer_checks(pool, env, task_idx, ref))
-
-
-# --------------------------------------------------------------------------- equivalences
-
-
-def _equivalence(task_idx: int, passed: bool, detail: str, tool: str | None = None) -> ValidationCheck:
-    return ValidationCheck(name="verifier_equivalence", task_idx=task_idx, passed=passed, tool=tool,
-                           detail=detail[:DETAIL_CHARS])
-
-
-def _accepts(pool, env, task_idx, what, initial, final, answer) -> ValidationCheck:
-    out = _verify(pool, env, task_idx, initial, final, answer)
-    if out.verdict == "complete":
-        return _equivalence(task_idx, True, f"{what}: complete")
-    said = f"said \"{out.verdict}\"" if out.verdict else f"raised: {_short(out.error, 200)}"
-    return _equivalence(task_idx, False, (
-        f"the verifier {said} after {what}; that episode does the task as well as the reference solution, so the "
-        f"verifier is too strict. Its evidence: {_short(out.evidence, 300)}"))
-
-
-def _skipped_equivalence(task_idx: int, what: str, why: str) -> ValidationCheck:
-    return _equivalence(task_idx, True, f"skipped {what} because {why}")
-
-
-_SAME_DB = "it ends in the same database as the reference solution (nothing new to judge)"
-
-
-def _read_only_check(pool, env, task_idx, ref: _Reference) -> ValidationCheck:
-    handle, solution = ref.handle, ref.solution
-    tools = mutations.read_tools(env.api_spec.tools if env.api_spec else [], {c.tool for c in solution.calls})
-    if not tools:
-        return _skipped_equivalence(task_idx, "read_only_calls", "no read tool has example arguments to call it with")
-    look = [ToolCall(tool=t.name, arguments=t.example_arguments()) for t in tools[:2]]
-    n = len(solution.calls)
-    calls = ([(-len(look) + k, c) for k, c in enumerate(look)] + list(enumerate(solution.calls))
-             + [(n + k, c) for k, c in enumerate(look)])
-    what = f"read_only_calls: {', '.join(c.tool for c in look)} before and after the reference solution"
-    final = _replay_mutant(handle, calls)
-    if snapshot_digest(final) == ref.digest:
-        return _skipped_equivalence(task_idx, what, _SAME_DB)
-    return _accepts(pool, env, task_idx, what, ref.initial, final, solution.final_answer)
-
-
-def _reorder_check(pool, env, task_idx, ref: _Reference) -> ValidationCheck:
-    """The first reordering of independent state-changing calls that replays cleanly and ends
-    in the same rows as the reference (new rows may get other keys)."""
-    handle, solution = ref.handle, ref.solution
-    orders = mutations.reorderings(solution, ref.changing) if len(ref.changing) > 1 else []
-    if not orders:
-        return _skipped_equivalence(task_idx, "reordered_calls", "no two state-changing calls are independent")
-    why = ""
-    for order in orders[:MAX_MUTATIONS_PER_KIND]:
-        what = f"reordered_calls: the reference solution's calls in the order {order}"
-        final, _, failure = _replay(handle, solution, order)
-        if failure:
-            why = f"a call fails in that order, so the order matters ({failure})"
-        elif snapshot_digest(final) == ref.digest:
-            why = _SAME_DB
-        elif not mutations.same_up_to_new_keys(ref.initial, ref.final, final):
-            why = "that order ends in another database (the order matters)"
-        else:
-            return _accepts(pool, env, task_idx, what + " (the same rows; new rows may have other keys)",
-                            ref.initial, final, solution.final_answer)
-    return _skipped_equivalence(task_idx, what, why)
-
-
-def _reworded_checks(pool, env, task_idx, ref: "_Reference") -> list[ValidationCheck]:
-    if ref.answer_unread:
-        return [_skipped_equivalence(task_idx, "reworded_answer", ref.answer_unread)]
-    answer = ref.solution.final_answer
-    return [_accepts(pool, env, task_idx, f"reworded_answer ({label}): {_short(text, 200)!r} instead of "
-                                          f"{_short(answer, 160)!r}", ref.initial, ref.final, text)
-            for label, text in mutations.reworded_answers(answer)]
-
-
-def equivalence_checks(pool, env: Environment, task_idx: int,
-                       ref: "_Reference | str | None" = None) -> list[ValidationCheck]:
-    """The verifier on episodes that do the task as well as the reference solution: it must say
-    "complete" on each. One ``verifier_equivalence`` check per episode tried or skipped."""
-    ref = _reference(pool, env, task_idx) if ref is None else ref
-    if isinstance(ref, str):
-        return [_skipped_equivalence(task_idx, "equivalences", ref)]
-    return ([_read_only_check(pool, env, task_idx, ref), _reorder_check(pool, env, task_idx, ref)]
-            + _reworded_checks(pool, env, task_idx, ref))
-
-
-def soundness_checks(pool, env: Environment, task_idx: int) -> list[ValidationCheck]:
-    """Lenient and too strict, side by side: ``mutation_checks`` then ``equivalence_checks``,
-    on one replay of the reference solution."""
-    ref = _reference(pool, env, task_idx)
-    return mutation_checks(pool, env, task_idx, ref) + equivalence_checks(pool, env, task_idx, ref)
-
-
 def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = True) -> list[ValidationCheck]:
     if env.verifier(task_idx) is None:
         return [ValidationCheck(name="verifier_noop", task_idx=task_idx, passed=False,
@@ -592,6 +211,8 @@ def task_checks(pool, env: Environment, task_idx: int, *, with_solution: bool = 
         replayed = solution_checks(pool, env, task_idx)
         checks += replayed
         if all(c.passed for c in replayed):
+            from awm_core.soundness import soundness_checks  # (it builds on this module's helpers)
+
             checks += soundness_checks(pool, env, task_idx)
     return checks
 
@@ -740,12 +361,12 @@ def _audit_tools(pool, env: Environment) -> tuple[list[ValidationCheck], list[st
     rejected = []
     for tc in pool.check_tools(_base(env)):
         if not tc.ok and handled_rejection(tc.result):
-            rejected.append(f"{tc.tool} ({_short(' '.join((tc.result.error or '').split()), 100)})")
+            rejected.append(f"{tc.tool} ({short_text(' '.join((tc.result.error or '').split()), 100)})")
             continue
         outcome = "succeeded" if tc.ok else f"failed ({tc.result.error_kind}): {tc.result.error}"
         checks.append(ValidationCheck(
             name="tool_example", tool=tc.tool, passed=tc.ok,
-            detail=f"tool {tc.tool} called with its spec example arguments {_short(tc.arguments)} {_NO_SEED} "
+            detail=f"tool {tc.tool} called with its spec example arguments {short_text(tc.arguments)} {_NO_SEED} "
                    f"{outcome}"[:DETAIL_CHARS]))
     if not rejected:
         return checks, []
@@ -777,6 +398,8 @@ def _audit_mutations(pool, env: Environment, task_idx: int, label: str, notes: d
     if env.code is None:
         _note(notes, "mutations", style, task_idx, "there is no environment code to replay the reference solution in")
         return []
+    from awm_core.soundness import skipped_mutation, soundness_checks
+
     found = []
     for c in soundness_checks(pool, env, task_idx):
         skipped = skipped_mutation(c)
@@ -807,7 +430,7 @@ def _audit_verifier(pool, env: Environment, v, label: str, initial: bytes, notes
           if v.style == "awm1k_sql" else
           "the environment has no seed data: on the empty schema a verdict says nothing of the rows the task is "
           "about")
-    out = _verify(pool, one, v.task_idx, initial, initial, None)
+    out = run_verifier(pool, one, v.task_idx, initial, initial, None)
     where = "on a no-op episode (final db == initial db, final_answer None)" + ("" if seeded else f" {_NO_SEED}")
     if out.verdict is None and out.error:
         if seeded or out.error_kind == "environment" or not out.error.startswith("the verifier raised ") \
@@ -815,7 +438,7 @@ def _audit_verifier(pool, env: Environment, v, label: str, initial: bytes, notes
             return [ValidationCheck(name="verifier_run", task_idx=v.task_idx, passed=False,
                                     detail=f"{label} failed {where}: {out.error}"[:DETAIL_CHARS])]
         _note(notes, "runs", v.style, v.task_idx,
-              f"the verifier raised {_NO_SEED}, where the rows it reads are not there ({_short(out.error, 160)})")
+              f"the verifier raised {_NO_SEED}, where the rows it reads are not there ({short_text(out.error, 160)})")
         return []
     return [ValidationCheck(name="verifier_run", task_idx=v.task_idx, passed=True,
                             detail=f"{label} ran {where} without raising")]

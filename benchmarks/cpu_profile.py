@@ -33,6 +33,7 @@ class CpuMeter:
     @classmethod
     def for_generate(cls) -> "CpuMeter":
         """A meter over the generate flow's components."""
+        import awm_core.soundness as soundness
         import awm_core.validation as validation
         import flows.generate as generate
         import tasks.generation as generation
@@ -48,7 +49,7 @@ class CpuMeter:
         for name in ("solution_checks", "noop_check", "tool_checks", "load_errors"):
             m.wrap(validation, name, "execution checks (in this process)")
         for name in ("mutation_checks", "equivalence_checks", "soundness_checks"):
-            m.wrap(validation, name, "mutation checks (in this process)")
+            m.wrap(soundness, name, "mutation checks (in this process)")
         m.wrap(WorkerProcess, "request", "sandbox requests (encode, pipe, decode)")
         m.wrap(generation, "call_stage", "Prefect: stage task runs")
         m.wrap(generation, "collect_validation", "validation report (with its task run)")

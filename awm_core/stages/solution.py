@@ -5,7 +5,7 @@ Reply: JSON ``{"calls": [{"tool", "arguments"}], "final_answer": str | null}``; 
 the spec (known tools, arguments valid for the tool's JSON schema, refs only to earlier calls) and
 in the sandbox: replayed on the seeded database every call succeeds, the task's verifier says "complete", and a second
 replay ends in the same database. Then the task's verifier is run on wrong episodes derived from
-the solution (``awm_core.validation.mutation_checks``); those results go to the report.
+the solution (``awm_core.soundness.mutation_checks``); those results go to the report.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def execute(solution: ReferenceSolution, ctx: StageContext, pool) -> list:
     """Replay, verdict and determinism checks (raising if one fails), then the verifier's
     mutation checks; returns them all for the report. A failed mutation check does not reject
     the solution: it shows the verifier is lenient, which only a new verifier can fix."""
-    from awm_core.validation import failed_details, solution_checks, soundness_checks
+    from awm_core.soundness import soundness_checks
+    from awm_core.validation import failed_details, solution_checks
 
     env = ctx.environment(solutions=[solution])
     checks = solution_checks(pool, env, solution.task_idx)

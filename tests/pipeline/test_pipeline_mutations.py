@@ -9,9 +9,8 @@ import pytest
 from awm_core.models import ApiSpec, DbSchema, ReferenceSolution, Scenario, SeedData, Task, ToolCall, Verifier
 from awm_core.stages import code, solution, verifier
 from awm_core.stages.base import StageContext
-from awm_core.validation import (
-    mutation_checks, skipped_mutation, solution_checks, soundness_checks, validate_environment,
-)
+from awm_core.soundness import mutation_checks, skipped_mutation, soundness_checks
+from awm_core.validation import solution_checks, validate_environment
 
 from test_pipeline_stages import CODE, SCHEMA, SEED, SPEC
 

@@ -13,7 +13,8 @@ from awm_core.models import (
 )
 from awm_core.stages import code, verifier
 from awm_core.stages.base import StageContext
-from awm_core.validation import equivalence_checks, mutation_checks, skipped_mutation, validate_environment
+from awm_core.soundness import equivalence_checks, mutation_checks, skipped_mutation
+from awm_core.validation import validate_environment
 
 SCHEMA = {"tables": [
     {"name": "users", "ddl": "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)"},
