@@ -12,9 +12,11 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first and pinned: left to the resolver, other packages would pull a multi-GB CUDA build.
+# The migrated Prefect database a first run starts from (flows/server.py): ~20 s here, not in it.
 $(VENV)/.core: $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install $(PIPOPT) torch==2.13.0
 	$(PIP) install $(PIPOPT) -e .
+	$(VENV)/bin/python -m flows.server template
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.core

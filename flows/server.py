@@ -13,6 +13,11 @@ descendant before signalling and finishes off whatever survives the group shutdo
 ``start_api_server`` (a bare API server, no worker, for a given home and port) and ``stop_group``
 are the one way this project starts and stops a Prefect server: ``start`` uses them, and so do the
 test session's server and the benchmarks (through ``temporary_api_server``).
+
+A fresh Prefect home costs its first server start about 20 s (the database migrations, then the
+block types registered). ``make_template`` does that once, at install (``python -m flows.server
+template``), into a database kept beside the installed packages; ``seed_database`` copies it into
+a home that has none, so a newcomer's first ``make demo`` starts like a second one.
 """
 from __future__ import annotations
 
@@ -216,6 +221,68 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# ------------------------------------------------------------------------------ the database template
+
+
+def template_path() -> Path:
+    """Where the migrated Prefect database of this installation is kept (one per Prefect version;
+    read from the package metadata: importing Prefect would fix its settings too early)."""
+    from importlib.metadata import version
+
+    return Path(sys.prefix) / "share" / "awm" / f"prefect-{version('prefect')}.db"
+
+
+def _custom_database() -> bool:
+    return any(os.environ.get(k) for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                                           "PREFECT_API_DATABASE_CONNECTION_URL"))
+
+
+def seed_database(home: Path) -> bool:
+    """Copy the template into ``home`` when it has no database yet (and none is configured
+    elsewhere); whether it did. A missing template is no error: the server migrates as before."""
+    target = home / "prefect.db"
+    template = template_path()
+    if target.exists() or _custom_database() or not template.is_file():
+        return False
+    import shutil
+    import tempfile
+
+    home.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".prefect.db.", suffix=".tmp", dir=home)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, target)  # atomic: two first runs at once both end with a whole database
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def make_template(timeout: float = 300.0) -> Path:
+    """Start a server on a fresh home (migrations, block types), stop it, and keep its database
+    as the template; returns its path. Written whole or not at all."""
+    import sqlite3
+    import tempfile
+
+    target = template_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="awm-prefect-template-") as tmp:
+        home = Path(tmp) / "prefect"
+        with temporary_api_server(home, timeout=timeout):
+            pass
+        partial = target.with_name(target.name + ".tmp")
+        src, dst = sqlite3.connect(home / "prefect.db"), sqlite3.connect(partial)
+        try:
+            src.backup(dst)  # a consistent copy, the write-ahead log folded in
+        finally:
+            src.close()
+            dst.close()
+        os.replace(partial, target)
+    return target
+
+
 def start_api_server(home: Path, port: int, host: str = "127.0.0.1", *, env: dict[str, str] | None = None,
                      log: Path | None = None, timeout: float = 120.0,
                      on_spawn: Callable[[subprocess.Popen], None] | None = None) -> tuple[subprocess.Popen, str]:
@@ -229,6 +296,7 @@ def start_api_server(home: Path, port: int, host: str = "127.0.0.1", *, env: dic
     """
     url = f"http://{host}:{port}/api"
     home.mkdir(parents=True, exist_ok=True)
+    seed_database(home)
     log = log or home / "server.log"
     env = {**tuned(dict(os.environ if env is None else env)), "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -428,3 +496,11 @@ def status(settings: Settings | None = None) -> ServerStatus:
 def exports(settings: Settings) -> dict[str, Any]:
     """What a shell needs to talk to this server (printed by ``awm server start``)."""
     return {"PREFECT_API_URL": api_url(settings), "PREFECT_HOME": str(settings.prefect_home)}
+
+
+if __name__ == "__main__":  # python -m flows.server template: make the database template (at install)
+    if sys.argv[1:] != ["template"]:
+        sys.exit("usage: python -m flows.server template")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    print(f"made the Prefect database template {make_template()}")

@@ -110,6 +110,25 @@ def _load_offline_model():
         return _offline_model
 
 
+def preload(settings: Settings) -> threading.Thread | None:
+    """Start loading the offline embedding model in the background, where the embedder is the
+    offline one: a generate run needs it a few seconds in, after Prefect's server has started, and
+    the two loads then overlap instead of following each other. A failure is left for the real
+    load to report."""
+    if settings.llm.embedder.backend != "offline":
+        return None
+
+    def load() -> None:
+        try:
+            _load_offline_model()
+        except Exception:  # reported when the scenario stage loads it for real
+            pass
+
+    thread = threading.Thread(target=load, name="awm-embedder-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 class OfflineEmbedder(Embedder):
     model = OFFLINE_MODEL
     dim = OFFLINE_DIM

@@ -54,6 +54,13 @@ def prepare_prefect(verbose: bool = False, *, uses_prefect: bool = False) -> Non
                 os.environ["PREFECT_API_URL"] = url
         except Exception:  # no server module or no server: ephemeral mode
             pass
+    if "PREFECT_API_URL" not in os.environ:
+        # Ephemeral mode: a first run starts from the database migrated at install, not an empty one.
+        from pathlib import Path
+
+        from flows.server import seed_database
+
+        seed_database(Path(os.environ["PREFECT_HOME"]))
     quiet_console(verbose)
 
 

@@ -32,7 +32,10 @@ def run(args) -> int:
 
     settings = get_settings()
     print(f"awm demo: data folder {settings.home_dir}", flush=True)
-    print("awm demo: starting Prefect (the first start migrates its database: ~20 s) ...", flush=True)
+    print("awm demo: starting Prefect ...", flush=True)
+    from awm_core.llm.embed import preload
+
+    preload(settings)
     from flows.generate import run_generate
 
     t0 = time.perf_counter()

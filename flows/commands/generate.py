@@ -65,6 +65,10 @@ def print_summary(summary: dict) -> None:
 
 def run(args) -> int:
     from awm_core.configs import GenerateConfig
+    from awm_core.llm.embed import preload
+    from awm_core.settings import get_settings
+
+    preload(get_settings())
     from flows.generate import run_generate
 
     scenarios = args.scenario if args.scenario else args.scenarios

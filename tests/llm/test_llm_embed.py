@@ -53,3 +53,16 @@ def test_llm_cosine_matrix_shapes():
     assert np.allclose(got, [[1.0, 2 ** -0.5, 0.0], [0.0, 2 ** -0.5, -1.0]])
     with pytest.raises(ValueError):
         cosine_matrix(a, np.ones((1, 3)))
+
+
+def test_preload_loads_the_offline_model_in_the_background_and_only_that(awm_home, monkeypatch):
+    from awm_core.llm import embed
+
+    monkeypatch.setenv("AWM_LLM__EMBEDDER__BACKEND", "http")
+    monkeypatch.setenv("AWM_LLM__EMBEDDER__BASE_URL", "http://127.0.0.1:9/v1")
+    assert embed.preload(load_settings()) is None
+    monkeypatch.setenv("AWM_LLM__EMBEDDER__BACKEND", "offline")
+    thread = embed.preload(load_settings())
+    assert thread is not None and thread.daemon
+    thread.join(120)
+    assert not thread.is_alive() and embed._offline_model is not None
