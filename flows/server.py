@@ -253,10 +253,13 @@ def seed_database(home: Path) -> bool:
     tmp = Path(name)
     try:
         shutil.copyfile(template, tmp)
-        os.replace(tmp, target)  # atomic: two first runs at once both end with a whole database
+        # A link appears whole or not at all and never over a file: of two first runs at once, one
+        # seeds and the other leaves the database alone (its server may already be writing to it).
+        os.link(tmp, target)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
