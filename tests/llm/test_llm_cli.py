@@ -63,7 +63,7 @@ def test_llm_serve_fixtures_cli_answers_and_stops(tmp_path):
         assert "X-AWM-Turn must be an integer" in json.loads(bad_turn.value.read())["error"]["message"]
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=15) == 0
-        assert "stopped after 2 requests" in proc.stderr.read()
+        assert "stopped after 3 requests" in proc.stderr.read()
     finally:
         stop(proc)
         proc.stdout.close()

@@ -19,11 +19,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from awm_core.errors import AWMError
+from awm_core.errors import AWMError, EngineError, EpisodeCancelled
 from awm_core.models import Environment, ToolCall
 from awm_core.settings import load_settings
 from awm_core.train import models
 from awm_core.train import rollout as R
+from awm_core.train.rollout import episodes
 from awm_core.train.samples import build_samples
 from awm_core.train.toy import counters
 
@@ -170,7 +171,7 @@ def test_an_engine_failure_wakes_every_waiter_and_fails_later_requests(served):
         for th in threads:
             th.join(10)
     assert len(errors) == 3 and all("CUDA out of memory" in e for e in errors)
-    with pytest.raises(R.EngineError, match="CUDA out of memory"):
+    with pytest.raises(EngineError, match="CUDA out of memory"):
         sched.join().generate([9])
 
 
@@ -188,7 +189,7 @@ def test_cancelled_and_departing_episodes_never_hold_lockstep_back():
     for th in threads:
         th.join(5)
     assert got == {1: [1], 2: [2]}
-    with pytest.raises(R.EpisodeCancelled, match="timed out"):
+    with pytest.raises(EpisodeCancelled, match="timed out"):
         idle.generate([1])
     # a request waiting when its episode is cancelled is released with the reason
     errors = []
@@ -196,7 +197,7 @@ def test_cancelled_and_departing_episodes_never_hold_lockstep_back():
     def waiter():
         try:
             a.generate([5])
-        except R.EpisodeCancelled as exc:
+        except EpisodeCancelled as exc:
             errors.append(str(exc))
 
     th = threading.Thread(target=waiter)
@@ -354,14 +355,14 @@ def test_continuous_and_lockstep_rollouts_have_the_same_structure(env, tok, pool
 
 def test_an_episode_past_its_timeout_ends_as_an_environment_error(env, tok, pool, monkeypatch):
     release = threading.Event()
-    real = R.run_episode
+    real = episodes.run_episode
 
     def run_episode(policy, session, task, *a, **kw):
         if task.idx == 1:
             release.wait(30)  # a tool call that hangs
         return real(policy, session, task, *a, **kw)
 
-    monkeypatch.setattr(R, "run_episode", run_episode)
+    monkeypatch.setattr(episodes, "run_episode", run_episode)  # where the runner looks it up
     runner = make_runner(pool, [env], tok, episode_timeout_s=1.0)
     t0 = time.perf_counter()
     try:
@@ -384,7 +385,7 @@ def test_an_engine_failure_stops_the_step_with_one_message(env, tok, pool):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     runner = make_runner(pool, [env], tok)
-    with pytest.raises(R.EngineError, match="CUDA out of memory"):
+    with pytest.raises(EngineError, match="CUDA out of memory"):
         runner.run([(env.id, 0)] * 3, generate)
 
     import contextlib
@@ -423,7 +424,7 @@ def test_failures_inside_episodes_become_environment_errors_and_training_goes_on
     from awm_core.train.trainer import run_training
 
     good, broken = counter_environment("counters"), counter_environment("counters_down")
-    real_open, real_verify, real_generate = EnvHandle.open_session, R.verify_episode, R.RecordingPolicy._generate
+    real_open, real_verify, real_generate = EnvHandle.open_session, episodes.verify_episode, R.RecordingPolicy._generate
 
     def open_session(self):
         if self.id == "counters_down":
@@ -446,7 +447,7 @@ def test_failures_inside_episodes_become_environment_errors_and_training_goes_on
         return real_generate(self, rendered)
 
     monkeypatch.setattr(EnvHandle, "open_session", open_session)
-    monkeypatch.setattr(R, "verify_episode", verify_episode)
+    monkeypatch.setattr(episodes, "verify_episode", verify_episode)
     monkeypatch.setattr(R.RecordingPolicy, "_generate", generate)
     cfg = TrainConfig(model="random:tiny", group_size=2, tasks_per_step=3, max_turns=2, window=1, interface="direct",
                       learning_rate=1e-3, steps=1, max_tokens=8, max_prompt_tokens=1024, sandbox_workers=1, seed=0)
