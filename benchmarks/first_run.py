@@ -72,7 +72,8 @@ def demo_times(code: Path) -> tuple[float, float]:
                                  capture_output=True, text=True, timeout=900)
             times.append(time.perf_counter() - t)
             if out.returncode != 0:
-                raise RuntimeError(f"awm demo failed ({code}): {out.stderr[-2000:]}")
+                shown = "\n".join(ln for ln in out.stdout.splitlines() if not ln.endswith(" ok"))
+                raise RuntimeError(f"awm demo failed ({code}): {shown[-3000:]}\n{out.stderr[-2000:]}")
         return times[0], times[1]
 
 
