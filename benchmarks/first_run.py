@@ -113,6 +113,7 @@ def main() -> int:
     worktree = None
     if args.baseline:
         worktree = Path(tempfile.mkdtemp(prefix="awm-baseline-"))
+        worktree.chmod(0o755)  # the sandbox workers run as another user and import the code from here
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(worktree), args.baseline],
                        check=True)
         codes = {f"baseline {args.baseline}": worktree, **codes}
