@@ -29,11 +29,13 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -316,6 +318,8 @@ class Catalog:
                     loc.store.check_reachable(cat._rw)
                 cat._ensure_schema()
         cat._env_dir = tempfile.mkdtemp(prefix="awm-catalog-envs-")
+        # A catalog nobody closed (a process that ended without it) still leaves no folder behind.
+        weakref.finalize(cat, shutil.rmtree, cat._env_dir, True)
         cat._ro = cat._attach(ALIAS, read_only=True)
         cat._ro.execute(f"USE {ALIAS}")
         cat._confine(cat._ro)

@@ -249,3 +249,14 @@ def test_columns_added_to_a_table_definition_are_added_to_an_existing_catalog(ca
         with again.publish(message="split") as pub:
             pub.add_splits([{"snapshot": 1, "env_id": "a", "task_idx": 0, "split": "train", "note": "by env"}])
         assert again.rows("SELECT note FROM splits") == [{"note": "by env"}]
+
+
+def test_a_catalog_nobody_closed_leaves_no_temporary_folder(awm_home):
+    import gc
+
+    opened = Catalog.open(load_settings())
+    folder = opened._env_dir
+    assert os.path.isdir(folder)
+    del opened
+    gc.collect()
+    assert not os.path.exists(folder)
