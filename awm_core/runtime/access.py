@@ -144,13 +144,6 @@ class ClientState:
         self.busy = 0
         self.expired = False
 
-    def session(self, handle: "EnvHandle") -> "Session":
-        with self.lock:
-            s = self.sessions.get(handle.id)
-            if s is None:
-                s = self.sessions[handle.id] = handle.open_session()
-            return s
-
     async def asession(self, handle: "EnvHandle") -> "Session":
         s = self.sessions.get(handle.id)
         if s is not None:
